@@ -1,0 +1,549 @@
+"""Recipes: TOML files validated strictly, with typed `--set key=value` overrides.
+
+Unknown keys anywhere are errors naming the key path and a close match; malformed TOML
+and invalid UTF-8 give `file:line:col`. Every error is a `RecipeError` (exit code 2).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of TOML; 1 MiB is already absurd
+
+SECRET_ENV_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY|_KEY)$", re.IGNORECASE)
+
+
+class RecipeError(Exception):
+    """A recipe (or an override) that cannot be used. The message is shown as is; exit 2."""
+
+    exit_code = 2
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=False)
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+class TinyModel(_Strict):
+    """A tiny Llama built locally from a config with random weights (no downloads)."""
+
+    hidden_size: int = Field(64, ge=8, le=4096)
+    num_layers: int = Field(2, ge=1, le=64)
+    num_heads: int = Field(4, ge=1, le=64)
+    num_kv_heads: int = Field(2, ge=1, le=64)
+    intermediate_size: int = Field(128, ge=8, le=16384)
+    vocab_size: int = Field(512, ge=64, le=65536, description="tokenizer vocabulary to train")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModel":
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be a multiple of num_heads")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        return self
+
+
+class ModelSection(_Strict):
+    name: str = Field(..., min_length=1, description="Hub id or local folder")
+    shape: str | None = Field(
+        None, description="built-in shape for preflight when no local config.json, e.g. llama-3.1-8b"
+    )
+    attn_implementation: Literal[
+        "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"
+    ] = "sdpa"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    trust_remote_code: bool = False
+    tiny: TinyModel | None = None
+
+
+class QuantSection(_Strict):
+    load_in_4bit: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class LoraSection(_Strict):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: int = Field(32, ge=1, le=4096)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("target_modules must name at least one module")
+            for name in v:
+                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name):
+                    raise ValueError(f"not a module name: {name!r}")
+        return v
+
+
+class DataSection(_Strict):
+    path: str = Field(..., min_length=1, description="JSONL file; relative paths are from the recipe")
+    format: Literal["auto", "messages", "text", "prompt_completion"] = "auto"
+    max_samples: int | None = Field(None, ge=1)
+    eval_fraction: float = Field(0.0, ge=0.0, lt=0.5)
+
+
+class TrainSection(_Strict):
+    output_dir: str = Field(..., min_length=1)
+    max_seq_len: int = Field(2048, ge=8, le=1 << 20)
+    per_device_batch: int = Field(1, ge=1, le=4096)
+    grad_accum: int = Field(1, ge=1, le=65536)
+    learning_rate: float = Field(2e-4, gt=0.0, lt=1.0)
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    optim: Literal[
+        "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused"
+    ] = "paged_adamw_8bit"
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    num_epochs: float = Field(1.0, gt=0.0, le=1000.0)
+    max_steps: int = Field(-1, ge=-1, description="-1: run num_epochs")
+    save_steps: int = Field(100, ge=1)
+    save_total_limit: int = Field(3, ge=1, le=1000, description="enforced by qlora-watch, not the trainer")
+    logging_steps: int = Field(5, ge=1)
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    packing: bool = False
+    padding_free: bool = False
+    use_liger_kernel: bool = False
+    use_cpu: Literal["auto", True, False] = "auto"
+    dataloader_workers: int = Field(0, ge=0, le=64)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _safe_output_dir(cls, v: str) -> str:
+        parts = Path(v).parts
+        if ".." in parts:
+            raise ValueError("must not contain '..'")
+        if Path(v).expanduser().resolve() in (Path("/"), Path.home().resolve()):
+            raise ValueError("must not be / or your home folder (checkpoints are pruned in it)")
+        return v
+
+    @property
+    def effective_batch(self) -> int:
+        return self.per_device_batch * self.grad_accum
+
+
+class HardwareSection(_Strict):
+    emulate_vram_gib: float | None = Field(
+        None, gt=0.0, le=4096, description="cap the CUDA allocator to rehearse a smaller card"
+    )
+    gpus: int = Field(1, ge=1, le=64)
+    gpu_mem_gib: float | None = Field(None, gt=0.0, description="preflight: assume this card size")
+    host_ram_gib: float | None = Field(None, gt=0.0, description="preflight: assume this much RAM")
+
+
+class TrainerSection(_Strict):
+    """How the trainer is launched. Default: the built-in trainer."""
+
+    command: list[str] | None = Field(
+        None, description="argv list of your own script (never a shell string)"
+    )
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _argv_only(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            raise ValueError(
+                "must be an argv list such as [\"python\", \"train.py\"], not a shell string"
+            )
+        if isinstance(v, list) and not v:
+            raise ValueError("must not be empty")
+        return v
+
+
+class ThermalGuard(_Strict):
+    enabled: bool = True
+    margin_c: float = Field(5.0, ge=0.0, le=50.0, description="warn under this thermal margin")
+    hotspot_c: float = Field(100.0, ge=40.0, le=130.0)
+
+
+class OomGuard(_Strict):
+    enabled: bool = True
+    release_timeout_s: float = Field(60.0, gt=0.0)
+    release_tolerance_mib: float = Field(1024.0, ge=0.0)
+
+
+class CrashGuard(_Strict):
+    enabled: bool = True
+    max_restarts: int = Field(3, ge=0, le=100, description="crash-loop limit without progress")
+    backoff_base_s: float = Field(10.0, gt=0.0)
+    backoff_max_s: float = Field(600.0, gt=0.0)
+
+
+class CheckpointGuard(_Strict):
+    enabled: bool = True
+    keep_best: bool = True
+    disk_headroom_factor: float = Field(2.0, ge=1.0, le=100.0)
+    min_free_gib: float = Field(1.0, ge=0.0)
+
+
+class HostRamGuard(_Strict):
+    enabled: bool = True
+    min_available_gib: float = Field(4.0, ge=0.0)
+    swap_growth_mib: float = Field(512.0, ge=0.0)
+
+
+class UtilisationGuard(_Strict):
+    enabled: bool = True
+    threshold_pct: float = Field(90.0, ge=0.0, le=100.0)
+    window_s: float = Field(300.0, gt=0.0)
+
+
+class DivergenceGuard(_Strict):
+    enabled: bool = True
+    nan_consecutive: int = Field(3, ge=1)
+    spike_factor: float = Field(4.0, gt=1.0, description="loss above factor x recent median")
+    spike_window: int = Field(20, ge=3)
+
+
+class StallGuard(_Strict):
+    enabled: bool = True
+    step_factor: float = Field(10.0, ge=1.0)
+    floor_s: float = Field(600.0, gt=0.0)
+    loading_s: float = Field(3600.0, gt=0.0)
+    saving_s: float = Field(1800.0, gt=0.0)
+
+
+class Guards(_Strict):
+    thermal: ThermalGuard = ThermalGuard()
+    oom: OomGuard = OomGuard()
+    crash: CrashGuard = CrashGuard()
+    checkpoints: CheckpointGuard = CheckpointGuard()
+    host_ram: HostRamGuard = HostRamGuard()
+    utilisation: UtilisationGuard = UtilisationGuard()
+    divergence: DivergenceGuard = DivergenceGuard()
+    stall: StallGuard = StallGuard()
+
+
+class SupervisorSection(_Strict):
+    sample_interval_s: float = Field(1.0, ge=0.05, le=3600.0)
+    stop_grace_s: float = Field(120.0, gt=0.0, description="SIGTERM -> SIGKILL grace for a save")
+    log_max_bytes: int = Field(50 * 1024 * 1024, ge=4096)
+    log_backups: int = Field(3, ge=0, le=100)
+
+
+class NotifySection(_Strict):
+    urls: list[str] = Field(default_factory=list, description="apprise URLs")
+    on: list[Literal["warning", "error", "completed", "failed", "relaunch"]] = Field(
+        default_factory=lambda: ["error", "completed", "failed", "relaunch"]
+    )
+
+
+class DebugSection(_Strict):
+    """Test-only knobs. They change nothing unless set."""
+
+    raise_oom_above_seq_len: int | None = Field(
+        None, ge=1, description="raise torch.OutOfMemoryError when max_seq_len is above this"
+    )
+    step_sleep_s: float = Field(0.0, ge=0.0, le=60.0, description="sleep in each step (tests)")
+
+
+Rung = dict[str, Any]
+
+DEFAULT_LADDER: list[Rung] = [
+    {"train.max_seq_len": 768},
+    {"lora.r": 8},
+    {"lora.target_modules": ["q_proj", "v_proj"]},
+]
+
+
+class Recipe(_Strict):
+    name: str = Field("run", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    model: ModelSection
+    quant: QuantSection = QuantSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection
+    train: TrainSection
+    env: dict[str, str] = Field(default_factory=dict)
+    hardware: HardwareSection = HardwareSection()
+    trainer: TrainerSection = TrainerSection()
+    guards: Guards = Guards()
+    supervisor: SupervisorSection = SupervisorSection()
+    notify: NotifySection = NotifySection()
+    oom_ladder: list[Rung] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_LADDER))
+    debug: DebugSection = DebugSection()
+
+    @field_validator("env")
+    @classmethod
+    def _no_literal_secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"not an environment variable name: {key!r}")
+            if SECRET_ENV_RE.search(key):
+                raise ValueError(
+                    f"{key}: do not put secrets in a recipe (it is copied into the run folder); "
+                    "export it in your shell or use HF_TOKEN_PATH"
+                )
+        return v
+
+    @field_validator("oom_ladder", mode="before")
+    @classmethod
+    def _flatten_rungs(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        return [_flatten(r) if isinstance(r, dict) else r for r in v]
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"max_seq_len": 768}} -> {"train.max_seq_len": 768}; leaves lists alone."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _suggest(model: type[BaseModel] | None, loc: tuple[Any, ...], key: str) -> str:
+    """'did you mean X?' from the fields of the model that holds `key`."""
+    names: list[str] = []
+    cur: Any = model
+    for part in loc[:-1]:
+        if cur is None or not isinstance(cur, type) or not issubclass(cur, BaseModel):
+            cur = None
+            break
+        field = cur.model_fields.get(str(part))
+        if field is None:
+            cur = None
+            break
+        ann = field.annotation
+        cur = _base_model_in(ann)
+    if cur is not None and isinstance(cur, type) and issubclass(cur, BaseModel):
+        names = list(cur.model_fields)
+    match = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _base_model_in(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _base_model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _line_of(text: str | None, loc: tuple[Any, ...]) -> str:
+    """Best-effort ':line' for a key path, so errors point into the file."""
+    if not text or not loc:
+        return ""
+    keys = [str(p) for p in loc if not isinstance(p, int)]
+    if not keys:
+        return ""
+    last = keys[-1]
+    section = ".".join(keys[:-1])
+    current = ""
+    pat = re.compile(rf"^\s*(\"?{re.escape(last)}\"?)\s*=")
+    for i, line in enumerate(text.splitlines(), 1):
+        m = re.match(r"^\s*\[+\s*([^\]]+?)\s*\]+", line)
+        if m:
+            current = m.group(1)
+            continue
+        hit = pat.match(line)
+        if hit and current == section:
+            return f":{i}:{hit.start(1) + 1}"
+        dotted = re.match(rf"^\s*{re.escape(section + '.' + last)}\s*=", line) if section else None
+        if dotted and current == "":
+            return f":{i}:1"
+    return ""
+
+
+def format_validation_error(err: ValidationError, source: str, text: str | None = None) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e.get("loc", ()))
+        path = ".".join(str(p) for p in loc) or "(recipe)"
+        where = f"{source}{_line_of(text, loc)}"
+        if e.get("type") == "extra_forbidden":
+            key = str(loc[-1]) if loc else ""
+            lines.append(f"{where}: {path}: unknown key{_suggest(Recipe, loc, key)}")
+        elif e.get("type") == "missing":
+            lines.append(f"{where}: {path}: required key is missing")
+        else:
+            msg = e.get("msg", "invalid value")
+            msg = msg.removeprefix("Value error, ")
+            lines.append(f"{where}: {path}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_toml_text(text_bytes: bytes, source: str) -> tuple[dict[str, Any], str]:
+    if len(text_bytes) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{source}: recipe is {len(text_bytes)} bytes; the limit is {MAX_RECIPE_BYTES}")
+    try:
+        text = text_bytes.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = text_bytes[: e.start].count(b"\n") + 1
+        col = e.start - (text_bytes.rfind(b"\n", 0, e.start) + 1) + 1
+        raise RecipeError(f"{source}:{line}:{col}: not valid UTF-8 (byte 0x{text_bytes[e.start]:02x})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+        if m:
+            msg = msg[: m.start()].strip()
+            raise RecipeError(f"{source}:{m.group(1)}:{m.group(2)}: invalid TOML: {msg}") from None
+        m = re.search(r"\(at end of document\)", msg)
+        line = text.count("\n") + 1
+        raise RecipeError(f"{source}:{line}:1: invalid TOML: {msg}") from None
+    return data, text
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.max_seq_len=768' -> (["train", "max_seq_len"], 768). Values are TOML values;
+    a bare word that is not valid TOML is taken as a string."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_seq_len=768")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
+        raise RecipeError(f"--set {item!r}: {key!r} is not a key path such as train.max_seq_len")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    cur = data
+    for part in path[:-1]:
+        nxt = cur.get(part)
+        if nxt is None:
+            nxt = cur[part] = {}
+        if not isinstance(nxt, dict):
+            raise RecipeError(f"--set {'.'.join(path)}: {part} is not a section")
+        cur = nxt
+    cur[path[-1]] = value
+
+
+def validate(data: dict[str, Any], source: str = "<recipe>", text: str | None = None) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, source, text)) from None
+    # Each ladder rung must name real keys and produce a valid recipe.
+    for i, rung in enumerate(recipe.oom_ladder):
+        try:
+            apply_rung(recipe, rung)
+        except RecipeError as e:
+            raise RecipeError(f"{source}: oom_ladder[{i}]: {e}") from None
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, parse, override and validate a recipe file. Raises RecipeError."""
+    p = Path(path)
+    source = str(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise RecipeError(f"{source}: no such recipe file") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{source}: is a folder, not a recipe file") from None
+    except OSError as e:
+        raise RecipeError(f"{source}: cannot read: {e.strerror}") from None
+    data, text = parse_toml_text(raw, source)
+    for item in overrides or []:
+        keypath, value = parse_override(item)
+        apply_override(data, keypath, value)
+    recipe = validate(data, source, text)
+    return resolve_paths(recipe, p.resolve().parent)
+
+
+def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Make data.path absolute relative to the recipe file (output_dir stays relative to cwd)."""
+    data_path = Path(recipe.data.path).expanduser()
+    if not data_path.is_absolute():
+        data_path = (base / data_path).resolve()
+    r = recipe.model_copy(deep=True)
+    r.data.path = str(data_path)
+    return r
+
+
+def apply_rung(recipe: Recipe, rung: Rung) -> Recipe:
+    """A copy of `recipe` with one OOM-ladder rung applied, validated.
+
+    Keeps the effective batch: when a rung lowers per_device_batch and does not set
+    grad_accum, grad_accum grows so that batch x accum is unchanged.
+    """
+    data = recipe.model_dump(mode="python")
+    effective = recipe.train.effective_batch
+    for key, value in _flatten(rung).items():
+        apply_override(data, key.split("."), value)
+    if "train.per_device_batch" in rung and "train.grad_accum" not in rung:
+        batch = int(rung["train.per_device_batch"])
+        if batch <= 0 or effective % batch:
+            raise RecipeError(
+                f"per_device_batch {batch} does not divide the effective batch {effective}"
+            )
+        data["train"]["grad_accum"] = effective // batch
+    data["oom_ladder"] = []
+    try:
+        out = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, "rung")) from None
+    out.oom_ladder = recipe.oom_ladder
+    return out
+
+
+def rung_changes_adapter_shape(rung: Rung) -> bool:
+    """Rank or target changes make old checkpoints unloadable (size mismatch)."""
+    keys = set(_flatten(rung))
+    return bool(keys & {"lora.r", "lora.target_modules"})
+
+
+def describe_rung(recipe: Recipe, rung: Rung) -> str:
+    """'max_seq_len 1024 -> 768' for the header and events."""
+    parts = []
+    data = recipe.model_dump(mode="python")
+    for key, value in _flatten(rung).items():
+        cur: Any = data
+        for p in key.split("."):
+            cur = cur.get(p) if isinstance(cur, dict) else None
+        short = key.split(".")[-1]
+        parts.append(f"{short} {_fmt(cur)} -> {_fmt(value)}")
+    return ", ".join(parts)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, list):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def recipe_to_json(recipe: Recipe) -> str:
+    return json.dumps(recipe.model_dump(mode="json"), indent=2, sort_keys=True)
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    return hashlib.sha256(recipe_to_json(recipe).encode()).hexdigest()[:16]
+
+
+def recipe_from_json(text: str) -> Recipe:
+    return Recipe.model_validate_json(text)
