@@ -1,0 +1,311 @@
+"""The run store: one folder per run with a SQLite database and an atomic state file.
+
+Layout of `<state home>/runs/<run_id>/`:
+
+    run.json              static facts (id, recipe, model, output_dir, created_at)
+    recipe.toml           the recipe file as given (0600); attempts/N/recipe.json is what ran
+    state.json            the live state, replaced atomically (tmp, fsync, rename, fsync dir)
+    db.sqlite             WAL: samples, steps, events
+    trainer.log[.1..]     the trainer's stdout+stderr, size-capped and rotated (by the wrapper)
+    supervisor.log        the supervisor's own log
+    supervisor.lock       flock held by the one live supervisor
+    attempts/N/           recipe.json, events.jsonl (trainer's JSON lines), exit.json (wrapper)
+
+SQLite in WAL mode with synchronous=NORMAL survives a SIGKILL of the writer at any instant
+(a crash loses at most the last uncommitted transaction, never the file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import secrets
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from supervisor.records import Event, Sample, Step, event_from_dict, to_dict
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS samples (t REAL NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS samples_t ON samples(t);
+CREATE TABLE IF NOT EXISTS steps (
+    lineage INTEGER NOT NULL, step INTEGER NOT NULL, attempt INTEGER NOT NULL, t REAL NOT NULL,
+    loss REAL, grad_norm REAL, lr REAL, epoch REAL, tokens INTEGER, tokens_per_s REAL,
+    step_time_s REAL, max_steps INTEGER,
+    PRIMARY KEY (lineage, step)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, t REAL NOT NULL, kind TEXT NOT NULL, level TEXT NOT NULL,
+    message TEXT NOT NULL, guard TEXT, evidence TEXT, attempt INTEGER, acked INTEGER DEFAULT 0
+);
+"""
+
+ADJECTIVES = (
+    "amber azure bold brave calm clever coral crisp dapper eager fancy gentle glad golden "
+    "happy hazel jolly keen lively lucky mellow merry misty noble olive proud quick quiet "
+    "rapid rosy rustic shiny silent silver steady sunny swift tidy vivid warm wise witty zesty"
+).split()
+NOUNS = (
+    "badger beacon birch bison comet condor cedar dune falcon fern finch fjord gecko harbor "
+    "heron ibis island jaguar kestrel koala lagoon lark lemur lynx maple marten meadow moose "
+    "newt orca otter owl panda pine puffin quail raven reef robin sable salmon tapir tern "
+    "tiger walrus wren yak zebra"
+).split()
+
+
+class RunNotFound(Exception):
+    pass
+
+
+def new_run_id(existing: set[str]) -> str:
+    """A short, human-friendly id such as 'amber-falcon'; a digit is added on collision."""
+    for _ in range(100):
+        rid = f"{secrets.choice(ADJECTIVES)}-{secrets.choice(NOUNS)}"
+        if rid not in existing:
+            return rid
+    return f"{secrets.choice(ADJECTIVES)}-{secrets.choice(NOUNS)}-{secrets.randbelow(10**4)}"
+
+
+def atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write via a temp file, fsync, rename, fsync the folder: readers see old or new."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`, or None when missing or unreadable (never raises)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _finite(x: Any) -> float | str | None:
+    """SQLite turns NaN into NULL; store non-finite values as text ('NaN', 'Infinity')."""
+    if x is None:
+        return None
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    if math.isfinite(f):
+        return f
+    return "NaN" if math.isnan(f) else ("Infinity" if f > 0 else "-Infinity")
+
+
+def _unfinite(x: Any) -> Any:
+    return float(x) if isinstance(x, str) else x
+
+
+class RunStore:
+    """One run's folder. Opened by the supervisor (writer) and by CLI readers."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.run_id = self.path.name
+        self._db: sqlite3.Connection | None = None
+        self.state_error: str | None = None  # e.g. "state not saved: ENOSPC"
+
+    # -- files ------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "trainer.log"
+
+    def attempt_dir(self, n: int) -> Path:
+        return self.path / "attempts" / str(n)
+
+    def info(self) -> dict[str, Any]:
+        return read_json(self.path / "run.json") or {"run_id": self.run_id}
+
+    def read_state(self) -> dict[str, Any]:
+        """The state file; a corrupt one is moved aside and reported, never trusted."""
+        p = self.state_path
+        if not p.exists():
+            return {}
+        data = read_json(p)
+        if data is None:
+            aside = p.with_name(f"state.json.corrupt-{int(time.time())}")
+            with contextlib.suppress(OSError):
+                os.replace(p, aside)
+            return {"state": "lost", "message": f"state file was corrupt; moved to {aside.name}"}
+        return data
+
+    def write_state(self, state: dict[str, Any]) -> bool:
+        """Atomically replace state.json. On ENOSPC/EIO keep the old file and report it."""
+        state = dict(state)
+        state["updated_at"] = time.time()
+        try:
+            atomic_write(self.state_path, json.dumps(state, indent=1, default=str, allow_nan=True))
+        except OSError as e:
+            self.state_error = f"state not saved: {errno.errorcode.get(e.errno or 0, str(e))}"
+            return False
+        self.state_error = None
+        return True
+
+    # -- database ---------------------------------------------------------------------
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            conn = sqlite3.connect(self.path / "db.sqlite", timeout=5.0, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(SCHEMA)
+            self._db = conn
+        return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def add_samples(self, samples: list[Sample]) -> None:
+        rows = [(s.t, json.dumps(to_dict(s), allow_nan=True)) for s in samples]
+        with self._tx() as c:
+            c.executemany("INSERT INTO samples (t, data) VALUES (?, ?)", rows)
+
+    def add_steps(self, steps: list[Step], lineage: int) -> None:
+        rows = [
+            (
+                lineage, s.step, s.attempt, s.t, _finite(s.loss), _finite(s.grad_norm),
+                _finite(s.lr), s.epoch, s.tokens, s.tokens_per_s, s.step_time_s, s.max_steps,
+            )
+            for s in steps
+        ]
+        # Duplicate steps after a resume: last wins.
+        with self._tx() as c:
+            c.executemany("INSERT OR REPLACE INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+    def add_event(self, ev: Event) -> Event:
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT INTO events (t, kind, level, message, guard, evidence, attempt, acked) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (ev.t, ev.kind, ev.level, ev.message, ev.guard,
+                 json.dumps(ev.evidence, default=str, allow_nan=True), ev.attempt, int(ev.acked)),
+            )
+            ev.id = cur.lastrowid
+        return ev
+
+    def ack_events(self, ids: list[int] | None) -> int:
+        with self._tx() as c:
+            if ids is None:
+                cur = c.execute("UPDATE events SET acked=1 WHERE acked=0")
+            else:
+                cur = c.executemany("UPDATE events SET acked=1 WHERE id=?", [(i,) for i in ids])
+            return cur.rowcount
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        c = self.db()
+        c.execute("BEGIN")
+        try:
+            yield c
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+
+    # -- reading ----------------------------------------------------------------------
+    def samples(self, limit: int | None = None) -> list[dict[str, Any]]:
+        q = "SELECT data FROM samples ORDER BY rowid"
+        if limit:
+            q = f"SELECT data FROM (SELECT rowid, data FROM samples ORDER BY rowid DESC LIMIT {int(limit)}) ORDER BY rowid"
+        return [json.loads(r[0]) for r in self.db().execute(q)]
+
+    def steps(self) -> list[dict[str, Any]]:
+        cols = ("lineage", "step", "attempt", "t", "loss", "grad_norm", "lr", "epoch", "tokens",
+                "tokens_per_s", "step_time_s", "max_steps")
+        rows = self.db().execute(f"SELECT {', '.join(cols)} FROM steps ORDER BY lineage, step")
+        out = []
+        for r in rows:
+            d = dict(zip(cols, r))
+            for k in ("loss", "grad_norm", "lr"):
+                d[k] = _unfinite(d[k])
+            out.append(d)
+        return out
+
+    def events(self, limit: int | None = None) -> list[Event]:
+        q = "SELECT id, t, kind, level, message, guard, evidence, attempt, acked FROM events ORDER BY id"
+        out = []
+        for r in self.db().execute(q):
+            out.append(Event(id=r[0], t=r[1], kind=r[2], level=r[3], message=r[4], guard=r[5],
+                             evidence=json.loads(r[6] or "{}"), attempt=r[7], acked=bool(r[8])))
+        return out[-limit:] if limit else out
+
+    def log_tail(self, n: int = 200) -> list[str]:
+        """The last n lines of the trainer's log (the current file only)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - 256 * 1024))
+                data = f.read()
+        except OSError:
+            return []
+        lines = data.decode("utf-8", errors="replace").splitlines()
+        return lines[-n:]
+
+
+# ------------------------------------------------------------------------------ run folders
+
+
+def create_run(runs_dir: Path, info: dict[str, Any]) -> RunStore:
+    runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    existing = {p.name for p in runs_dir.iterdir()} if runs_dir.exists() else set()
+    run_id = new_run_id(existing)
+    path = runs_dir / run_id
+    path.mkdir(mode=0o700)
+    (path / "attempts").mkdir(mode=0o700)
+    info = {**info, "run_id": run_id, "created_at": time.time()}
+    atomic_write(path / "run.json", json.dumps(info, indent=1))
+    return RunStore(path)
+
+
+def list_runs(runs_dir: Path) -> list[RunStore]:
+    """Runs, oldest first by creation time."""
+    if not runs_dir.is_dir():
+        return []
+    stores = [RunStore(p) for p in runs_dir.iterdir() if (p / "run.json").is_file()]
+    return sorted(stores, key=lambda s: (s.info().get("created_at") or 0, s.run_id))
+
+
+def find_run(runs_dir: Path, ref: str | None) -> RunStore:
+    """A run by unique id prefix; None means the latest run."""
+    runs = list_runs(runs_dir)
+    if not runs:
+        raise RunNotFound("no runs yet: start one with `qlora-watch start RECIPE`")
+    if not ref:
+        return runs[-1]
+    exact = [r for r in runs if r.run_id == ref]
+    if exact:
+        return exact[0]
+    hits = [r for r in runs if r.run_id.startswith(ref)]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        raise RunNotFound(f"no run matches {ref!r}; `qlora-watch ls` lists them")
+    raise RunNotFound(f"{ref!r} is ambiguous: {', '.join(r.run_id for r in hits)}")
