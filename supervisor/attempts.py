@@ -1,0 +1,471 @@
+"""Attempts: launching, adopting, stopping and relaunching the trainer; guard actions.
+
+An attempt is one launch of the trainer. A *lineage* is a chain of attempts that resume
+from each other's checkpoints in one output folder; an OOM-ladder rung that changes the
+adapter's shape (rank, targets) starts a new lineage in a folder of its own, and the
+earlier lineage's checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from supervisor import checkpoints, launcher
+from supervisor import guards as guardlib
+from supervisor.recipe import Recipe, apply_rung, describe_rung, recipe_to_json
+from supervisor.records import Event, Step
+from supervisor.states import RunState
+from supervisor.store import read_json
+from supervisor.tail import JsonlFollower
+
+if TYPE_CHECKING:
+    from supervisor.core import Supervisor
+
+log = logging.getLogger("qlora-watch.attempts")
+
+PHASE_STATES = {
+    "loading_model": RunState.LOADING,
+    "tokenising": RunState.LOADING,
+    "training": RunState.TRAINING,
+    "saving": RunState.SAVING,
+}
+
+
+class AttemptRunner:
+    def __init__(self, sup: "Supervisor"):
+        self.sup = sup
+        self.proc: Any = None  # Popen of the wrapper when it is our child
+        self.child_rc: int | None = None
+        self.stop_deadline: float | None = None  # monotonic
+        self.stop_reason: str | None = None
+        self.stop_killed = False
+        self.next_launch_mono: float | None = None
+        self.pending: Any = None  # the Relaunch action waiting for its back-off
+        self.fired: set[str] = set()
+        self.last_state_write = 0.0
+        self.exit_stderr: list[str] = []
+
+    # -- helpers ------------------------------------------------------------------------
+    @property
+    def st(self) -> dict[str, Any]:
+        return self.sup.state
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.sup.recipe
+
+    def wrapper_pid(self) -> int | None:
+        w = self.st.get("wrapper") or {}
+        return w.get("pid") if self.trainer_alive() else None
+
+    def output_dir(self) -> Path:
+        return Path(self.st.get("output_dir") or self.sup.run_info["output_dir"])
+
+    def output_dir_str(self) -> str:
+        return str(self.output_dir())
+
+    def trainer_alive(self) -> bool:
+        w = self.st.get("wrapper")
+        if not w or self.st.get("exited"):
+            return False
+        return launcher.group_alive(w["pid"])
+
+    def effective_recipe(self, rung: int | None) -> Recipe:
+        """The base recipe with ladder rungs 0..rung applied cumulatively."""
+        r = self.recipe
+        if rung is None:
+            return r
+        for i in range(rung + 1):
+            r = apply_rung(r, self.recipe.oom_ladder[i])
+        return r
+
+    def notify_event(self, ev: Event) -> None:
+        notifier = getattr(self.sup, "notifier", None)
+        if notifier is not None:
+            notifier.maybe_send(ev)
+
+    # -- start ------------------------------------------------------------------------
+    async def begin(self) -> None:
+        st = self.st
+        state = st.get("state")
+        if not state:
+            self.sup.set_state(RunState.STARTING, attempt=0, lineage=1, rung=None, restarts=0,
+                               started_at=time.time(), output_dir=self.sup.run_info["output_dir"])
+            checkpoints.finish_pending_deletes(self.output_dir())
+            rung = self.sup.run_info.get("start_rung")  # --auto-fit
+            await self.launch(resume=None, rung=rung)
+            return
+        if RunState(state).terminal:
+            return  # serve history only
+        wrapper = st.get("wrapper")
+        attempt = st.get("attempt") or 1
+        exit_file = self.sup.store.attempt_dir(attempt) / "exit.json"
+        self._follow_attempt(attempt, offset=st.get("events_offset", 0))
+        if wrapper and launcher.verify(wrapper):
+            self.sup.record("adopted", f"adopted trainer group {wrapper['pid']} (attempt {attempt}); "
+                            "pid, start time, boot id and command line verified")
+            return
+        if exit_file.exists():
+            self.sup.record("adopted", f"attempt {attempt} ended while no supervisor was running")
+            await self.handle_exit(read_json(exit_file) or {})
+            return
+        if not wrapper:
+            # Supervisor died between creating the run and spawning: launch now.
+            await self.launch(resume=None)
+            return
+        newest = checkpoints.newest_complete(self.output_dir(), run_id=self.sup.store.run_id)
+        hint = f"; resume from {newest.path.name}?" if newest else ""
+        self.sup.record("lost", f"trainer pid {wrapper.get('pid')} cannot be verified (gone or "
+                        f"reused); it was not signalled{hint}", level="error")
+        self.sup.set_state(RunState.LOST, message=f"trainer lost{hint}", exited=True)
+
+    def _follow_attempt(self, attempt: int, offset: int = 0) -> None:
+        path = self.sup.store.attempt_dir(attempt) / "events.jsonl"
+        self.sup.events_follower = JsonlFollower(path, offset=offset)
+
+    async def launch(self, resume: str | None, rung: int | None = None, fresh: bool = False) -> None:
+        st = self.st
+        attempt = (st.get("attempt") or 0) + 1
+        lineage = (st.get("lineage") or 1) + (1 if fresh else 0)
+        base_out = Path(self.sup.run_info["output_dir"])
+        out = base_out if lineage == 1 else base_out / f"attempt-{attempt}"
+        recipe = self.effective_recipe(rung)
+        adir = self.sup.store.attempt_dir(attempt)
+        adir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (adir / "recipe.json").write_text(recipe_to_json(recipe))
+        events = adir / "events.jsonl"
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            checkpoints.claim_output_dir(out, self.sup.store.run_id)
+        except Exception as e:  # noqa: BLE001 - a bad output folder is a config error
+            self._fail(f"output folder {out}: {e}", kind="config_error")
+            return
+        env = dict(os.environ)
+        env.update(recipe.env)
+        env.update({
+            "QLW_RECIPE": str(adir / "recipe.json"), "QLW_EVENTS": str(events),
+            "QLW_OUTPUT_DIR": str(out), "QLW_ATTEMPT": str(attempt), "QLW_EXTERNAL_PRUNE": "1",
+            "QLW_RUN_ID": self.sup.store.run_id, "PYTHONUNBUFFERED": "1",
+        })
+        env.pop("QLW_RESUME", None)
+        if resume:
+            env["QLW_RESUME"] = resume
+        argv = list(recipe.trainer.command or [sys.executable, "-m", "supervisor.runner.train"])
+        self._follow_attempt(attempt)
+        self.child_rc = None
+        self.exit_stderr = []
+        try:
+            self.proc = launcher.spawn(
+                argv, env=env, cwd=Path(self.sup.run_info.get("cwd") or os.getcwd()),
+                exit_file=adir / "exit.json", log_path=self.sup.store.log_path,
+                log_max_bytes=recipe.supervisor.log_max_bytes,
+                log_backups=recipe.supervisor.log_backups,
+            )
+        except OSError as e:
+            self._fail(f"cannot start the trainer wrapper: {e}", kind="config_error")
+            return
+        ident = launcher.identity_of(self.proc.pid)
+        self.sup.set_state(
+            RunState.STARTING, attempt=attempt, lineage=lineage, rung=rung, output_dir=str(out),
+            wrapper=ident.to_dict() if ident else {"pid": self.proc.pid}, exited=False,
+            resume_from=resume, events_offset=0, phase=None, phase_since=time.time(),
+            launched_at=time.time(), max_steps=None,
+            effective={"max_seq_len": recipe.train.max_seq_len, "r": recipe.lora.r,
+                       "target_modules": recipe.lora.target_modules,
+                       "per_device_batch": recipe.train.per_device_batch,
+                       "grad_accum": recipe.train.grad_accum},
+        )
+        what = f" from {Path(resume).name}" if resume else ""
+        self.sup.record("launch", f"attempt {attempt} started{what} (pid {self.proc.pid})",
+                        evidence={"argv": argv[:3], "resume": resume, "rung": rung,
+                                  "output_dir": str(out)})
+
+    # -- polling ----------------------------------------------------------------------
+    async def poll(self) -> None:
+        statuses = launcher.reap_children()
+        w = self.st.get("wrapper") or {}
+        if self.proc is not None and self.proc.pid in statuses:
+            self.child_rc = statuses[self.proc.pid]
+            self.proc.returncode = self.child_rc  # keep Popen from waiting again
+        if w and not self.st.get("exited"):
+            gone = (self.child_rc is not None) if self.proc is not None else not launcher.verify(w)
+            if gone:
+                info = await self._read_exit_file()
+                await self.handle_exit(info)
+        if self.stop_deadline is not None and time.monotonic() > self.stop_deadline:
+            self.stop_deadline = None
+            if w and launcher.signal_group(w["pid"], signal.SIGKILL):
+                self.stop_killed = True
+                self.sup.record("stop", f"trainer did not exit within {self.recipe.supervisor.stop_grace_s:.0f} s "
+                                "of SIGTERM: killed the process group", level="warning")
+        if self.next_launch_mono is not None and time.monotonic() >= self.next_launch_mono:
+            self.next_launch_mono = None
+            action, self.pending = self.pending, None
+            await self._relaunch_now(action)
+
+    async def _read_exit_file(self) -> dict[str, Any]:
+        path = self.sup.store.attempt_dir(self.st.get("attempt") or 1) / "exit.json"
+        for _ in range(20):
+            info = read_json(path)
+            if info is not None:
+                return info
+            await asyncio.sleep(0.05)
+        # No exit file: the wrapper itself was killed (SIGKILL to the group).
+        rc = self.child_rc
+        return {"returncode": rc, "signal": -rc if rc is not None and rc < 0 else None,
+                "tail": self.sup.log_ring[-50:], "no_exit_file": True}
+
+    async def handle_exit(self, info: dict[str, Any]) -> None:
+        w = self.st.get("wrapper") or {}
+        rc, sig = info.get("returncode"), info.get("signal")
+        tail = [str(x) for x in info.get("tail") or []]
+        self.exit_stderr = tail[-50:]
+        pgid = w.get("pid")
+        if pgid:  # leftover workers hold GPU memory: kill the group and subreaped escapers
+            launcher.signal_group(pgid, signal.SIGKILL)
+        launcher.kill_orphans(set())
+        self.sup.set_state(exited=True, exit_code=rc, exit_signal=sig, ended_at=time.time())
+        self.sup._follow_events()  # the last events before exit (checkpoint, finished)
+        self._prune(final=True)
+        host = getattr(self.sup, "oom_kill_delta", lambda: None)()
+        cls = guardlib.classify_exit(
+            returncode=rc, signal=sig, stderr_tail=tail, oom_kill_delta=host,
+            gpu_lost=any(g.lost for s in self.sup.recent_samples[-3:] for g in s.gpus),
+            spawn_error=info.get("spawn_error"),
+        )
+        self.sup.record("trainer_exited", f"attempt {self.st.get('attempt')} exited: {cls.describe()}",
+                        level="info" if cls.kind in ("completed", "stopped") else "error",
+                        evidence={"returncode": rc, "signal": sig, "class": cls.kind,
+                                  "last_lines": tail[-5:]})
+        if self.stop_reason is not None:
+            msg = self.stop_reason + (" (killed after grace)" if self.stop_killed else "")
+            newest = checkpoints.newest_complete(self.output_dir(), run_id=self.sup.store.run_id)
+            if newest:
+                msg += f"; newest complete checkpoint: {newest.path.name}"
+            final = self.st.get("stop_state") or RunState.STOPPED.value
+            self.sup.set_state(RunState(final), message=msg)
+            return
+        if cls.kind == "completed":
+            self.sup.set_state(RunState.COMPLETED, message="training finished",
+                               adapter_path=self.st.get("adapter_path"))
+            return
+        window = self.window()
+        actions = guardlib.decide_relaunch(cls, window, self.recipe, self.recipe.guards)
+        await self.execute(actions)
+
+    # -- trainer events ---------------------------------------------------------------
+    def on_trainer_event(self, obj: dict[str, Any]) -> None:
+        kind = obj.get("event")
+        if kind == "phase":
+            phase = str(obj.get("phase"))
+            new = PHASE_STATES.get(phase)
+            fields: dict[str, Any] = {"phase": phase, "phase_since": time.time()}
+            if new is not None and self.sup.run_state not in (RunState.STOPPING,):
+                self.sup.set_state(new, **fields)
+            else:
+                self.sup.set_state(**fields)
+            self.sup.record("phase", f"trainer phase: {phase}")
+        elif kind == "checkpoint":
+            path = Path(str(obj.get("path", "")))
+            info = checkpoints.checkpoint_status(path)
+            if info.complete:
+                checkpoints.mark_checkpoint(path, self.sup.store.run_id)
+                self.st["restarts"] = 0  # progress resets the crash budget
+                self.sup.set_state(last_checkpoint=str(path), last_checkpoint_step=info.step,
+                                   last_checkpoint_bytes=info.size_bytes, restarts=0,
+                                   last_progress_t=time.time())
+                self.sup.record("checkpoint_saved", f"{path.name} saved ({info.size_bytes / 1e6:.1f} MB)",
+                                evidence={"step": info.step, "bytes": info.size_bytes})
+            else:
+                self.sup.record("checkpoint_incomplete", f"{path.name}: {info.reason}", level="warning")
+        elif kind == "finished":
+            self.sup.set_state(adapter_path=obj.get("adapter_path"), phase="finished")
+            self.sup.record("finished", f"adapter saved to {obj.get('adapter_path')}")
+        elif kind == "notice":
+            self.sup.record("notice", str(obj.get("message", ""))[:2000])
+
+    def on_steps(self, steps: list[Step]) -> None:
+        last = steps[-1]
+        fields: dict[str, Any] = {"step": last.step, "last_step_t": last.t}
+        if last.loss is not None:
+            fields["last_loss"] = last.loss
+        if last.max_steps:
+            fields["max_steps"] = last.max_steps
+        if last.tokens_per_s is not None:
+            fields["tokens_per_s"] = last.tokens_per_s
+        fields["eta_s"] = self._eta(last)
+        fields["events_offset"] = self.sup.events_follower.offset if self.sup.events_follower else 0
+        self.st.update(fields)
+        now = time.monotonic()
+        if now - self.last_state_write >= 1.0:  # state.json at most once a second
+            self.last_state_write = now
+            self.sup.set_state()
+
+    def _eta(self, last: Step) -> float | None:
+        steps = [s for s in self.sup.recent_steps[-50:] if s.attempt == last.attempt]
+        if not last.max_steps or len(steps) < 2:
+            return None
+        dt = steps[-1].t - steps[0].t
+        ds = steps[-1].step - steps[0].step
+        if dt <= 0 or ds <= 0:
+            return None
+        return max(0.0, (last.max_steps - last.step) * dt / ds)
+
+    # -- stop ---------------------------------------------------------------------------
+    async def request_stop(self, now: bool, reason: str, state: RunState = RunState.STOPPED) -> None:
+        if self.sup.run_state.terminal:
+            return
+        self.stop_reason = reason
+        self.next_launch_mono, self.pending = None, None
+        w = self.st.get("wrapper") or {}
+        if not self.trainer_alive():
+            self.sup.set_state(state, message=reason)
+            return
+        self.sup.set_state(RunState.STOPPING, stop_state=state.value, message=reason)
+        pgid = w["pid"]
+        if now:
+            launcher.signal_group(pgid, signal.SIGKILL)
+            self.stop_killed = True
+            self.sup.record("stop", f"{reason}: killed the process group (--now)", level="warning")
+            return
+        launcher.signal_group(pgid, signal.SIGTERM)
+        launcher.signal_group(pgid, signal.SIGCONT)  # a stopped trainer must see the SIGTERM
+        self.stop_deadline = time.monotonic() + self.recipe.supervisor.stop_grace_s
+        self.sup.record("stop", f"{reason}: SIGTERM sent; the trainer saves a checkpoint "
+                        f"(grace {self.recipe.supervisor.stop_grace_s:.0f} s)")
+
+    def _fail(self, message: str, kind: str = "failed", state: RunState = RunState.FAILED) -> None:
+        self.sup.record(kind, message, level="error")
+        self.sup.set_state(state, message=message, exited=True)
+
+    # -- guards -----------------------------------------------------------------------
+    def window(self) -> Any:
+        return guardlib.Window.from_supervisor(self.sup)
+
+    def run_guards(self) -> None:
+        if self.sup.run_state not in (RunState.LOADING, RunState.TRAINING, RunState.SAVING):
+            self._prune(final=False)
+            return
+        actions = guardlib.run_guards(self.window(), self.recipe.guards)
+        if actions:
+            asyncio.get_running_loop().create_task(self.execute(actions))
+
+    def _prune(self, final: bool) -> None:
+        try:
+            plan = checkpoints.prune_plan(
+                checkpoints.scan(self.output_dir()), keep=self.recipe.train.save_total_limit,
+                protect=set(),
+            )
+        except Exception as e:  # noqa: BLE001
+            log.warning("prune plan failed: %s", e)
+            return
+        if plan:
+            self._delete([c.path.name for c in plan], "save_total_limit")
+
+    def _delete(self, names: list[str], reason: str) -> None:
+        results = checkpoints.safe_delete(self.output_dir(), names,
+                                          self.sup.store.path / "deletions.log", reason=reason)
+        for r in results:
+            if r.ok:
+                self.sup.record("checkpoint_pruned", f"deleted {r.name} ({reason})",
+                                evidence={"bytes": r.size_bytes})
+            else:
+                self.sup.record("prune_failed", f"could not delete {r.name}: {r.error}", level="warning")
+
+    async def execute(self, actions: list[Any]) -> None:
+        for a in actions:
+            await self._execute_one(a)
+
+    async def _execute_one(self, a: Any) -> None:
+        kind = type(a).__name__
+        if kind == "Warn":
+            key = getattr(a, "key", None) or a.message
+            if key in self.fired:
+                return
+            self.fired.add(key)
+            self.sup.record("guard", a.message, level="warning", guard=a.guard, evidence=a.evidence)
+        elif kind == "PruneCheckpoints":
+            self._delete(list(a.names), a.reason)
+        elif kind == "CaptureStacks":
+            await self._capture_stacks(a)
+        elif kind == "StopRun":
+            self.sup.record("guard", a.message, level="error", guard=a.guard, evidence=a.evidence)
+            await self.request_stop(now=not a.graceful, reason=a.message, state=a.state)
+        elif kind == "Fail":
+            self._fail(a.message)
+        elif kind == "Relaunch":
+            if self.trainer_alive():  # a stall: stop the stuck trainer first
+                w = self.st["wrapper"]
+                launcher.signal_group(w["pid"], signal.SIGKILL)
+                await asyncio.to_thread(launcher.wait_gone, w["pid"], 10.0)
+                self.sup.set_state(exited=True)
+            self.sup.record("relaunch", a.message, level="warning", guard=a.guard, evidence=a.evidence)
+            self.sup.set_state(RunState.BACKOFF, next_launch_in_s=a.delay_s,
+                               restarts=(self.st.get("restarts") or 0) + (0 if a.rung_index != self.st.get("rung") else 1))
+            self.pending = a
+            self.next_launch_mono = time.monotonic() + max(0.0, a.delay_s)
+
+    async def _relaunch_now(self, a: Any) -> None:
+        if not await self._gpu_released():
+            return
+        rung = a.rung_index
+        if rung != self.st.get("rung") and rung is not None:
+            desc = describe_rung(self.effective_recipe(rung - 1 if rung > 0 else None),
+                                 self.recipe.oom_ladder[rung])
+            self.sup.set_state(rung_desc=f"{desc} after OOM")
+        await self.launch(resume=a.resume_from, rung=rung, fresh=a.fresh_output)
+
+    async def _gpu_released(self) -> bool:
+        """Bounded wait: the old group gone and its GPU memory back near the baseline."""
+        w = self.st.get("wrapper") or {}
+        cfg = self.recipe.guards.oom
+        if w.get("pid") and not await asyncio.to_thread(launcher.wait_gone, w["pid"], cfg.release_timeout_s):
+            self._fail(f"the old trainer group {w['pid']} is still alive after "
+                       f"{cfg.release_timeout_s:.0f} s: not relaunching")
+            return False
+        nvml = getattr(self.sup.sampler, "nvml", None)
+        held = getattr(nvml, "gpu_memory_held_by", None)
+        if held is None:
+            return True
+        deadline = time.monotonic() + cfg.release_timeout_s
+        pids = {w.get("pid")} if w.get("pid") else set()
+        while time.monotonic() < deadline:
+            try:
+                mib = held(pids)
+            except Exception:  # noqa: BLE001
+                return True
+            if not mib or mib <= cfg.release_tolerance_mib:
+                return True
+            await asyncio.sleep(0.2)
+        self._fail(f"GPU memory still held ({mib:.0f} MiB) by the old trainer: not relaunching")
+        return False
+
+    async def _capture_stacks(self, a: Any) -> None:
+        """py-spy dump of the trainer's Python stacks, if py-spy is installed."""
+        import shutil
+
+        pyspy = shutil.which("py-spy")
+        pid_file = read_json(self.sup.store.attempt_dir(self.st.get("attempt") or 1) / "trainer.pid.json")
+        if not pyspy or not pid_file:
+            self.sup.record("stacks", "py-spy not installed: no stack dump", guard=a.guard)
+            return
+        proc = await asyncio.create_subprocess_exec(
+            pyspy, "dump", "--pid", str(pid_file["pid"]),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        except asyncio.TimeoutError:
+            proc.kill()
+            out = b"py-spy timed out"
+        path = self.sup.store.attempt_dir(self.st.get("attempt") or 1) / "stacks.txt"
+        path.write_bytes(out)
+        self.sup.record("stacks", f"trainer stacks saved to {path}", guard=a.guard)
+
+

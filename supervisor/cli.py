@@ -1,0 +1,310 @@
+"""The `qlora-watch` command. Each subcommand imports only what it needs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from supervisor import __version__
+
+EXIT_BAD_INPUT = 2
+EXIT_DOES_NOT_FIT = 3
+
+
+def _load(recipe: str, sets: list[str] | None):
+    from supervisor.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe, sets or [])
+    except RecipeError as e:
+        print(f"qlora-watch: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+
+
+def _runs_dir() -> Path:
+    from supervisor import paths
+
+    return paths.runs_dir()
+
+
+def _find(ref: str | None):
+    from supervisor.store import RunNotFound, find_run
+
+    try:
+        return find_run(_runs_dir(), ref)
+    except RunNotFound as e:
+        print(f"qlora-watch: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from supervisor.preflight import run_preflight
+
+    recipe = _load(args.recipe, args.set)
+    text, code = run_preflight(recipe, args.gpu_mem, args.host_ram, args.json)
+    print(text)
+    return code
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    recipe = _load(args.recipe, args.set)
+    print(f"{args.recipe}: ok ({recipe.name}, {recipe.model.name})")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from supervisor import runs
+    from supervisor.preflight import estimate, render_table
+
+    recipe = _load(args.recipe, args.set)
+    if not Path(recipe.data.path).is_file():
+        print(f"qlora-watch: {args.recipe}: data.path {recipe.data.path} does not exist "
+              "(set it with --set data.path=/path/to/train.jsonl)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if os.geteuid() == 0 and not args.allow_root and not os.environ.get("CI") and not args.force:
+        print("qlora-watch: refusing to run as root (use --allow-root)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    report = estimate(recipe)
+    start_rung = None
+    if not report.fits:
+        if args.auto_fit and report.first_fitting_rung is not None:
+            start_rung = report.first_fitting_rung
+            print(f"qlora-watch: --auto-fit: starting at ladder rung {start_rung + 1} "
+                  f"({report.first_fitting_rung_desc})")
+        elif not args.force:
+            print(render_table(report))
+            print("\nqlora-watch: not started: the estimate does not fit (use --force to try anyway)",
+                  file=sys.stderr)
+            return EXIT_DOES_NOT_FIT
+    try:
+        store = runs.create(args.recipe, recipe, report, start_rung=start_rung)
+    except runs.StartError as e:
+        print(f"qlora-watch: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    runs.spawn_supervisor(store)
+    if not runs.wait_started(store, timeout=20):
+        print(f"qlora-watch: the supervisor did not start; see {store.path / 'supervisor.out'}",
+              file=sys.stderr)
+        return 1
+    interactive = sys.stdout.isatty() and sys.stdin.isatty() and not args.detach
+    if not interactive:
+        print(store.run_id)
+        return 0
+    print(f"run {store.run_id} started; detach with d, the run goes on")
+    return _attach(store, args)
+
+
+def cmd_supervise(args: argparse.Namespace) -> int:
+    from supervisor import paths
+    from supervisor.core import run_supervisor
+
+    run_dir = Path(args.run_dir)
+    sock = paths.socket_path(run_dir.name)
+    return run_supervisor(run_dir, socket_path=sock, with_telemetry=not args.no_telemetry)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from supervisor import runs
+
+    rows = [runs.summary(s) for s in runs.all_runs()]
+    if args.json:
+        print(json.dumps(rows, indent=1, default=str))
+        return 0
+    if not rows:
+        print("no runs yet: start one with `qlora-watch start RECIPE`")
+        return 0
+    print(f"{'RUN':<22} {'RECIPE':<18} {'STATE':<10} {'STEP':>11} {'LOSS':>8} {'WALL':>9}  STARTED")
+    for r in rows:
+        step = f"{r.get('step') or 0}/{r.get('max_steps') or '?'}"
+        loss = r.get("last_loss")
+        loss_s = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
+        print(f"{r['run_id']:<22} {str(r.get('recipe'))[:18]:<18} {r.get('state') or '?':<10} "
+              f"{step:>11} {loss_s:>8} {runs.fmt_duration(r.get('wall_s')):>9}  {r.get('started')}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from supervisor import runs
+
+    store = _find(args.run)
+    runs.ensure_supervisor(store)
+    data = runs.status(store)
+    if args.json:
+        print(json.dumps(data, indent=1, default=str))
+    else:
+        print(runs.render_status(data))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from supervisor import runs
+
+    store = _find(args.run)
+    return runs.print_logs(store, follow=args.follow, lines=args.lines)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from supervisor import runs
+
+    store = _find(args.run)
+    return runs.stop(store, now=args.now)
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    from supervisor import runs
+
+    store = _find(args.run)
+    return runs.wait(store, timeout=args.timeout)
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    if args.ssh:
+        from supervisor.remote import attach_over_ssh
+
+        return attach_over_ssh(args.ssh, args.run)
+    from supervisor import runs
+
+    if args.run is None:
+        live = [s for s in runs.all_runs() if runs.is_live(s)]
+        if len(live) > 1 and sys.stdout.isatty():
+            from supervisor.tui.app import pick_run
+
+            picked = pick_run([runs.summary(s) for s in live]).run()
+            if not picked:
+                return 0
+            args.run = picked
+    store = _find(args.run)
+    return _attach(store, args)
+
+
+def _attach(store: Any, args: argparse.Namespace) -> int:
+    from supervisor import runs
+
+    client = runs.client_for(store)
+    try:
+        from supervisor.tui.app import make_app
+    except ImportError as e:  # dashboard not installed: plain progress instead
+        print(f"(dashboard unavailable: {e}); following progress, Ctrl-C to detach")
+        return runs.follow_plain(store)
+    result = make_app(client, run_id=store.run_id).run()
+    if result == "detached":
+        print(f"detached from {store.run_id}; the run goes on. `qlora-watch attach {store.run_id}`")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from supervisor.tui.serve import serve
+
+    argv = [sys.executable, "-m", "supervisor", "attach"] + ([args.run] if args.run else [])
+    serve(argv, port=args.port)
+    return 0
+
+
+def cmd_tui_client(args: argparse.Namespace) -> int:
+    """Used by `attach --ssh`: run the dashboard against a local (forwarded) socket."""
+    from supervisor.client import AsyncRunClient
+    from supervisor.tui.app import make_app
+
+    make_app(AsyncRunClient(Path(args.socket))).run()
+    return 0
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="qlora-watch",
+        description="Supervise and watch long QLoRA fine-tuning runs.",
+        epilog="Quick start: qlora-watch start recipes/tiny.toml",
+    )
+    ap.add_argument("--version", action="version", version=f"qlora-watch {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, fn: Any, help: str, **kw: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, **kw)
+        p.set_defaults(fn=fn)
+        return p
+
+    def sets(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                       help="override a recipe key, e.g. --set train.max_seq_len=768")
+
+    p = add("start", cmd_start, "check the fit, start a supervised run, open the dashboard")
+    p.add_argument("recipe")
+    sets(p)
+    p.add_argument("--detach", action="store_true", help="start and return; no dashboard")
+    p.add_argument("--force", action="store_true", help="start even when preflight says it does not fit")
+    p.add_argument("--auto-fit", action="store_true", help="start at the first OOM-ladder rung that fits")
+    p.add_argument("--allow-root", action="store_true", help="allow running as root")
+
+    p = add("preflight", cmd_preflight, "estimate VRAM, host RAM and disk; exit 3 if it does not fit")
+    p.add_argument("recipe")
+    sets(p)
+    p.add_argument("--gpu-mem", type=float, metavar="GIB", help="check against a card of this size")
+    p.add_argument("--host-ram", type=float, metavar="GIB", help="check against this much host RAM")
+    p.add_argument("--json", action="store_true")
+
+    p = add("validate", cmd_validate, "validate a recipe (exit 2 with file:line:col if it is bad)")
+    p.add_argument("recipe")
+    sets(p)
+
+    p = add("ls", cmd_ls, "list runs")
+    p.add_argument("--json", action="store_true")
+
+    p = add("status", cmd_status, "a run's state, step, loss, speed, ETA and last events")
+    p.add_argument("run", nargs="?", help="run id or unique prefix (default: latest)")
+    p.add_argument("--json", action="store_true")
+
+    p = add("logs", cmd_logs, "the trainer's log")
+    p.add_argument("run", nargs="?")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("-n", "--lines", type=int, default=50)
+
+    p = add("stop", cmd_stop, "stop a run gracefully (the trainer saves a checkpoint first)")
+    p.add_argument("run", nargs="?")
+    p.add_argument("--now", action="store_true", help="kill at once; nothing new is saved")
+
+    p = add("wait", cmd_wait, "block until the run ends; exit 0 only if it completed")
+    p.add_argument("run", nargs="?")
+    p.add_argument("--timeout", type=float, default=None, metavar="S")
+
+    p = add("attach", cmd_attach, "open the dashboard on a run (d detaches, the run goes on)")
+    p.add_argument("run", nargs="?")
+    p.add_argument("--ssh", metavar="USER@HOST", help="attach to a run on a remote box over ssh")
+
+    p = add("serve", cmd_serve, "serve the dashboard to a browser on 127.0.0.1")
+    p.add_argument("run", nargs="?")
+    p.add_argument("--port", type=int, default=8566)
+
+    p = sub.add_parser("_supervise", help=argparse.SUPPRESS)
+    p.add_argument("run_dir")
+    p.add_argument("--no-telemetry", action="store_true")
+    p.set_defaults(fn=cmd_supervise)
+
+    p = sub.add_parser("_tui", help=argparse.SUPPRESS)
+    p.add_argument("--socket", required=True)
+    p.set_defaults(fn=cmd_tui_client)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not getattr(args, "fn", None):
+        ap.print_help()
+        return 0
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+

@@ -1,0 +1,312 @@
+"""The supervisor: one asyncio loop that owns a run.
+
+Each tick (5 per second) it reaps children, follows the trainer's events and log, samples
+telemetry at the recipe's interval, runs the guards and carries out their actions. Every
+fact goes to the run store first, then to the attached clients. Nothing here imports torch
+or textual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from supervisor import launcher
+from supervisor.attempts import AttemptRunner
+from supervisor.recipe import Recipe, recipe_from_json
+from supervisor.records import Event, Sample, Step, step_from_dict, to_dict
+from supervisor.states import RunState
+from supervisor.store import RunStore, read_json
+from supervisor.tail import JsonlFollower, LogFollower
+
+log = logging.getLogger("qlora-watch.supervisor")
+
+TICK_S = 0.2
+HISTORY_SAMPLES = 100_000  # what a newly attached client gets (24 h at 1 Hz fits)
+LOG_RING = 500
+
+
+class AlreadySupervised(Exception):
+    pass
+
+
+def acquire_lock(store: RunStore) -> int:
+    """flock the run's lock file; a SIGKILLed holder's lock is released by the kernel."""
+    fd = os.open(store.path / "supervisor.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise AlreadySupervised(f"run {store.run_id} is already supervised (pid {other or '?'})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+class Supervisor:
+    """Owns one run until it reaches a terminal state."""
+
+    def __init__(self, store: RunStore, *, sampler: Any = None, socket_path: Path | None = None):
+        self.store = store
+        self.run_info = store.info()
+        self.recipe: Recipe = recipe_from_json((store.path / "recipe.json").read_text())
+        self.sampler = sampler
+        self.socket_path = socket_path
+        self.state: dict[str, Any] = store.read_state() or {}
+        self.server: Any = None
+        self.log_ring: list[str] = store.log_tail(LOG_RING)
+        self.recent_samples: list[Sample] = []
+        self.recent_steps: list[Step] = []
+        self.attempts = AttemptRunner(self)
+        self._stop_event = asyncio.Event()
+        self._last_sample_mono = 0.0
+        self._sampling = False
+        self._signals = 0
+        self.events_follower: JsonlFollower | None = None
+        self.log_follower = LogFollower(store.log_path)
+        self.log_follower.offset = _size(store.log_path)
+        self.log_follower.ino = _ino(store.log_path)
+
+    # -- state ------------------------------------------------------------------------
+    def set_state(self, new: RunState | None = None, **fields: Any) -> None:
+        if new is not None:
+            fields["state"] = new.value
+        self.state.update(fields)
+        self.state.setdefault("run_id", self.store.run_id)
+        if not self.store.write_state(self.state):
+            self.state["state_error"] = self.store.state_error
+        self.broadcast({"type": "state", "state": self.state})
+
+    @property
+    def run_state(self) -> RunState:
+        try:
+            return RunState(self.state.get("state", "starting"))
+        except ValueError:
+            return RunState.LOST
+
+    def record(self, kind: str, message: str, level: str = "info", **kw: Any) -> Event:
+        ev = Event(t=time.time(), kind=kind, level=level, message=message,
+                   attempt=self.state.get("attempt"), **kw)
+        try:
+            self.store.add_event(ev)
+        except Exception as e:  # noqa: BLE001 - a full disk must not stop supervision
+            log.warning("event not stored: %s", e)
+        log.info("%s: %s", kind, message)
+        self.broadcast({"type": "event", "event": to_dict(ev)})
+        self.attempts.notify_event(ev)
+        return ev
+
+    def broadcast(self, msg: dict[str, Any]) -> None:
+        if self.server is not None:
+            self.server.broadcast(msg)
+
+    # -- socket handler ---------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "run": self.run_info,
+            "state": self.state,
+            "samples": self.store.samples(limit=HISTORY_SAMPLES),
+            "steps": self.store.steps(),
+            "events": [to_dict(e) for e in self.store.events()],
+            "log": list(self.log_ring),
+        }
+
+    async def handle_command(self, cmd: str, args: dict[str, Any], peer: Any = None) -> dict[str, Any]:
+        if cmd == "ping":
+            return {"pong": True, "pid": os.getpid()}
+        if cmd == "status":
+            return {"state": self.state}
+        if cmd in ("stop", "stop_now"):
+            await self.attempts.request_stop(now=(cmd == "stop_now"), reason="stopped by user")
+            return {"state": self.state.get("state")}
+        if cmd == "ack":
+            ids = args.get("event_ids")
+            n = self.store.ack_events(list(ids) if ids is not None else None)
+            self.broadcast({"type": "acked", "event_ids": ids})
+            return {"acked": n}
+        raise ValueError(f"unknown command {cmd!r}")
+
+    # -- the loop ---------------------------------------------------------------------
+    async def run(self) -> int:
+        lock_fd = acquire_lock(self.store)
+        launcher.become_subreaper()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)  # a closed terminal is not a stop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal)
+        await self._start_server()
+        try:
+            await self.attempts.begin()
+            while not self._stop_event.is_set():
+                await self.tick()
+                if self.run_state.terminal and not self.attempts.trainer_alive():
+                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop_event.wait(), TICK_S)
+            await self.tick()  # last events and log lines
+        finally:
+            self.broadcast({"type": "bye", "reason": f"run {self.state.get('state')}"})
+            await asyncio.sleep(0.05)
+            if self.server is not None:
+                with contextlib.suppress(Exception):
+                    await self.server.close()
+            self.store.close()
+            os.close(lock_fd)
+        return 0
+
+    def _on_signal(self) -> None:
+        """SIGTERM/SIGINT: save state and leave; the trainer goes on (re-adopted later)."""
+        self._signals += 1
+        if self._signals > 1:
+            os._exit(0)  # fast path on the second signal
+        self.set_state(message="supervisor exited; the trainer keeps running")
+        self._stop_event.set()
+
+    async def _start_server(self) -> None:
+        if self.socket_path is None:
+            return
+        from supervisor.server import ControlServer
+
+        self.server = ControlServer(self.socket_path, self)
+        await self.server.start()
+
+    async def tick(self) -> None:
+        await self.attempts.poll()
+        self._follow_events()
+        self._follow_log()
+        await self._maybe_sample()
+        self.attempts.run_guards()
+
+    def _follow_events(self) -> None:
+        f = self.events_follower
+        if f is None:
+            return
+        new_steps: list[Step] = []
+        for obj in f.read():
+            kind = obj.get("event")
+            if kind == "step":
+                st = _to_step(obj, self.state.get("attempt") or 1)
+                if st is not None:
+                    new_steps.append(st)
+            else:
+                self.attempts.on_trainer_event(obj)
+        if new_steps:
+            try:
+                self.store.add_steps(new_steps, lineage=self.state.get("lineage") or 1)
+            except Exception as e:  # noqa: BLE001
+                log.warning("steps not stored: %s", e)
+            for st in new_steps:
+                self.recent_steps.append(st)
+                self.broadcast({"type": "step", "step": {**to_dict(st), "lineage": self.state.get("lineage") or 1}})
+            self.recent_steps = self.recent_steps[-2000:]
+            self.attempts.on_steps(new_steps)
+
+    def _follow_log(self) -> None:
+        lines = self.log_follower.read()
+        if lines:
+            self.log_ring.extend(lines)
+            del self.log_ring[:-LOG_RING]
+            self.broadcast({"type": "log", "lines": lines[-LOG_RING:]})
+
+    async def _maybe_sample(self) -> None:
+        if self.sampler is None or self._sampling:
+            return
+        now = time.monotonic()
+        if now - self._last_sample_mono < self.recipe.supervisor.sample_interval_s:
+            return
+        self._last_sample_mono = now
+        self._sampling = True
+        try:
+            sample = await asyncio.to_thread(
+                self.sampler.sample, self.attempts.wrapper_pid(), self.attempts.output_dir_str()
+            )
+        except Exception as e:  # noqa: BLE001 - telemetry never stops supervision
+            log.warning("sample failed: %s", e)
+            return
+        finally:
+            self._sampling = False
+        self.recent_samples.append(sample)
+        self.recent_samples = self.recent_samples[-3600:]
+        try:
+            self.store.add_samples([sample])
+        except Exception as e:  # noqa: BLE001
+            log.warning("sample not stored: %s", e)
+        self.broadcast({"type": "sample", "sample": to_dict(sample)})
+
+
+def _to_step(obj: dict[str, Any], attempt: int) -> Step | None:
+    """A step record from the trainer; garbage values become None, never exceptions."""
+    try:
+        step = int(obj["step"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    d = {"t": _num(obj.get("t")) or time.time(), "step": step, "attempt": attempt}
+    for k in ("loss", "grad_norm", "lr", "epoch", "tokens_per_s", "step_time_s"):
+        d[k] = _num(obj.get(k))
+    for k in ("tokens", "max_steps"):
+        v = _num(obj.get(k))
+        d[k] = int(v) if v is not None and v == v and abs(v) < 1e18 else None
+    return step_from_dict(d)
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0
+
+
+def _ino(p: Path) -> int | None:
+    try:
+        return p.stat().st_ino
+    except OSError:
+        return None
+
+
+def run_supervisor(run_dir: Path, *, socket_path: Path | None, with_telemetry: bool = True) -> int:
+    """Entry point of the detached supervisor process (`qlora-watch _supervise`)."""
+    os.umask(0o077)
+    store = RunStore(run_dir)
+    logging.basicConfig(
+        filename=str(run_dir / "supervisor.log"), level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
+    sampler = None
+    if with_telemetry:
+        try:
+            from supervisor.telemetry.sampler import make_sampler
+
+            sampler = make_sampler()
+        except Exception as e:  # noqa: BLE001
+            log.warning("telemetry unavailable: %s", e)
+    sup = Supervisor(store, sampler=sampler, socket_path=socket_path)
+    try:
+        return asyncio.run(sup.run())
+    except AlreadySupervised as e:
+        log.error("%s", e)
+        print(str(e), flush=True)
+        return 3
+
+
+__all__ = ["Supervisor", "run_supervisor", "AlreadySupervised", "read_json"]

@@ -1,0 +1,274 @@
+"""Run-level operations for the CLI: create, spawn the supervisor, status, logs, stop, wait."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from supervisor import paths
+from supervisor.recipe import Recipe, recipe_to_json
+from supervisor.states import RunState
+from supervisor.store import RunStore, create_run, list_runs
+
+TERMINAL_VALUES = {s.value for s in RunState if s.terminal}
+
+
+class StartError(Exception):
+    pass
+
+
+def create(recipe_path: str, recipe: Recipe, report: Any, start_rung: int | None = None) -> RunStore:
+    """A new run folder with the recipe snapshot; nothing is launched yet."""
+    out = Path(recipe.train.output_dir).expanduser()
+    out = (Path.cwd() / out).resolve() if not out.is_absolute() else out.resolve()
+    try:
+        from supervisor.checkpoints import output_dir_owner
+
+        owner = output_dir_owner(out) if out.exists() else None
+    except Exception:  # noqa: BLE001
+        owner = None
+    if out.exists() and owner is None and any(p.name.startswith("checkpoint-") for p in out.iterdir()):
+        raise StartError(f"output folder {out} holds checkpoints of another run (no qlora-watch "
+                         "manifest); choose another train.output_dir or move them")
+    for rid in list_running_ids():
+        other = RunStore(paths.run_dir(rid))
+        if other.info().get("output_dir") == str(out):
+            raise StartError(f"output folder {out} is in use by live run {rid}")
+    info = {
+        "recipe": recipe.name, "recipe_path": str(Path(recipe_path).resolve()),
+        "model": recipe.model.name, "output_dir": str(out), "cwd": os.getcwd(),
+        "estimate": report.to_dict() if report is not None else None,
+        "start_rung": start_rung,
+    }
+    store = create_run(paths.runs_dir(), info)
+    snap = store.path / "recipe.toml"
+    shutil.copyfile(recipe_path, snap)
+    os.chmod(snap, 0o600)
+    (store.path / "recipe.json").write_text(recipe_to_json(recipe))
+    return store
+
+
+def spawn_supervisor(store: RunStore) -> subprocess.Popen:
+    """The detached supervisor: new session, no terminal, stdin from /dev/null."""
+    out = open(store.path / "supervisor.out", "ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "_supervise", str(store.path)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True, cwd=store.info().get("cwd") or os.getcwd(),
+        )
+    finally:
+        out.close()
+
+
+def supervisor_running(store: RunStore) -> bool:
+    """True when some process holds the run's flock."""
+    lock = store.path / "supervisor.lock"
+    if not lock.exists():
+        return False
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def wait_started(store: RunStore, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    sock = paths.socket_path(store.run_id)
+    while time.monotonic() < deadline:
+        st = store.read_state()
+        if st.get("state") and sock.exists():
+            return True
+        if st.get("state") in TERMINAL_VALUES:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def is_live(store: RunStore) -> bool:
+    return (store.read_state().get("state") or "starting") not in TERMINAL_VALUES
+
+
+def ensure_supervisor(store: RunStore) -> bool:
+    """Restart a supervisor for a live run whose supervisor died; it re-adopts the trainer."""
+    if not is_live(store) or supervisor_running(store):
+        return False
+    spawn_supervisor(store)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not supervisor_running(store):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    return True
+
+
+def all_runs() -> list[RunStore]:
+    return list_runs(paths.runs_dir())
+
+
+def list_running_ids() -> list[str]:
+    return [s.run_id for s in all_runs() if is_live(s) and supervisor_running(s)]
+
+
+def summary(store: RunStore) -> dict[str, Any]:
+    info, st = store.info(), store.read_state()
+    started = info.get("created_at")
+    end = st.get("ended_at") if st.get("state") in TERMINAL_VALUES else time.time()
+    return {
+        "run_id": store.run_id, "recipe": info.get("recipe"), "model": info.get("model"),
+        "state": st.get("state") or "starting", "step": st.get("step"),
+        "max_steps": st.get("max_steps"), "last_loss": st.get("last_loss"),
+        "attempt": st.get("attempt"),
+        "wall_s": (end - started) if started and end else None,
+        "started": datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M") if started else "?",
+    }
+
+
+def status(store: RunStore) -> dict[str, Any]:
+    from supervisor.redact import redact
+
+    st = store.read_state()
+    events = [
+        {"t": e.t, "kind": e.kind, "level": e.level, "message": redact(e.message),
+         "guard": e.guard, "evidence": e.evidence, "acked": e.acked, "id": e.id}
+        for e in store.events(limit=10)
+    ]
+    store.close()
+    return {**{k: v for k, v in st.items() if k != "wrapper"}, "run_id": store.run_id,
+            "run": store.info(), "supervisor_running": supervisor_running(store),
+            "events": events}
+
+
+def fmt_duration(s: float | None) -> str:
+    if s is None or s != s or s < 0:
+        return "-"
+    s = int(s)
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def render_status(d: dict[str, Any]) -> str:
+    rung = d.get("rung")
+    lines = [
+        f"run       {d['run_id']}  ({d['run'].get('recipe')}, {d['run'].get('model')})",
+        f"state     {d.get('state')}" + (f"  ({d.get('message')})" if d.get("message") else ""),
+        f"attempt   {d.get('attempt')}  ladder rung {'base' if rung is None else rung + 1}"
+        + (f"  [{d.get('rung_desc')}]" if d.get("rung_desc") else ""),
+        f"step      {d.get('step') or 0}/{d.get('max_steps') or '?'}",
+        f"loss      {d.get('last_loss')}",
+        f"tokens/s  {d.get('tokens_per_s')}",
+        f"ETA       {fmt_duration(d.get('eta_s'))}",
+        f"output    {d.get('output_dir') or d['run'].get('output_dir')}",
+        f"supervisor {'running' if d.get('supervisor_running') else 'not running'}",
+        "events:",
+    ]
+    for e in d.get("events", []):
+        ts = datetime.fromtimestamp(e["t"]).strftime("%H:%M:%S")
+        lines.append(f"  {ts} {e['level']:<7} {e['message']}")
+    return "\n".join(lines)
+
+
+def print_logs(store: RunStore, follow: bool, lines: int) -> int:
+    from supervisor.tail import LogFollower
+
+    for line in store.log_tail(lines):
+        print(line)
+    if not follow:
+        return 0
+    f = LogFollower(store.log_path)
+    f.offset = store.log_path.stat().st_size if store.log_path.exists() else 0
+    f.ino = store.log_path.stat().st_ino if store.log_path.exists() else None
+    try:
+        while True:
+            for line in f.read():
+                print(line, flush=True)
+            if not is_live(store) and not supervisor_running(store):
+                for line in f.read():
+                    print(line, flush=True)
+                return 0
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        return 0
+
+
+def request(store: RunStore, cmd: str, **kw: Any) -> dict[str, Any]:
+    from supervisor.client import request as sock_request
+
+    return sock_request(paths.socket_path(store.run_id), cmd, **kw)
+
+
+def stop(store: RunStore, now: bool) -> int:
+    if not is_live(store):
+        print(f"run {store.run_id} is already {store.read_state().get('state')}")
+        return 0
+    ensure_supervisor(store)
+    try:
+        request(store, "stop_now" if now else "stop")
+    except Exception as e:  # noqa: BLE001
+        print(f"qlora-watch: cannot reach the supervisor of {store.run_id}: {e}", file=sys.stderr)
+        return 1
+    print(f"stopping {store.run_id}" + ("" if now else " (the trainer saves a checkpoint first)"))
+    return 0
+
+
+def wait(store: RunStore, timeout: float | None) -> int:
+    """Exit 0 when completed, 1 for another terminal state, 124 on timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    checked = 0.0
+    while True:
+        st = store.read_state().get("state")
+        if st in TERMINAL_VALUES:
+            print(f"{store.run_id}: {st}")
+            return 0 if st == RunState.COMPLETED.value else 1
+        if time.monotonic() - checked > 5:  # a dead supervisor is restarted (re-adoption)
+            checked = time.monotonic()
+            ensure_supervisor(store)
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"{store.run_id}: still {st} after {timeout} s", file=sys.stderr)
+            return 124
+        time.sleep(0.2)
+
+
+def client_for(store: RunStore) -> Any:
+    """A socket client for a live run; a store reader for a finished one."""
+    if is_live(store):
+        ensure_supervisor(store)
+        from supervisor.client import AsyncRunClient
+
+        return AsyncRunClient(paths.socket_path(store.run_id))
+    from supervisor.offline import StoreClient
+
+    return StoreClient(store.path)
+
+
+def follow_plain(store: RunStore) -> int:
+    """Plain progress lines for terminals without the dashboard."""
+    last = None
+    try:
+        while True:
+            st = store.read_state()
+            line = (f"{st.get('state')} step {st.get('step') or 0}/{st.get('max_steps') or '?'} "
+                    f"loss {st.get('last_loss')}")
+            if line != last:
+                print(line, flush=True)
+                last = line
+            if st.get("state") in TERMINAL_VALUES:
+                return 0 if st.get("state") == "completed" else 1
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return 0
+
+
