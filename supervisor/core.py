@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor import launcher
+from supervisor import launcher, notify
 from supervisor.attempts import AttemptRunner
 from supervisor.recipe import Recipe, recipe_from_json
 from supervisor.records import Event, Sample, Step, step_from_dict, to_dict
@@ -66,6 +66,7 @@ class Supervisor:
         self.recent_samples: list[Sample] = []
         self.recent_steps: list[Step] = []
         self.attempts = AttemptRunner(self)
+        self.notifier = notify.from_recipe(self.recipe, store.run_id)
         self._stop_event = asyncio.Event()
         self._last_sample_mono = 0.0
         self._sampling = False
@@ -78,6 +79,10 @@ class Supervisor:
     # -- state ------------------------------------------------------------------------
     def set_state(self, new: RunState | None = None, **fields: Any) -> None:
         if new is not None:
+            if new.terminal and self.state.get("state") != new.value:
+                msg = fields.get("message") or self.state.get("message") or ""
+                self.notifier.maybe_send(Event(t=time.time(), kind="state", message=f"run {new.value}: {msg}"),
+                                         state_after=new.value)
             fields["state"] = new.value
         self.state.update(fields)
         self.state.setdefault("run_id", self.store.run_id)
@@ -159,6 +164,7 @@ class Supervisor:
                 with contextlib.suppress(Exception):
                     await self.server.close()
             self.store.close()
+            await asyncio.to_thread(self.notifier.close)
             os.close(lock_fd)
         return 0
 

@@ -507,7 +507,7 @@ def apply_rung(recipe: Recipe, rung: Rung) -> Recipe:
     try:
         out = Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(format_validation_error(e, "rung")) from None
+        raise RecipeError(format_validation_error(e, "ladder rung")) from None
     out.oom_ladder = recipe.oom_ladder
     return out
 

@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""A scripted fake trainer (no torch) that speaks the trainer protocol.
+
+It writes the same JSON-lines events and the same checkpoint layout as the real trainer
+(transformers 5: adapter, optimizer, scheduler, rng, then trainer_state.json last), and can
+misbehave on cue. Every knob is a flag, so a test recipe's `[trainer] command` scripts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import signal
+import struct
+import sys
+import time
+from pathlib import Path
+
+STOP = {"requested": False}
+
+
+def emit(path: str | None, obj: dict) -> None:
+    if not path:
+        return
+    obj = {"t": time.time(), **obj}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
+def write_safetensors(path: Path, nbytes: int = 256) -> None:
+    header = json.dumps({"w": {"dtype": "F32", "shape": [nbytes // 4], "data_offsets": [0, nbytes]}}).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header + b"\0" * nbytes)
+
+
+def save_checkpoint(out: Path, step: int, slowly: float, events: str | None, max_steps: int) -> Path:
+    ck = out / f"checkpoint-{step}"
+    ck.mkdir(parents=True, exist_ok=True)
+    emit(events, {"event": "phase", "phase": "saving"})
+    write_safetensors(ck / "adapter_model.safetensors")
+    (ck / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    time.sleep(slowly)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (ck / name).write_bytes(os.urandom(128))
+        time.sleep(slowly)
+    (ck / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": max_steps}))
+    emit(events, {"event": "checkpoint", "step": step, "path": str(ck.resolve())})
+    emit(events, {"event": "phase", "phase": "training"})
+    return ck
+
+
+def worker(escape: bool) -> None:
+    if escape:
+        os.setsid()
+    while True:
+        time.sleep(1)
+
+
+def oom_exit(step: int) -> None:
+    sys.stderr.write(
+        "Traceback (most recent call last):\n"
+        '  File "train.py", line 120, in <module>\n'
+        "    trainer.train()\n"
+        f"torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+        f"capacity of 23.99 GiB of which 1.10 GiB is free. (step {step})\n"
+    )
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--step-time", type=float, default=0.02)
+    ap.add_argument("--save-every", type=int, default=5)
+    ap.add_argument("--save-slowly", type=float, default=0.0)
+    ap.add_argument("--ignore-sigterm", action="store_true")
+    ap.add_argument("--oom-at", type=int, default=None)
+    ap.add_argument("--oom-above-seq", type=int, default=None,
+                    help="OOM only while the recipe's max_seq_len is above this")
+    ap.add_argument("--crash-at", type=int, default=None)
+    ap.add_argument("--exit-code", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--escape", action="store_true")
+    ap.add_argument("--hang-at", type=int, default=None)
+    ap.add_argument("--nan-from", type=int, default=None)
+    ap.add_argument("--garbage", action="store_true")
+    ap.add_argument("--print-env", action="store_true")
+    ap.add_argument("--print-oom-text", action="store_true", help="print OOM text as data, exit 0")
+    ap.add_argument("--record", default=None)
+    ap.add_argument("--load-time", type=float, default=0.0)
+    args, _ = ap.parse_known_args()
+
+    events = os.environ.get("QLW_EVENTS")
+    out = Path(os.environ.get("QLW_OUTPUT_DIR", "fake-out"))
+    out.mkdir(parents=True, exist_ok=True)
+    resume = os.environ.get("QLW_RESUME")
+    recipe = {}
+    if os.environ.get("QLW_RECIPE"):
+        recipe = json.loads(Path(os.environ["QLW_RECIPE"]).read_text())
+    seq = recipe.get("train", {}).get("max_seq_len")
+
+    if args.record:
+        with open(args.record, "a") as f:
+            f.write(json.dumps({
+                "argv": sys.argv, "resume": resume, "env_keys": sorted(os.environ),
+                "max_seq_len": seq, "lora_r": recipe.get("lora", {}).get("r"),
+                "per_device_batch": recipe.get("train", {}).get("per_device_batch"),
+                "grad_accum": recipe.get("train", {}).get("grad_accum"),
+                "output_dir": str(out), "attempt": os.environ.get("QLW_ATTEMPT"),
+                "pid": os.getpid(), "t": time.time(),
+            }) + "\n")
+
+    def on_term(*_: object) -> None:
+        STOP["requested"] = True
+
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, on_term)
+
+    if args.print_env:
+        for k, v in sorted(os.environ.items()):
+            print(f"{k}={v}", flush=True)
+    if args.garbage:
+        sys.stdout.flush()
+        raw = sys.stdout.buffer
+        raw.write(b"\xff\xfe binary \x00 NUL \x1b[31mred\x1b[0m \x1b]52;c;SGVsbG8=\x07 \x1b]0;title\x07 \x1b[2J\n")
+        raw.write(b"x" * (10 * 1024 * 1024))  # a 10 MB line with no newline
+        raw.write(b"\r" + b"progress 1%\r" * 1000 + b"\n")
+        raw.flush()
+        emit(events, {"event": "step", "step": "garbage"})
+        if events:
+            with open(events, "ab") as f:
+                f.write(b"\xff\xfe not json\n{\"event\": \"step\", \"step\": 1, \"loss\": \"NaN\"}\n")
+    if args.print_oom_text:
+        print("note: CUDA out of memory is something this model never hits", flush=True)
+
+    kids = [multiprocessing.Process(target=worker, args=(args.escape,), daemon=False)
+            for _ in range(args.workers)]
+    for k in kids:
+        k.start()
+
+    emit(events, {"event": "phase", "phase": "loading_model"})
+    time.sleep(args.load_time)
+    start = 0
+    if resume:
+        start = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+    emit(events, {"event": "phase", "phase": "training"})
+    print(f"fake trainer: training from step {start} to {args.steps}", flush=True)
+    step = start
+    while step < args.steps:
+        step += 1
+        time.sleep(args.step_time)
+        if args.oom_at is not None and step >= args.oom_at and (args.oom_above_seq is None or (seq or 0) > args.oom_above_seq):
+            oom_exit(step)
+        if args.crash_at is not None and step >= args.crash_at:
+            sys.stderr.write("Traceback (most recent call last):\nRuntimeError: fake crash\n")
+            sys.stderr.flush()
+            os._exit(1)
+        if args.hang_at is not None and step >= args.hang_at:
+            while True:
+                time.sleep(1)
+        loss = 2.0 * math.exp(-step / 50)
+        grad = 0.5
+        if args.nan_from is not None and step >= args.nan_from:
+            loss, grad = float("nan"), float("nan")
+        emit(events, {"event": "step", "step": step, "max_steps": args.steps, "loss": loss,
+                      "grad_norm": grad, "lr": 1e-4, "epoch": step / args.steps,
+                      "tokens": step * 1000, "tokens_per_s": 1000 / max(args.step_time, 1e-3),
+                      "step_time_s": args.step_time})
+        print(f"{{'loss': '{loss:.4f}', 'grad_norm': '{grad}', 'learning_rate': '0.0001'}}", flush=True)
+        if STOP["requested"]:
+            save_checkpoint(out, step, args.save_slowly, events, args.steps)
+            emit(events, {"event": "phase", "phase": "stopped"})
+            return 0
+        if step % args.save_every == 0:
+            save_checkpoint(out, step, args.save_slowly, events, args.steps)
+    adapter = out / "adapter"
+    adapter.mkdir(exist_ok=True)
+    write_safetensors(adapter / "adapter_model.safetensors")
+    emit(events, {"event": "finished", "step": step, "adapter_path": str(adapter.resolve())})
+    emit(events, {"event": "phase", "phase": "finished"})
+    for k in kids:
+        k.terminate()
+    return args.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
