@@ -248,7 +248,15 @@ class NotifySection(_Strict):
 
 
 class DebugSection(_Strict):
-    """Test-only knobs. They change nothing unless set."""
+    """Test-only knobs. They change nothing unless set.
+
+    raise_oom_above_seq_len: when train.max_seq_len is above it, the built-in trainer raises a real
+    `torch.OutOfMemoryError("CUDA out of memory. ...")` at the start of the first optimizer step
+    taken once global_step >= max(1, min(2 * save_steps, max_steps - 1)), so the checkpoints at
+    save_steps and 2 * save_steps exist first. It is not caught: traceback, last stderr line
+    `torch.OutOfMemoryError: CUDA out of memory. ...`, exit 1, as a real CUDA OOM. A run resumed
+    at or past that step with the same max_seq_len fails at its first step.
+    """
 
     raise_oom_above_seq_len: int | None = Field(
         None, ge=1, description="raise torch.OutOfMemoryError when max_seq_len is above this"

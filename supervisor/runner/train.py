@@ -1,0 +1,386 @@
+"""The built-in QLoRA trainer: `python -m supervisor.runner.train` (contract: docs/trainer-protocol.md).
+
+Exit 0 on completion or on a SIGTERM stop (after the checkpoint is written); any other failure is an
+uncaught exception: traceback on stderr, exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from supervisor.recipe import Recipe, recipe_from_json
+
+FLASH = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+class StopBeforeTraining(BaseException):
+    """SIGTERM while loading or tokenising: nothing to save, so stop at once (BaseException: never swallowed)."""
+
+
+@dataclass
+class Context:
+    """Everything the launcher told us, env vars and args merged."""
+
+    recipe: Recipe
+    events_path: str | None
+    output_dir: Path
+    resume: Path | None
+    attempt: int
+    external_prune: bool
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m supervisor.runner.train",
+        description="QLoRA SFT from a resolved recipe. Each option overrides its QLW_* env var.",
+    )
+    p.add_argument("--recipe", help="resolved recipe JSON (QLW_RECIPE); a .toml recipe also works")
+    p.add_argument("--events", help="JSON-lines events file to append to (QLW_EVENTS)")
+    p.add_argument("--output-dir", help="output folder, overrides train.output_dir (QLW_OUTPUT_DIR)")
+    p.add_argument("--resume", help="checkpoint folder to resume from (QLW_RESUME)")
+    p.add_argument("--attempt", type=int, help="attempt number, from 1 (QLW_ATTEMPT)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a recipe key, as `qlora-watch start --set` (repeatable; for runs by hand)",
+    )
+    return p.parse_args(argv)
+
+
+def load_context(ns: argparse.Namespace, env: dict[str, str] | None = None) -> Context:
+    """Merge args over env vars and read the recipe."""
+    env = dict(os.environ if env is None else env)
+    recipe_path = ns.recipe or env.get("QLW_RECIPE")
+    if not recipe_path:
+        raise SystemExit("error: no recipe: set QLW_RECIPE or pass --recipe PATH")
+    recipe = read_recipe(recipe_path, ns.set)
+    output_dir = Path(ns.output_dir or env.get("QLW_OUTPUT_DIR") or recipe.train.output_dir)
+    resume = ns.resume or env.get("QLW_RESUME") or None
+    if resume and not (Path(resume) / "trainer_state.json").is_file():
+        raise SystemExit(f"error: resume checkpoint {resume} is not complete (no trainer_state.json)")
+    return Context(
+        recipe=recipe,
+        events_path=ns.events or env.get("QLW_EVENTS") or None,
+        output_dir=output_dir.expanduser().resolve(),
+        resume=Path(resume).resolve() if resume else None,
+        attempt=ns.attempt if ns.attempt is not None else int(env.get("QLW_ATTEMPT") or 1),
+        external_prune=env.get("QLW_EXTERNAL_PRUNE") == "1",
+    )
+
+
+def read_recipe(path: str, overrides: list[str]) -> Recipe:
+    """A resolved JSON recipe (what the supervisor passes) or a TOML one (by hand), plus --set."""
+    from supervisor.recipe import apply_override, load_recipe, parse_override, validate
+
+    if path.endswith(".toml"):
+        return load_recipe(path, overrides)
+    recipe = recipe_from_json(Path(path).read_text(encoding="utf-8"))
+    if not overrides:
+        return recipe
+    data = recipe.model_dump(mode="python")
+    for item in overrides:
+        apply_override(data, *parse_override(item))
+    return validate(data, path)
+
+
+# ------------------------------------------------------------------------------ setup steps
+
+
+def cap_vram(recipe: Recipe, writer: Any) -> None:
+    """[hardware] emulate_vram_gib: cap the CUDA caching allocator (same as
+    PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction:F); a notice-only no-op without CUDA."""
+    gib = recipe.hardware.emulate_vram_gib
+    if gib is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        writer.notice(f"emulate_vram_gib={gib:g}: no CUDA device; nothing to cap")
+        return
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    fraction = min(1.0, gib / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    writer.notice(
+        f"emulating a {gib:g} GiB card: allocator capped at {fraction:.3f} of {total:.1f} GiB "
+        f"(= PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction:{fraction:.3f})"
+    )
+
+
+def pick_attention(requested: str, writer: Any) -> str:
+    """The requested attention, or sdpa (with a notice) when flash-attn cannot be used here."""
+    module = FLASH.get(requested)
+    if module is None:
+        return requested
+    if importlib.util.find_spec(module) is None:
+        writer.notice("flash-attn not installed; using sdpa")
+        return "sdpa"
+    from transformers.utils import import_utils
+
+    check = getattr(import_utils, f"is_flash_attn_{requested[-1]}_available", None)
+    if check is not None and not check():
+        writer.notice(f"{requested} unusable here (needs CUDA and a supported flash-attn); using sdpa")
+        return "sdpa"
+    return requested
+
+
+def resolve_model_path(ctx: Context, writer: Any) -> str:
+    """recipe.model.name, or the locally built tiny model's folder when [model.tiny] is set."""
+    recipe = ctx.recipe
+    if recipe.model.tiny is None:
+        return recipe.model.name
+    from supervisor.runner.tiny import build_tiny, default_cache_root
+
+    t0 = time.perf_counter()
+    folder, cached = build_tiny(
+        recipe.model.tiny,
+        recipe.data.path,
+        default_cache_root(ctx.output_dir),
+        recipe.data.format,
+    )
+    how = "reused" if cached else f"built in {time.perf_counter() - t0:.1f}s"
+    writer.notice(f"tiny model {how}: {folder}")
+    return str(folder)
+
+
+def load_model(ctx: Context, path: str, attn: str) -> tuple[Any, Any]:
+    """(model, tokenizer): NF4 + double quant via BitsAndBytesConfig when quant.load_in_4bit."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    r = ctx.recipe
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, r.model.dtype),
+        "attn_implementation": attn,
+        "trust_remote_code": r.model.trust_remote_code,
+    }
+    if r.quant.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=r.quant.quant_type,
+            bnb_4bit_use_double_quant=r.quant.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, r.quant.compute_dtype),
+        )
+    # No prepare_model_for_kbit_training: it upcasts embeddings and lm_head to fp32 (GBs at 8B).
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=r.model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def describe_model(model: Any) -> str:
+    """'4-bit nf4 (double quant), compute torch.bfloat16, 14 Linear4bit layers' or the plain dtype."""
+    n4 = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
+    q = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    if not n4 or q is None or not getattr(q, "load_in_4bit", False):
+        return f"not quantised, {model.dtype}"
+    dq = ", double quant" if q.bnb_4bit_use_double_quant else ""
+    return f"4-bit {q.bnb_4bit_quant_type}{dq}, compute {q.bnb_4bit_compute_dtype}, {n4} Linear4bit layers"
+
+
+def use_cpu(recipe: Recipe) -> bool:
+    """train.use_cpu, with "auto" meaning: CPU when CUDA is unavailable."""
+    if recipe.train.use_cpu == "auto":
+        import torch
+
+        return not torch.cuda.is_available()
+    return bool(recipe.train.use_cpu)
+
+
+def sft_config(ctx: Context) -> Any:
+    """SFTConfig on current names: max_length, warmup_steps as a ratio, activation_checkpointing."""
+    from trl import SFTConfig
+
+    t = ctx.recipe.train
+    cpu = use_cpu(ctx.recipe)
+    return SFTConfig(
+        output_dir=str(ctx.output_dir),
+        max_length=t.max_seq_len,
+        per_device_train_batch_size=t.per_device_batch,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        lr_scheduler_type=t.lr_scheduler,
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        # With QLW_EXTERNAL_PRUNE=1 the supervisor deletes checkpoints: exactly one party may.
+        save_total_limit=None if ctx.external_prune else t.save_total_limit,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # never replace a NaN loss with a running average
+        include_num_input_tokens_seen="non_padding",
+        report_to=["tensorboard"],
+        bf16=t.bf16,
+        fp16=False,
+        use_cpu=cpu,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        seed=t.seed,
+        data_seed=t.seed,
+        packing=t.packing,
+        padding_free=t.padding_free,
+        use_liger_kernel=t.use_liger_kernel,
+        dataloader_num_workers=t.dataloader_workers,
+        disable_tqdm=True,  # progress goes to the events file; tqdm bars only bloat trainer.log
+        save_only_model=False,  # optimizer + scheduler + rng: needed to resume exactly
+    )
+
+
+def lora_config(recipe: Recipe) -> Any:
+    from peft import LoraConfig
+
+    lo = recipe.lora
+    return LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=lo.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def trainer_class() -> type:
+    """SFTTrainer whose resume keeps the adapter dtypes that a fresh start uses."""
+    from trl import SFTTrainer
+
+    class Trainer(SFTTrainer):
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            # trl casts QLoRA adapters to bf16, but peft's load_adapter re-upcasts them to fp32
+            # on resume: 2x adapter + grad memory (~0.7 GB at r=64 on 8B), so a run that fit
+            # could OOM after a relaunch. The optimizer is built after this, so a cast is safe.
+            target = model if model is not None else self.model
+            before = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for name, param in target.named_parameters():
+                if param.requires_grad and name in before and param.dtype != before[name]:
+                    param.data = param.data.to(before[name])
+
+    return Trainer
+
+
+def debug_callback(recipe: Recipe) -> Any:
+    """The [debug] knobs as a TrainerCallback, or None when none is set."""
+    from transformers import TrainerCallback
+
+    d = recipe.debug
+    oom = d.raise_oom_above_seq_len is not None and recipe.train.max_seq_len > d.raise_oom_above_seq_len
+    if not oom and d.step_sleep_s <= 0:
+        return None
+    save_steps = recipe.train.save_steps
+
+    class DebugCallback(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if oom:
+                # After 2 x save_steps steps (capped below max_steps) so two checkpoints exist.
+                at = 2 * save_steps
+                if state.max_steps > 0:
+                    at = min(at, state.max_steps - 1)
+                if state.global_step >= max(1, at):
+                    import torch
+
+                    raise torch.OutOfMemoryError(
+                        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                        "24.00 GiB of which 1.12 GiB is free. (qlora-watch debug.raise_oom_above_seq_len="
+                        f"{d.raise_oom_above_seq_len}, max_seq_len={recipe.train.max_seq_len})"
+                    )
+            if d.step_sleep_s > 0:
+                time.sleep(d.step_sleep_s)
+            return control
+
+    return DebugCallback()
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def _stop_before_training(signum: int, frame: Any) -> None:
+    raise StopBeforeTraining()
+
+
+def quiet_progress_bars() -> None:
+    """No tqdm bars: they are \r-redrawn lines that bloat trainer.log; events carry progress."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
+def run(ctx: Context) -> int:
+    """Load, tokenise, train, save; returns the exit code (exceptions propagate)."""
+    from supervisor.runner.callback import EventWriter, QloraWatchCallback
+
+    writer = EventWriter(ctx.events_path)
+    recipe = ctx.recipe
+    signal.signal(signal.SIGTERM, _stop_before_training)
+    try:
+        writer.phase("loading_model")
+        quiet_progress_bars()
+        ctx.output_dir.mkdir(parents=True, exist_ok=True)
+        # transformers 5 dropped TrainingArguments.logging_dir; the TensorBoard callback reads this.
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(ctx.output_dir / "tensorboard"))
+        cap_vram(recipe, writer)
+        attn = pick_attention(recipe.model.attn_implementation, writer)
+        path = resolve_model_path(ctx, writer)
+        model, tokenizer = load_model(ctx, path, attn)
+        writer.notice(f"model {recipe.model.name}: {describe_model(model)}, attention {attn}")
+
+        writer.phase("tokenising")
+        from supervisor.runner.data import load_records, to_dataset
+
+        records, fmt = load_records(recipe.data.path, recipe.data.format, recipe.data.max_samples)
+        writer.notice(f"data: {len(records)} records, format {fmt}, from {recipe.data.path}")
+        watch = QloraWatchCallback(writer=writer)
+        callbacks = [watch] + [cb for cb in [debug_callback(recipe)] if cb is not None]
+        trainer = trainer_class()(
+            model=model,
+            args=sft_config(ctx),
+            train_dataset=to_dataset(records),
+            processing_class=tokenizer,
+            peft_config=lora_config(recipe),
+            callbacks=callbacks,
+        )
+        trainable, total = trainer.model.get_nb_trainable_parameters()
+        writer.notice(f"LoRA r={recipe.lora.r}: {trainable:,} trainable of {total:,} parameters")
+        if ctx.resume:
+            writer.notice(f"resuming from {ctx.resume}")
+        # From here SIGTERM only sets a flag; the callback saves and stops at the next step end.
+        signal.signal(signal.SIGTERM, watch.request_stop)
+        trainer.train(resume_from_checkpoint=str(ctx.resume) if ctx.resume else None)
+    except StopBeforeTraining:
+        writer.phase("stopped")
+        writer.close()
+        return 0
+
+    if watch.stopped_at is not None:
+        writer.phase("stopped")  # the checkpoint is on disk; no final adapter on a stop
+        writer.close()
+        return 0
+    writer.phase("saving")
+    adapter = ctx.output_dir / "adapter"
+    trainer.save_model(str(adapter))  # a PeftModel saves only the adapter
+    tokenizer.save_pretrained(str(adapter))
+    writer.emit("finished", step=trainer.state.global_step, adapter_path=str(adapter))
+    writer.phase("finished")
+    writer.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(load_context(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
