@@ -207,6 +207,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_socket(args: argparse.Namespace) -> int:
+    """Used by `attach --ssh` on the remote side: print the run's socket path."""
+    from supervisor import paths, runs
+
+    store = _find(args.run)
+    runs.ensure_supervisor(store)
+    if not runs.is_live(store):
+        print(f"qlora-watch: run {store.run_id} has ended; see `qlora-watch status {store.run_id}`",
+              file=sys.stderr)
+        return 1
+    print(paths.socket_path(store.run_id))
+    return 0
+
+
 def cmd_tui_client(args: argparse.Namespace) -> int:
     """Used by `attach --ssh`: run the dashboard against a local (forwarded) socket."""
     from supervisor.client import AsyncRunClient
@@ -287,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--no-telemetry", action="store_true")
     p.set_defaults(fn=cmd_supervise)
+
+    p = sub.add_parser("_socket", help=argparse.SUPPRESS)
+    p.add_argument("run", nargs="?")
+    p.set_defaults(fn=cmd_socket)
 
     p = sub.add_parser("_tui", help=argparse.SUPPRESS)
     p.add_argument("--socket", required=True)
