@@ -57,7 +57,8 @@ class HostSample:
     cpu_pct: float | None = None
     disk_free_gib: float | None = None
     disk_total_gib: float | None = None
-    oom_kill_count: int | None = None
+    oom_kill_count: int | None = None  # host-wide, /proc/vmstat
+    cgroup_oom_kill_count: int | None = None  # the trainer's cgroup (memory.events / oom_control)
 
 
 @dataclass
