@@ -42,7 +42,8 @@ def trainer_env(recipe: Path, events: Path, out: Path, cache: Path, **extra: str
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QLW_", "TENSORBOARD_"))}
     env.update(
         QLW_RECIPE=str(recipe), QLW_EVENTS=str(events), QLW_OUTPUT_DIR=str(out),
-        QLW_ATTEMPT="1", QLW_TINY_CACHE=str(cache), PYTHONPATH=str(REPO),
+        QLW_ATTEMPT="1", QLW_TINY_CACHE=str(cache),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         OMP_NUM_THREADS="1",  # the recipe's [env]; the launcher would set it
     )
     env.update(extra)

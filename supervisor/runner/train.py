@@ -108,8 +108,8 @@ def cap_vram(recipe: Recipe, writer: Any) -> None:
     fraction = min(1.0, gib / total)
     torch.cuda.set_per_process_memory_fraction(fraction, 0)
     writer.notice(
-        f"emulating a {gib:g} GiB card: allocator capped at {fraction:.3f} of {total:.1f} GiB "
-        f"(= PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction:{fraction:.3f})"
+        f"emulating a {gib:g} GiB card: allocator capped at {fraction:.4g} of {total:.1f} GiB "
+        f"(= PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction:{fraction:.4g})"
     )
 
 
