@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from supervisor import checkpoints, launcher
 from supervisor import guards as guardlib
+from supervisor.prune import newest_complete_of, prune_plan
 from supervisor.recipe import Recipe, apply_rung, describe_rung, recipe_to_json
 from supervisor.records import Event, Step
 from supervisor.states import RunState
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from supervisor.core import Supervisor
 
 log = logging.getLogger("qlora-watch.attempts")
+
+GUARD_EVERY_S = 1.0
 
 PHASE_STATES = {
     "loading_model": RunState.LOADING,
@@ -51,6 +54,10 @@ class AttemptRunner:
         self.fired: set[str] = set()
         self.last_state_write = 0.0
         self.exit_stderr: list[str] = []
+        self.busy = False  # a decisive action (stop, relaunch) is being carried out
+        self.stop_now = False
+        self.last_guard_mono = 0.0
+        self.tree_pids: set[int] = set()  # the trainer's processes, for the GPU release check
 
     # -- helpers ------------------------------------------------------------------------
     @property
@@ -191,6 +198,9 @@ class AttemptRunner:
     async def poll(self) -> None:
         statuses = launcher.reap_children()
         w = self.st.get("wrapper") or {}
+        tree = getattr(self.sup.sampler, "tree_pids", None)
+        if tree and self.trainer_alive():
+            self.tree_pids = set(tree)
         if self.proc is not None and self.proc.pid in statuses:
             self.child_rc = statuses[self.proc.pid]
             self.proc.returncode = self.child_rc  # keep Popen from waiting again
@@ -238,14 +248,15 @@ class AttemptRunner:
         cls = guardlib.classify_exit(
             returncode=rc, signal=sig, stderr_tail=tail, oom_kill_delta=host,
             gpu_lost=any(g.lost for s in self.sup.recent_samples[-3:] for g in s.gpus),
-            spawn_error=info.get("spawn_error"),
+            spawn_error=info.get("spawn_error"), stop_requested=self.stop_reason is not None,
         )
         self.sup.record("trainer_exited", f"attempt {self.st.get('attempt')} exited: {cls.describe()}",
                         level="info" if cls.kind in ("completed", "stopped") else "error",
                         evidence={"returncode": rc, "signal": sig, "class": cls.kind,
                                   "last_lines": tail[-5:]})
         if self.stop_reason is not None:
-            msg = self.stop_reason + (" (killed after grace)" if self.stop_killed else "")
+            killed = " (killed, nothing saved)" if self.stop_now else " (killed after grace)"
+            msg = self.stop_reason + (killed if self.stop_killed else "")
             newest = checkpoints.newest_complete(self.output_dir(), run_id=self.sup.store.run_id)
             if newest:
                 msg += f"; newest complete checkpoint: {newest.path.name}"
@@ -271,7 +282,8 @@ class AttemptRunner:
                 self.sup.set_state(new, **fields)
             else:
                 self.sup.set_state(**fields)
-            self.sup.record("phase", f"trainer phase: {phase}")
+            if phase not in ("saving", "training") or not self.st.get("step"):
+                self.sup.record("phase", f"trainer phase: {phase}")  # not every save's toggles
         elif kind == "checkpoint":
             path = Path(str(obj.get("path", "")))
             info = checkpoints.checkpoint_status(path)
@@ -332,7 +344,7 @@ class AttemptRunner:
         pgid = w["pid"]
         if now:
             launcher.signal_group(pgid, signal.SIGKILL)
-            self.stop_killed = True
+            self.stop_killed = self.stop_now = True
             self.sup.record("stop", f"{reason}: killed the process group (--now)", level="warning")
             return
         launcher.signal_group(pgid, signal.SIGTERM)
@@ -350,24 +362,33 @@ class AttemptRunner:
         return guardlib.Window.from_supervisor(self.sup)
 
     def run_guards(self) -> None:
-        if self.sup.run_state not in (RunState.LOADING, RunState.TRAINING, RunState.SAVING):
-            self._prune(final=False)
+        """Once a second, while no decisive action is being carried out."""
+        now = time.monotonic()
+        if self.busy or self.sup.run_state.terminal or now - self.last_guard_mono < GUARD_EVERY_S:
             return
-        actions = guardlib.run_guards(self.window(), self.recipe.guards)
+        self.last_guard_mono = now
+        try:
+            actions = guardlib.run_guards(self.window(), self.recipe.guards)
+        except Exception as e:  # noqa: BLE001 - a guard bug must not take the run down
+            log.exception("guards failed: %s", e)
+            return
         if actions:
+            self.busy = True
             asyncio.get_running_loop().create_task(self.execute(actions))
 
     def _prune(self, final: bool) -> None:
+        """The final retention pass when an attempt ends."""
         try:
-            plan = checkpoints.prune_plan(
-                checkpoints.scan(self.output_dir()), keep=self.recipe.train.save_total_limit,
-                protect=set(),
-            )
+            plan = prune_plan(checkpoints.scan(self.output_dir()),
+                              keep=self.recipe.train.save_total_limit,
+                              keep_best=self.recipe.guards.checkpoints.keep_best,
+                              run_id=self.sup.store.run_id)
         except Exception as e:  # noqa: BLE001
             log.warning("prune plan failed: %s", e)
             return
         if plan:
-            self._delete([c.path.name for c in plan], "save_total_limit")
+            self._delete([c.name for c in plan], "retention: keep "
+                         f"{self.recipe.train.save_total_limit} complete checkpoints")
 
     def _delete(self, names: list[str], reason: str) -> None:
         results = checkpoints.safe_delete(self.output_dir(), names,
@@ -380,8 +401,11 @@ class AttemptRunner:
                 self.sup.record("prune_failed", f"could not delete {r.name}: {r.error}", level="warning")
 
     async def execute(self, actions: list[Any]) -> None:
-        for a in actions:
-            await self._execute_one(a)
+        try:
+            for a in actions:
+                await self._execute_one(a)
+        finally:
+            self.busy = False
 
     async def _execute_one(self, a: Any) -> None:
         kind = type(a).__name__
@@ -415,6 +439,16 @@ class AttemptRunner:
     async def _relaunch_now(self, a: Any) -> None:
         if not await self._gpu_released():
             return
+        # A checkpoint cut short by the crash must never be resumed or counted: set it aside.
+        infos = checkpoints.scan(self.output_dir())
+        newest = newest_complete_of(infos, run_id=self.sup.store.run_id)
+        partial = [i.name for i in infos if not i.complete and not i.quarantined
+                   and i.step is not None
+                   and (newest is None or i.step > newest.step)]
+        if partial:
+            checkpoints.quarantine(self.output_dir(), partial)
+            self.sup.record("checkpoint_quarantined", f"set aside incomplete {', '.join(partial)}",
+                            level="warning")
         rung = a.rung_index
         if rung != self.st.get("rung") and rung is not None:
             desc = describe_rung(self.effective_recipe(rung - 1 if rung > 0 else None),
@@ -432,19 +466,25 @@ class AttemptRunner:
             return False
         nvml = getattr(self.sup.sampler, "nvml", None)
         held = getattr(nvml, "gpu_memory_held_by", None)
-        if held is None:
-            return True
+        if held is None or getattr(nvml, "status", "ok") != "ok":
+            return True  # no NVML (a CPU box): nothing to wait for
+        pids = set(self.tree_pids) | ({w["pid"]} if w.get("pid") else set())
         deadline = time.monotonic() + cfg.release_timeout_s
-        pids = {w.get("pid")} if w.get("pid") else set()
+        mib: float | None = None
         while time.monotonic() < deadline:
             try:
-                mib = held(pids)
-            except Exception:  # noqa: BLE001
-                return True
-            if not mib or mib <= cfg.release_tolerance_mib:
+                mib = await asyncio.wait_for(asyncio.to_thread(held, pids), 5.0)
+            except Exception:  # noqa: BLE001 - a hung or failing NVML: do not wait forever
+                mib = None
+            if mib is not None and mib <= cfg.release_tolerance_mib:
                 return True
             await asyncio.sleep(0.2)
-        self._fail(f"GPU memory still held ({mib:.0f} MiB) by the old trainer: not relaunching")
+        if mib is None:
+            self.sup.record("gpu_release", "could not confirm that the GPU memory was released "
+                            "(NVML did not answer); relaunching anyway", level="warning")
+            return True
+        self._fail(f"GPU memory still held ({mib:.0f} MiB) by the old trainer's processes "
+                   f"{sorted(pids)}: not relaunching")
         return False
 
     async def _capture_stacks(self, a: Any) -> None:

@@ -92,7 +92,14 @@ def main() -> int:
     ap.add_argument("--print-oom-text", action="store_true", help="print OOM text as data, exit 0")
     ap.add_argument("--record", default=None)
     ap.add_argument("--load-time", type=float, default=0.0)
+    ap.add_argument("--once-file", default=None,
+                    help="misbehave (oom/crash/hang/nan) only while this file does not exist")
     args, _ = ap.parse_known_args()
+    if args.once_file:
+        if Path(args.once_file).exists():
+            args.oom_at = args.crash_at = args.hang_at = args.nan_from = None
+        else:
+            Path(args.once_file).touch()
 
     events = os.environ.get("QLW_EVENTS")
     out = Path(os.environ.get("QLW_OUTPUT_DIR", "fake-out"))
