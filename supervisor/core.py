@@ -29,7 +29,10 @@ from supervisor.tail import JsonlFollower, LogFollower
 log = logging.getLogger("qlora-watch.supervisor")
 
 TICK_S = 0.2
-HISTORY_SAMPLES = 100_000  # what a newly attached client gets (24 h at 1 Hz fits)
+# What a newly attached client gets: the whole run, thinned so that the first frame of a
+# 24-hour run arrives in well under a second (charts are at most a few hundred cells wide).
+HISTORY_SAMPLES = 3_000
+HISTORY_STEPS = 5_000
 LOG_RING = 500
 
 
@@ -119,7 +122,7 @@ class Supervisor:
             "run": self.run_info,
             "state": self.state,
             "samples": self.store.samples(limit=HISTORY_SAMPLES),
-            "steps": self.store.steps(),
+            "steps": self.store.steps(limit=HISTORY_STEPS),
             "events": [to_dict(e) for e in self.store.events()],
             "log": list(self.log_ring),
         }

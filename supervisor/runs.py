@@ -26,7 +26,12 @@ class StartError(Exception):
 
 def create(recipe_path: str, recipe: Recipe, report: Any, start_rung: int | None = None) -> RunStore:
     """A new run folder with the recipe snapshot; nothing is launched yet."""
-    out = Path(recipe.train.output_dir).expanduser()
+    from supervisor.store import new_run_id
+
+    runs_root = paths.runs_dir()
+    run_id = new_run_id({p.name for p in runs_root.iterdir()} if runs_root.is_dir() else set())
+    # "{run_id}" in output_dir gives every run a folder of its own (runs/tiny-amber-falcon)
+    out = Path(recipe.train.output_dir.replace("{run_id}", run_id)).expanduser()
     out = (Path.cwd() / out).resolve() if not out.is_absolute() else out.resolve()
     try:
         from supervisor.checkpoints import output_dir_owner
@@ -47,7 +52,7 @@ def create(recipe_path: str, recipe: Recipe, report: Any, start_rung: int | None
         "estimate": report.to_dict() if report is not None else None,
         "start_rung": start_rung,
     }
-    store = create_run(paths.runs_dir(), info)
+    store = create_run(runs_root, info, run_id=run_id)
     snap = store.path / "recipe.toml"
     shutil.copyfile(recipe_path, snap)
     os.chmod(snap, 0o600)

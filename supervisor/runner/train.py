@@ -61,7 +61,8 @@ def load_context(ns: argparse.Namespace, env: dict[str, str] | None = None) -> C
     if not recipe_path:
         raise SystemExit("error: no recipe: set QLW_RECIPE or pass --recipe PATH")
     recipe = read_recipe(recipe_path, ns.set)
-    output_dir = Path(ns.output_dir or env.get("QLW_OUTPUT_DIR") or recipe.train.output_dir)
+    output_dir = Path(ns.output_dir or env.get("QLW_OUTPUT_DIR")
+                      or recipe.train.output_dir.replace("{run_id}", env.get("QLW_RUN_ID", "manual")))
     resume = ns.resume or env.get("QLW_RESUME") or None
     if resume and not (Path(resume) / "trainer_state.json").is_file():
         raise SystemExit(f"error: resume checkpoint {resume} is not complete (no trainer_state.json)")
