@@ -121,6 +121,7 @@ class TrainSection(_Strict):
     gradient_checkpointing: bool = True
     seed: int = 42
     packing: bool = False
+    shuffle: bool = Field(True, description="false: train on samples in file order")
     padding_free: bool = False
     use_liger_kernel: bool = False
     use_cpu: Literal["auto", True, False] = "auto"

@@ -67,6 +67,19 @@ def _num(x: Any) -> float | None:
         return None
 
 
+def _cuda_peaks() -> dict[str, float]:
+    """The allocator's peaks so far (MiB): what preflight's estimate is calibrated against."""
+    import sys
+
+    torch = sys.modules.get("torch")  # never import torch here: a user's script already has
+    if torch is None or not torch.cuda.is_available():
+        return {}
+    return {
+        "cuda_peak_alloc_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+        "cuda_peak_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20, 1),
+    }
+
+
 class QloraWatchCallback(TrainerCallback):
     """Writes phase/step/checkpoint events and turns SIGTERM into save-then-stop at a step boundary."""
 
@@ -149,6 +162,7 @@ class QloraWatchCallback(TrainerCallback):
             tokens=tokens,
             tokens_per_s=tokens_per_s,
             step_time_s=None if step_time is None else round(step_time, 4),
+            **_cuda_peaks(),
         )
         self._step_times.clear()
         self._last_log_t = now

@@ -201,7 +201,15 @@ def sft_config(ctx: Context) -> Any:
 
     t = ctx.recipe.train
     cpu = use_cpu(ctx.recipe)
+    extra: dict[str, Any] = {}
+    if not t.shuffle:  # data in file order (curricula; the GPU ladder benchmark relies on it)
+        if "train_sampling_strategy" in getattr(SFTConfig, "__dataclass_fields__", {}):
+            extra["train_sampling_strategy"] = "sequential"
+        else:
+            print("qlora-watch: train.shuffle=false needs transformers with train_sampling_strategy; "
+                  "shuffling", file=sys.stderr)
     return SFTConfig(
+        **extra,
         output_dir=str(ctx.output_dir),
         max_length=t.max_seq_len,
         per_device_train_batch_size=t.per_device_batch,

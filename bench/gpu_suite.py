@@ -1,0 +1,393 @@
+"""The GPU proofs, in one call: matmul peak, estimator accuracy, the OOM ladder on an
+emulated 24 GB card, supervisor overhead and telemetry truth. Results land in --out as JSON.
+
+    python bench/gpu_suite.py --out $OUT --budget-s 560 [--phases peak,estimator,ladder,overhead]
+
+Each phase checks the remaining budget first; what finished is always written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.gpu_models import build, write_text_data  # noqa: E402
+
+WORK = Path(os.environ.get("QLW_BENCH_WORK", "/tmp/qlw-bench"))
+T0 = time.monotonic()
+RESULTS: dict[str, Any] = {}
+
+
+def left(budget: float) -> float:
+    return budget - (time.monotonic() - T0)
+
+
+def save(out: Path) -> None:
+    (out / "gpu_results.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+def log(*a: Any) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s]", *a, flush=True)
+
+
+class NvmlPeak:
+    """Device memory used (NVML, MiB) sampled at 20 Hz in a thread: peak minus baseline."""
+
+    def __init__(self) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        self.nv = pynvml
+        self.h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.base = self.used()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def used(self) -> float:
+        return self.nv.nvmlDeviceGetMemoryInfo(self.h).used / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.used())
+            time.sleep(0.05)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self.t.join()
+        return self.peak - self.base
+
+
+def recipe_text(model_dir: Path, data: Path, out: Path, *, seq: int, batch: int, accum: int = 1,
+                r: int = 16, targets: str = '"all-linear"', steps: int = 3, save_steps: int = 1000,
+                extra: str = "") -> str:
+    return textwrap.dedent(f"""
+        name = "bench"
+        oom_ladder = [{{ "train.max_seq_len" = 768 }}, {{ "lora.r" = 8 }}, {{ "lora.target_modules" = ["q_proj", "v_proj"] }}]
+        [model]
+        name = "{model_dir}"
+        attn_implementation = "sdpa"
+        [lora]
+        r = {r}
+        alpha = {2 * r}
+        dropout = 0.05
+        target_modules = {targets}
+        [data]
+        path = "{data}"
+        format = "text"
+        [train]
+        output_dir = "{out}"
+        max_seq_len = {seq}
+        per_device_batch = {batch}
+        grad_accum = {accum}
+        max_steps = {steps}
+        save_steps = {save_steps}
+        logging_steps = 1
+        learning_rate = 1e-4
+        [env]
+        PYTORCH_CUDA_ALLOC_CONF = "expandable_segments:True"
+    """) + textwrap.dedent(extra)
+
+
+def run_trainer(recipe: Path, events: Path, out: Path, timeout: float) -> tuple[int, float]:
+    cmd = [sys.executable, "-m", "supervisor.runner.train", "--recipe", str(recipe),
+           "--events", str(events), "--output-dir", str(out)]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    t = time.monotonic()
+    p = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
+    if p.returncode != 0:
+        log("trainer failed:", p.stderr[-1500:])
+    return p.returncode, time.monotonic() - t
+
+
+def read_events(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+# ---------------------------------------------------------------------------- phases
+
+
+def phase_env() -> None:
+    import torch
+
+    info: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
+                            "gpu": torch.cuda.get_device_name(0)}
+    for mod in ("transformers", "peft", "trl", "bitsandbytes", "accelerate", "pynvml"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001
+            info[mod] = f"n/a ({e})"
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,power.limit",
+                          "--format=csv,noheader"], capture_output=True, text=True)
+    info["nvidia_smi"] = smi.stdout.strip()
+    RESULTS["env"] = info
+    log(info)
+
+
+def phase_peak() -> None:
+    import torch
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    torch.cuda.synchronize()
+    iters = 50
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    tflops = 2 * n**3 * iters / (time.perf_counter() - t) / 1e12
+    RESULTS["bf16_matmul_tflops"] = round(tflops, 1)
+    log("bf16 matmul", RESULTS["bf16_matmul_tflops"], "TFLOP/s")
+    del a, b
+    torch.cuda.empty_cache()
+
+
+ESTIMATOR_CONFIGS = [
+    # (shape, layers, seq, batch, r, targets)
+    ("llama-3.1-8b", 4, 1024, 1, 16, '"all-linear"'),
+    ("llama-3.1-8b", 4, 4096, 1, 16, '"all-linear"'),
+    ("llama-3.1-8b", 4, 1024, 4, 16, '"all-linear"'),
+    ("llama-3.1-8b", 4, 4096, 4, 16, '"all-linear"'),
+    ("llama-3.1-8b", 8, 4096, 4, 16, '"all-linear"'),
+    ("llama-3.1-8b", 4, 4096, 4, 64, '"all-linear"'),
+    ("qwen-2.5-32b", 4, 2048, 2, 32, '"all-linear"'),
+    ("llama-3.1-70b", 1, 1024, 1, 16, '["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]'),
+    ("llama-3.1-70b", 2, 1024, 1, 16, '["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]'),
+]
+
+
+def phase_estimator(budget: float, out: Path) -> None:
+    from supervisor.preflight import estimate
+    from supervisor.recipe import load_recipe
+
+    rows = RESULTS.setdefault("estimator", [])
+    for shape, layers, seq, batch, r, targets in ESTIMATOR_CONFIGS:
+        if left(budget) < 60:
+            log("estimator: out of budget")
+            break
+        mdir = build(shape, layers, WORK / f"{shape}-{layers}L")
+        data = write_text_data(WORK / f"data-{seq}.jsonl", 64, seq + 64)
+        name = f"{shape}-{layers}L-s{seq}-b{batch}-r{r}"
+        rdir = WORK / "runs" / name
+        rdir.mkdir(parents=True, exist_ok=True)
+        recipe = rdir / "recipe.toml"
+        recipe.write_text(recipe_text(mdir, data, rdir / "out", seq=seq, batch=batch, r=r,
+                                      targets=targets, steps=3))
+        mon = NvmlPeak()
+        rc, wall = run_trainer(recipe, rdir / "events.jsonl", rdir / "out", timeout=max(30, left(budget) - 20))
+        nvml_peak = mon.stop()
+        steps = [e for e in read_events(rdir / "events.jsonl") if e.get("event") == "step"]
+        last = steps[-1] if steps else {}
+        est = estimate(load_recipe(recipe), gpu_mem_gib=139).to_dict()
+        row = {"name": name, "shape": shape, "layers": layers, "seq": seq, "batch": batch, "r": r,
+               "rc": rc, "wall_s": round(wall, 1),
+               "peak_alloc_mib": last.get("cuda_peak_alloc_mib"),
+               "peak_reserved_mib": last.get("cuda_peak_reserved_mib"),
+               "nvml_peak_mib": round(nvml_peak, 1), "tokens_per_s": last.get("tokens_per_s"),
+               "estimate": est}
+        rows.append(row)
+        save(out)
+        log(name, "rc", rc, "alloc", row["peak_alloc_mib"], "nvml", row["nvml_peak_mib"],
+            "est GiB", est.get("gpu_needed_gib") or est.get("vram_needed_gib"))
+
+
+def phase_ladder(budget: float, out: Path) -> None:
+    """Full-depth 8B at the article's batch 8 on an emulated 24 GB card: OOM, then rung 768."""
+    if left(budget) < 200:
+        log("ladder: not enough budget")
+        return
+    mdir = build("llama-3.1-8b", None, WORK / "llama-3.1-8b-full")
+    log("8B built")
+    # 24 short samples first (3 steps fit), then full-length ones: step 4 OOMs at seq 4096.
+    data = write_text_data(WORK / "ladder.jsonl", 0, [500] * 24 + [4200] * 40)
+    home = WORK / "qlw-home"
+    rdir = WORK / "ladder"
+    rdir.mkdir(parents=True, exist_ok=True)
+    recipe = rdir / "recipe.toml"
+    recipe.write_text(recipe_text(
+        mdir, data, rdir / "out", seq=4096, batch=8, accum=2, r=64, steps=6, save_steps=2,
+        extra="""
+        [hardware]
+        emulate_vram_gib = 24
+        [supervisor]
+        sample_interval_s = 1.0
+        """).replace('[train]\n', '[train]\nshuffle = false\n'))
+    env = {**os.environ, "QLORA_WATCH_HOME": str(home),
+           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    qlw = [sys.executable, "-m", "supervisor"]
+    res = subprocess.run(qlw + ["start", str(recipe), "--detach", "--force"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    run_id = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else None
+    log("ladder run", run_id, res.stderr[-500:])
+    if not run_id:
+        return
+    subprocess.run(qlw + ["wait", run_id, "--timeout", str(max(30, left(budget) - 60))], env=env,
+                   cwd=ROOT, timeout=max(60, left(budget)))
+    run = home / "runs" / run_id
+    import sqlite3
+
+    db = sqlite3.connect(run / "db.sqlite")
+    evs = [dict(zip(("t", "kind", "level", "message", "evidence"), r, strict=False)) for r in
+           db.execute("SELECT t, kind, level, message, evidence FROM events ORDER BY id")]
+    state = json.loads((run / "state.json").read_text())
+    e1 = read_events(run / "attempts" / "1" / "events.jsonl")
+    e2 = read_events(run / "attempts" / "2" / "events.jsonl")
+    exit1 = json.loads((run / "attempts" / "1" / "exit.json").read_text()) if (run / "attempts/1/exit.json").exists() else {}
+    timing: dict[str, Any] = {}
+    try:
+        oom_t = exit1["ended_at"]
+        exited_ev = next(e for e in evs if e["kind"] == "trainer_exited")
+        launch2 = [e for e in evs if e["kind"] == "launch"][1]
+        load2 = next(e["t"] for e in e2 if e.get("phase") == "loading_model")
+        train2 = next(e["t"] for e in e2 if e.get("event") == "step")
+        timing = {"oom_to_first_step_s": train2 - oom_t,
+                  "supervisor_detect_s": exited_ev["t"] - oom_t,
+                  "supervisor_decide_spawn_s": launch2["t"] - exited_ev["t"],
+                  "supervisor_part_s": launch2["t"] - oom_t,
+                  "trainer_start_to_loading_s": load2 - launch2["t"],
+                  "loading_to_first_step_s": train2 - load2}
+    except (StopIteration, IndexError, KeyError) as e:
+        timing = {"error": repr(e)}
+    RESULTS["ladder"] = {"run_id": run_id, "state": state.get("state"), "attempt": state.get("attempt"),
+                         "rung": state.get("rung"), "resume_from": state.get("resume_from"),
+                         "exit1_tail": exit1.get("tail", [])[-3:], "timing": timing,
+                         "events": [(round(e["t"] - evs[0]["t"], 2), e["kind"], e["message"]) for e in evs],
+                         "steps_attempt1": [e.get("step") for e in e1 if e.get("event") == "step"],
+                         "steps_attempt2": [e.get("step") for e in e2 if e.get("event") == "step"]}
+    save(out)
+    log("ladder", RESULTS["ladder"]["state"], timing)
+
+
+def phase_overhead(budget: float, out: Path, pairs: int = 2) -> None:
+    """Bare trainer vs supervised (1 Hz sampling + a client attached), interleaved."""
+    mdir = build("llama-3.1-8b", 4, WORK / "llama-3.1-8b-4L")
+    data = write_text_data(WORK / "data-2048.jsonl", 400, 2048 + 64)
+    home = WORK / "qlw-home-oh"
+    env = {**os.environ, "QLORA_WATCH_HOME": str(home),
+           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    rows = RESULTS.setdefault("overhead", [])
+    for i in range(pairs):
+        for mode in ("bare", "supervised"):
+            if left(budget) < 70:
+                log("overhead: out of budget")
+                return
+            rdir = WORK / "oh" / f"{mode}-{i}"
+            rdir.mkdir(parents=True, exist_ok=True)
+            recipe = rdir / "recipe.toml"
+            recipe.write_text(recipe_text(mdir, data, rdir / "out", seq=2048, batch=4, steps=40,
+                                          extra="[supervisor]\nsample_interval_s = 1.0\n"))
+            if mode == "bare":
+                rc, wall = run_trainer(recipe, rdir / "events.jsonl", rdir / "out", timeout=left(budget) - 10)
+                evs = read_events(rdir / "events.jsonl")
+            else:
+                qlw = [sys.executable, "-m", "supervisor"]
+                t = time.monotonic()
+                res = subprocess.run(qlw + ["start", str(recipe), "--detach", "--force"], env=env,
+                                     cwd=ROOT, capture_output=True, text=True, timeout=60)
+                run_id = res.stdout.strip().splitlines()[-1]
+                client = subprocess.Popen([sys.executable, str(ROOT / "bench" / "attach_client.py"),
+                                           str(home), run_id], env=env, cwd=ROOT)
+                smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,utilization.gpu,memory.used,temperature.gpu,power.draw,clocks.sm,clocks_throttle_reasons.active",
+                                        "--format=csv,noheader,nounits", "-l", "1"],
+                                       stdout=open(rdir / "smi.csv", "w"))
+                subprocess.run(qlw + ["wait", run_id, "--timeout", str(max(30, left(budget) - 20))],
+                               env=env, cwd=ROOT)
+                smi.terminate()
+                client.terminate()
+                wall = time.monotonic() - t
+                rc = 0
+                evs = read_events(home / "runs" / run_id / "attempts" / "1" / "events.jsonl")
+                if i == 0:
+                    telemetry_truth(home / "runs" / run_id, rdir / "smi.csv")
+            steps = [e for e in evs if e.get("event") == "step"]
+            tail = steps[10:]  # skip warm-up steps
+            tps = None
+            if len(tail) >= 2 and tail[-1].get("tokens") and tail[0].get("tokens"):
+                tps = (tail[-1]["tokens"] - tail[0]["tokens"]) / (tail[-1]["t"] - tail[0]["t"])
+            rows.append({"mode": mode, "pair": i, "rc": rc, "wall_s": round(wall, 1),
+                         "tokens_per_s": tps, "steps": len(steps)})
+            save(out)
+            log("overhead", mode, i, tps)
+
+
+def telemetry_truth(run: Path, smi_csv: Path) -> None:
+    """The supervisor's NVML samples against nvidia-smi lines taken in the same seconds."""
+    import sqlite3
+    from datetime import datetime
+
+    db = sqlite3.connect(run / "db.sqlite")
+    ours = [json.loads(r[0]) for r in db.execute("SELECT data FROM samples ORDER BY t")]
+    pairs = []
+    for line in smi_csv.read_text().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 7:
+            continue
+        try:
+            t = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+        except ValueError:
+            continue
+        near = min(ours, key=lambda s: abs(s["t"] - t), default=None)
+        if near is None or abs(near["t"] - t) > 0.6 or not near["gpus"]:
+            continue
+        g = near["gpus"][0]
+        pairs.append({"dt": round(near["t"] - t, 3),
+                      "util": (g.get("util_pct"), float(parts[1])),
+                      "mem_mib": (g.get("mem_used_mib"), float(parts[2])),
+                      "temp_c": (g.get("temp_c"), float(parts[3])),
+                      "power_w": (g.get("power_w"), float(parts[4])),
+                      "sm_mhz": (g.get("sm_clock_mhz"), float(parts[5])),
+                      "throttle": (g.get("throttle_mask"), parts[6])})
+    RESULTS["telemetry_truth"] = {"pairs": pairs[:60], "n": len(pairs),
+                                  "hotspot": ours[-1]["gpus"][0].get("hotspot_reason") if ours and ours[-1]["gpus"] else None,
+                                  "sample_example": ours[len(ours) // 2] if ours else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--budget-s", type=float, default=560)
+    ap.add_argument("--phases", default="env,peak,estimator,ladder,overhead")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    for ph in args.phases.split(","):
+        try:
+            if ph == "env":
+                phase_env()
+            elif ph == "peak":
+                phase_peak()
+            elif ph == "estimator":
+                phase_estimator(args.budget_s, args.out)
+            elif ph == "ladder":
+                phase_ladder(args.budget_s, args.out)
+            elif ph == "overhead":
+                phase_overhead(args.budget_s, args.out)
+        except Exception as e:  # noqa: BLE001 - keep what the other phases found
+            import traceback
+
+            RESULTS[f"{ph}_error"] = traceback.format_exc()[-3000:]
+            log(ph, "failed:", e)
+        save(args.out)
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
