@@ -1,0 +1,302 @@
+"""The qlora-watch dashboard: a client of the supervisor's socket, built by make_app()."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import Callable
+from datetime import tzinfo
+from pathlib import Path
+from typing import Any
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Footer
+
+from .events import EventsPanel, EventsScreen
+from .gpu import GpuPanel
+from .header import RunHeader
+from .host import HostPanel
+from .logview import PANEL_LINES, LogScreen, LogTail
+from .messages import LiveReceived, SnapshotReceived, StateReceived, StreamEnded
+from .model import RunModel
+from .replay import RunClient
+from .screens import ConfirmScreen, HelpScreen, RunsListScreen
+from .training import TrainingPanel
+
+CSS_FILE = Path(__file__).with_name("app.tcss")  # absolute: subclasses elsewhere find it too
+REFRESH_HZ = 4.0  # widgets redraw at most this often, however fast messages arrive
+
+
+class WatchApp(App[str]):
+    """Follows one run: header, GPU, host, training, events and log panels."""
+
+    CSS_PATH = CSS_FILE
+    TITLE = "qlora-watch"
+    ENABLE_COMMAND_PALETTE = False
+    # The screen gets -narrow/-wide and -short/-tall: app.tcss collapses panels on small terminals.
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (36, "-tall")]
+    BINDINGS = [
+        Binding("d", "detach", "detach"),
+        Binding("s", "stop", "stop"),
+        Binding("S", "stop_now", "stop now", show=False),
+        Binding("a", "ack", "ack"),
+        Binding("l", "log", "log"),
+        Binding("e", "events", "events"),
+        Binding("question_mark", "help", "help", key_display="?"),
+        Binding("q", "quit_client", "quit"),
+    ]
+
+    def __init__(
+        self,
+        client: RunClient,
+        *,
+        run_id: str | None = None,
+        now: Callable[[], float] = time.time,
+        tz: tzinfo | None = None,
+        refresh_hz: float = REFRESH_HZ,
+    ) -> None:
+        super().__init__()
+        self.client = client
+        self.now = now
+        self.tz = tz
+        self.refresh_hz = refresh_hz
+        self.model = RunModel()
+        if run_id:
+            self.model.run["run_id"] = run_id
+        self.first_frame_at: float | None = None  # perf_counter once every panel shows data
+        # (perf_counter at the end, live messages applied, seconds spent) per redraw: the bench reads it
+        self.refreshes: list[tuple[float, int, float]] = []
+        self._closed = False
+        self._last_second = -1
+
+    def compose(self) -> ComposeResult:
+        yield RunHeader(self.model, self.now, self.tz, id="header")
+        with Horizontal(id="top"):
+            with Vertical(id="left"):
+                yield GpuPanel(self.model, id="gpu-panel")
+                yield HostPanel(self.model, id="host-panel")
+            yield TrainingPanel(self.model, id="training-panel")
+        with Horizontal(id="bottom"):
+            yield EventsPanel(self.model, self.tz, id="events-panel")
+            yield LogTail(self.model, max_lines=PANEL_LINES, id="log-panel")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#host-panel").border_title = "Host"
+        self.query_one("#log-panel").border_title = "Trainer log · l full view"
+        self.follow()
+        self.set_interval(1 / self.refresh_hz, self.refresh_panels)
+
+    # ------------------------------------------------------------------ the socket
+
+    @work(exclusive=True, group="follow", exit_on_error=False)
+    async def follow(self) -> None:
+        """Connect, post the snapshot, then one message per live message until the stream ends."""
+        try:
+            snapshot = await self.client.connect(history=True)
+        except Exception as error:  # the socket is gone or refused us: say so, do not crash
+            self.post_message(StreamEnded(f"cannot connect: {error}"))
+            return
+        self.post_message(SnapshotReceived(snapshot))
+        try:
+            async for msg in self.client.messages():
+                if msg.get("type") == "state" and isinstance(msg.get("state"), dict):
+                    self.post_message(StateReceived(msg["state"]))
+                else:
+                    self.post_message(LiveReceived(msg))
+                if msg.get("type") == "bye":
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            self.post_message(StreamEnded(f"connection lost: {error}"))
+            return
+        if not self._closed:
+            self.post_message(StreamEnded("stream closed"))
+
+    async def on_snapshot_received(self, message: SnapshotReceived) -> None:
+        self.model.load_snapshot(message.snapshot)
+        # What is alive now (the model's series; under ReplayClient the whole recording) lives
+        # as long as the app: frozen, it is not walked again by every full collection, which
+        # with a day of history was a ~150 ms stall. Refcounting still frees it.
+        gc.freeze()
+        await self.query_one(GpuPanel).sync_cards()
+        self.refresh_panels()
+        self.call_after_refresh(self._mark_first_frame)
+
+    def on_live_received(self, message: LiveReceived) -> None:
+        self.model.apply(message.payload)  # cheap: the timer redraws
+
+    def on_state_received(self, message: StateReceived) -> None:
+        self.model.apply({"type": "state", "state": message.state})
+
+    def on_stream_ended(self, message: StreamEnded) -> None:
+        self.model.ended = self.model.ended or message.reason
+        self.model.dirty.add("header")
+
+    def _mark_first_frame(self) -> None:
+        if self.first_frame_at is None:
+            self.first_frame_at = time.perf_counter()
+
+    # ------------------------------------------------------------------ drawing
+
+    def refresh_panels(self) -> None:
+        """Redraw the panels whose data changed (and the header once a second for uptime)."""
+        start = time.perf_counter()
+        dirty = self.model.take_dirty()
+        second = int(self.now())
+        if second != self._last_second:
+            self._last_second = second
+            dirty.add("header")
+        if not dirty:
+            return
+        main = self.screen_stack[0] if self.screen_stack else self.screen
+        if "header" in dirty:
+            main.query_one(RunHeader).refresh()
+        if "gpu" in dirty:
+            main.query_one(GpuPanel).update_from()
+        if "host" in dirty:
+            main.query_one(HostPanel).update_from()
+        if "training" in dirty:
+            main.query_one(TrainingPanel).update_from()
+        if "events" in dirty:
+            main.query_one(EventsPanel).update_from()
+            if isinstance(self.screen, EventsScreen):
+                self.screen.reload()
+        if "log" in dirty:
+            main.query_one("#log-panel", LogTail).update_from()
+            if isinstance(self.screen, LogScreen):
+                self.screen.query_one(LogTail).update_from()
+        end = time.perf_counter()
+        self.refreshes.append((end, self.model.applied, end - start))
+
+    # ------------------------------------------------------------------ actions
+
+    async def _command(self, cmd: str, **args: Any) -> dict[str, Any] | None:
+        """Send a command; tell the user when it fails, and return the reply if it worked."""
+        try:
+            reply = await self.client.send_command(cmd, **args)
+        except Exception as error:
+            self.notify(f"{cmd}: {error}", title="command failed", severity="error")
+            return None
+        return reply if isinstance(reply, dict) else {}  # the reply's data; refusals raise
+
+    async def _close_client(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await asyncio.wait_for(self.client.close(), timeout=2.0)
+        except Exception:  # leaving must not hang or fail on a dead socket
+            pass
+
+    async def action_detach(self) -> None:
+        """Leave the dashboard; the run goes on."""
+        await self._close_client()
+        self.exit("detached")
+
+    async def action_quit_client(self) -> None:
+        """Quit the dashboard; the run goes on."""
+        await self._close_client()
+        self.exit("quit")
+
+    def action_stop(self) -> None:
+        """Ask, then ask the supervisor to stop gracefully (checkpoint, then exit)."""
+        if isinstance(self.screen, ConfirmScreen):
+            return  # already asking
+        self.push_screen(
+            ConfirmScreen(
+                "Stop the run gracefully?",
+                "The trainer saves a checkpoint and exits; the supervisor will not relaunch it.",
+            ),
+            self._stop_answered,
+        )
+
+    def action_stop_now(self) -> None:
+        """Ask, then ask the supervisor to stop the trainer now, without a checkpoint."""
+        if isinstance(self.screen, ConfirmScreen):
+            return
+        self.push_screen(
+            ConfirmScreen(
+                "Stop the run NOW?",
+                "The trainer is terminated without saving; "
+                "progress since the last checkpoint is lost.",
+            ),
+            self._stop_now_answered,
+        )
+
+    async def _stop_answered(self, yes: bool | None) -> None:
+        if yes and await self._command("stop") is not None:
+            self.notify("graceful stop requested", title="stop")
+
+    async def _stop_now_answered(self, yes: bool | None) -> None:
+        if yes and await self._command("stop_now") is not None:
+            self.notify("immediate stop requested", title="stop")
+
+    async def action_ack(self) -> None:
+        """Acknowledge the unseen warnings and errors, and clear their highlight."""
+        unseen = self.model.unseen()
+        if not unseen:
+            self.notify("nothing to acknowledge")
+            return
+        ids = [e["id"] for e in unseen if isinstance(e.get("id"), int)]
+        complete = len(ids) == len(unseen)
+        reply = await (self._command("ack", event_ids=ids) if complete else self._command("ack"))
+        if reply is not None:
+            self.model.mark_acked(ids if complete else None)
+            self.refresh_panels()
+
+    def action_log(self) -> None:
+        """The full trainer log."""
+        if not isinstance(self.screen, LogScreen):
+            self.push_screen(LogScreen(self.model))
+
+    def action_events(self) -> None:
+        """All events."""
+        if not isinstance(self.screen, EventsScreen):
+            self.push_screen(EventsScreen(self.model, self.tz))
+
+    def action_help(self) -> None:
+        """Keys and panels."""
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    async def on_unmount(self) -> None:
+        await self._close_client()
+
+
+class RunPickerApp(App[str]):
+    """Lists runs and returns the chosen run id (None when the user quits)."""
+
+    CSS_PATH = CSS_FILE
+    TITLE = "qlora-watch"
+    ENABLE_COMMAND_PALETTE = False
+
+    def __init__(self, runs: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.runs = runs
+
+    def on_mount(self) -> None:
+        self.push_screen(RunsListScreen(self.runs), self.exit)
+
+
+def make_app(
+    client: RunClient,
+    *,
+    run_id: str | None = None,
+    now: Callable[[], float] = time.time,
+    tz: tzinfo | None = None,
+    refresh_hz: float = REFRESH_HZ,
+) -> WatchApp:
+    """The dashboard for the run behind `client` (AsyncRunClient, or ReplayClient in tests)."""
+    return WatchApp(client, run_id=run_id, now=now, tz=tz, refresh_hz=refresh_hz)
+
+
+def pick_run(runs: list[dict[str, Any]]) -> RunPickerApp:
+    """An app that lists `runs` and exits with the chosen run_id."""
+    return RunPickerApp(runs)

@@ -1,0 +1,100 @@
+"""The run header: who, what state, which attempt and rung, and how far along."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import tzinfo
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual.app import RenderResult
+from textual.widget import Widget
+
+from .fmt import NA, STATE_STYLES, bar, finite, fmt_duration, fmt_loss, fmt_num
+from .model import RunModel
+from .sanitize import sanitize
+
+TERMINAL = {"completed", "failed", "stopped", "diverged", "lost"}
+
+
+def _row(left: Text, right: Text) -> Table:
+    grid = Table.grid(expand=True)
+    grid.add_column(ratio=1, no_wrap=True, overflow="ellipsis")
+    grid.add_column(justify="right", no_wrap=True)
+    grid.add_row(left, right)
+    return grid
+
+
+class RunHeader(Widget):
+    """Three lines: identity and state; attempt, rung and uptime; progress."""
+
+    def __init__(
+        self, model: RunModel, now: Callable[[], float], tz: tzinfo | None, **kw: object
+    ) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.model = model
+        self.now = now
+        self.tz = tz
+
+    def render(self) -> RenderResult:
+        m, st = self.model, self.model.state
+        state = str(st.get("state") or "unknown")
+        width = self.size.width or 80
+
+        who = Text()
+        # Names come from a recipe file and a trainer: no escapes reach the terminal.
+        who.append(sanitize(m.run_id), "bold")
+        who.append("  ")
+        who.append(sanitize(m.recipe or NA), "cyan")
+        who.append("  ")
+        who.append(sanitize(str(m.run.get("model") or NA)), "grey70")
+        badge = Text(f" {state.upper()} ", STATE_STYLES.get(state, "bold reverse"))
+
+        how = Text()
+        how.append(f"attempt {st.get('attempt') or 1}")
+        rung = st.get("rung")
+        if rung is not None or st.get("rung_desc"):
+            how.append("  rung ")
+            how.append(str(rung if rung is not None else "?"), "bold")
+            if st.get("rung_desc"):
+                how.append(f": {sanitize(str(st['rung_desc']))}", "dark_orange")
+        if st.get("message"):
+            how.append(f"  {sanitize(str(st['message']))}", "grey70")
+        if m.ended:
+            how.append(f"  disconnected: {m.ended}", "bold red")
+        unseen = len(m.unseen())
+        right2 = Text()
+        if unseen:
+            right2.append(f" {unseen} unseen ", "bold black on yellow")
+            right2.append(" ")
+        started = finite(st.get("started_at"))
+        if started is not None:
+            end = finite(st.get("updated_at")) if state in TERMINAL else None
+            right2.append(("ran " if end else "up ") + fmt_duration((end or self.now()) - started))
+
+        progress = self._progress(width)
+        return Group(_row(who, badge), _row(how, right2), progress)
+
+    def _progress(self, width: int) -> Text:
+        st = self.model.state
+        step, total = (
+            finite(st.get("step")),
+            finite(st.get("max_steps") or self.model.run.get("max_steps")),
+        )
+        frac = step / total if step is not None and total else None
+        left = Text()
+        left.append("step ")
+        left.append(fmt_num(step), "bold")
+        left.append(f"/{fmt_num(total)} ")
+        tail = Text()
+        tail.append(f" {fmt_num(100 * frac if frac is not None else None, 1)}%")
+        tail.append("  loss ")
+        tail.append(fmt_loss(st.get("last_loss")), "bold")
+        tail.append(f"  {fmt_num(st.get('tokens_per_s'))} tok/s")
+        eta = finite(st.get("eta_s"))
+        if eta is not None and str(st.get("state")) not in TERMINAL:
+            tail.append("  ETA ")
+            tail.append(fmt_duration(eta), "bold")
+        room = width - len(left) - len(tail)
+        return left + bar(frac, max(4, room), "green" if frac != 1.0 else "blue") + tail
