@@ -553,6 +553,33 @@ async def test_big_history_downsamples_chart() -> None:
         assert "step 20,000/40,000" in screen_text(app)
 
 
+def test_real_terminal_detach(tmp_path: Path) -> None:
+    """In a real pty: the dashboard draws, `d` leaves it, the process says "detached"."""
+    pexpect = pytest.importorskip("pexpect")
+    code = (
+        "from supervisor.tui.app import make_app; from supervisor.tui.replay import ReplayClient; "
+        f"print('RESULT', make_app(ReplayClient({str(FIXTURES / 'recorded_run_training.json')!r})).run())"
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TERM": "xterm-256color",
+        "PYTHONPATH": str(ROOT),
+        "HOME": str(ROOT),
+    }
+    child = pexpect.spawn(
+        sys.executable, ["-c", code], dimensions=(24, 80), env=env, timeout=30, cwd=ROOT
+    )
+    try:
+        child.expect("TRAINING")
+        child.expect("amber-falcon")
+        child.send("d")
+        child.expect("RESULT detached")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
 # ------------------------------------------------------------------------------ serve
 
 
