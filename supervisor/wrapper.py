@@ -17,6 +17,7 @@ import collections
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from supervisor.redact import redact
 _EOL = re.compile(rb"[\r\n]")
 MAX_LINE = 64 * 1024  # longer lines are cut (tqdm \r floods, 10 MB lines with no newline)
 TAIL_LINES = 100
+EXIT_CHECK_S = 0.5  # how often the read loop checks whether the trainer has exited
+DRAIN_MAX = 4 * 1024 * 1024  # bytes read from the pipe after the trainer's exit
 
 
 class RotatingLog:
@@ -129,14 +132,24 @@ def main(argv: list[str] | None = None) -> int:
             tail.append(text)
             log.write(text.encode("utf-8", errors="replace") + b"\n")
 
+    # Read until EOF, but also stop once the trainer itself has exited: forked workers that
+    # outlive it inherit the pipe and would otherwise keep us (and the supervisor) waiting
+    # forever for an exit that already happened.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP)
+    next_check = time.monotonic() + EXIT_CHECK_S
     while True:
-        try:
+        ready = poller.poll(EXIT_CHECK_S * 1000)
+        if ready:
             chunk = os.read(fd, 65536)
-        except InterruptedError:
-            continue
-        if not chunk:
-            break
-        emit(splitter.feed(chunk))
+            if not chunk:
+                break
+            emit(splitter.feed(chunk))
+        if not ready or time.monotonic() >= next_check:
+            next_check = time.monotonic() + EXIT_CHECK_S
+            if proc.poll() is not None:
+                emit(splitter.feed(_drain(fd)))  # what is buffered now; later output is the workers'
+                break
     emit(splitter.flush())
     while True:
         try:
@@ -150,6 +163,21 @@ def main(argv: list[str] | None = None) -> int:
         "ended_at": time.time(), "tail": list(tail), "truncated_lines": splitter.truncated,
     })
     return rc if rc >= 0 else 128 + (sig or 0)
+
+
+def _drain(fd: int) -> bytes:
+    """What the pipe holds right now, without blocking (at most DRAIN_MAX bytes)."""
+    os.set_blocking(fd, False)
+    out = bytearray()
+    try:
+        while len(out) < DRAIN_MAX:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            out += chunk
+    except BlockingIOError:
+        pass
+    return bytes(out)
 
 
 def _write_json(path: Path, data: dict) -> None:
