@@ -29,6 +29,7 @@ from supervisor.redact import redact
 _EOL = re.compile(rb"[\r\n]")
 MAX_LINE = 64 * 1024  # longer lines are cut (tqdm \r floods, 10 MB lines with no newline)
 TAIL_LINES = 100
+TRUNCATED = b" [line truncated]"
 EXIT_CHECK_S = 0.5  # how often the read loop checks whether the trainer has exited
 DRAIN_MAX = 4 * 1024 * 1024  # bytes read from the pipe after the trainer's exit
 
@@ -66,22 +67,40 @@ class RotatingLog:
 
 
 class LineSplitter:
-    """Bytes in, complete lines out; splits on \\n and \\r, caps line length."""
+    """Bytes in, complete lines out; splits on \\n and \\r, caps line length.
+
+    A line longer than MAX_LINE is cut once, marked, counted in `truncated`, and the rest of
+    it (up to the next line end) is dropped, so a 10 MB line costs one capped line, not 160.
+    """
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.truncated = 0
+        self.skipping = False  # inside the dropped tail of an over-long line
 
     def feed(self, data: bytes) -> list[bytes]:
+        if self.skipping:
+            m = _EOL.search(data)
+            if m is None:
+                return []
+            data = data[m.end():]
+            self.skipping = False
         self.buf += data
         parts = _EOL.split(bytes(self.buf))
-        out = parts[:-1]
         self.buf = bytearray(parts[-1])
+        out = []
+        for line in parts[:-1]:
+            if len(line) > MAX_LINE:
+                out.append(line[:MAX_LINE] + TRUNCATED)
+                self.truncated += 1
+            elif line:
+                out.append(line)
         if len(self.buf) > MAX_LINE:
-            out.append(bytes(self.buf[:MAX_LINE]) + b" [line truncated]")
+            out.append(bytes(self.buf[:MAX_LINE]) + TRUNCATED)
             self.truncated += 1
             self.buf.clear()
-        return [line[:MAX_LINE] for line in out if line]
+            self.skipping = True
+        return out
 
     def flush(self) -> list[bytes]:
         rest, self.buf = bytes(self.buf), bytearray()
