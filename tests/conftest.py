@@ -39,6 +39,11 @@ def qlw_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     home.mkdir()
     monkeypatch.setenv("QLORA_WATCH_HOME", str(home))
     yield home
+    assert_no_leftovers(home)
+
+
+def assert_no_leftovers(home: Path) -> None:
+    """Fail (after killing them) if processes carrying QLORA_WATCH_HOME=home are still alive."""
     deadline = time.monotonic() + 10
     left = _procs_with_home(home)
     while left and time.monotonic() < deadline:
@@ -54,6 +59,76 @@ def qlw_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         try:
             p.kill()
         except psutil.Error:
+            pass
+    assert not names, f"processes left behind: {names}"
+
+
+@pytest.fixture
+def shared_home(monkeypatch: pytest.MonkeyPatch):
+    """Like qlw_home, but under a folder uid 65534 can traverse (pytest's tmp_path cannot be)."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="qlw-", dir="/tmp"))
+    base.chmod(0o711)
+    home = base / "h"
+    home.mkdir(mode=0o711)
+    monkeypatch.setenv("QLORA_WATCH_HOME", str(home))
+    yield home
+    try:
+        assert_no_leftovers(home)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def proc_guard(qlw_home: Path):
+    """qlw_home, and also: no child of the test process (and none of their session/group
+    leaders' descendants) started during the test may outlive it (TorchElastic's
+    assert_pids_noexist). Survivors are SIGKILLed with their group, reaped, and the test fails.
+    Use `proc_guard.track(pid)` for processes that carry no QLORA_WATCH_HOME."""
+
+    class Guard:
+        def __init__(self) -> None:
+            self.home = qlw_home
+            self.tracked: set[int] = set()
+
+        def track(self, pid: int) -> None:
+            self.tracked.add(pid)
+
+    g = Guard()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield g
+    me = psutil.Process()
+    deadline = time.monotonic() + 10
+    while True:
+        kids = [p for p in me.children(recursive=True) if p.pid not in before]
+        kids += [psutil.Process(pid) for pid in g.tracked if psutil.pid_exists(pid)]
+        live = []
+        for p in kids:
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    if p.ppid() == os.getpid():
+                        os.waitpid(p.pid, os.WNOHANG)
+                    continue
+                live.append(p)
+            except (psutil.Error, ChildProcessError):
+                continue
+        if not live or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    names = []
+    for p in live:
+        try:
+            names.append(f"{p.pid} {' '.join(p.cmdline()[:6])}")
+            os.killpg(os.getpgid(p.pid), signal.SIGKILL)
+        except (psutil.Error, OSError):
+            pass
+        try:
+            p.kill()
+            if p.ppid() == os.getpid():
+                os.waitpid(p.pid, 0)
+        except (psutil.Error, OSError):
             pass
     assert not names, f"processes left behind: {names}"
 

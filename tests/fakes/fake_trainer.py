@@ -22,12 +22,19 @@ from pathlib import Path
 STOP = {"requested": False}
 
 
+BEST_EFFORT = {"events": False}
+
+
 def emit(path: str | None, obj: dict) -> None:
     if not path:
         return
     obj = {"t": time.time(), **obj}
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(obj) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(obj) + "\n")
+    except OSError:
+        if not BEST_EFFORT["events"]:  # --events-best-effort: a full disk drops events
+            raise
 
 
 def write_safetensors(path: Path, nbytes: int = 256) -> None:
@@ -36,7 +43,8 @@ def write_safetensors(path: Path, nbytes: int = 256) -> None:
         f.write(struct.pack("<Q", len(header)) + header + b"\0" * nbytes)
 
 
-def save_checkpoint(out: Path, step: int, slowly: float, events: str | None, max_steps: int) -> Path:
+def save_checkpoint(out: Path, step: int, slowly: float, events: str | None, max_steps: int,
+                    nbytes: int = 128) -> Path:
     ck = out / f"checkpoint-{step}"
     ck.mkdir(parents=True, exist_ok=True)
     emit(events, {"event": "phase", "phase": "saving"})
@@ -44,7 +52,7 @@ def save_checkpoint(out: Path, step: int, slowly: float, events: str | None, max
     (ck / "adapter_config.json").write_text(json.dumps({"r": 8}))
     time.sleep(slowly)
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
-        (ck / name).write_bytes(os.urandom(128))
+        (ck / name).write_bytes(os.urandom(nbytes if name == "optimizer.pt" else 128))
         time.sleep(slowly)
     (ck / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": max_steps}))
     emit(events, {"event": "checkpoint", "step": step, "path": str(ck.resolve())})
@@ -53,10 +61,26 @@ def save_checkpoint(out: Path, step: int, slowly: float, events: str | None, max
 
 
 def worker(escape: bool) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's save-on-SIGTERM handler
     if escape:
         os.setsid()
     while True:
         time.sleep(1)
+
+
+def spawn_orphan(seconds: float) -> None:
+    """Double fork: a grandchild that outlives its parent is re-parented to the subreaper."""
+    pid = os.fork()
+    if pid == 0:
+        if os.fork() == 0:
+            time.sleep(seconds)
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def record_signal(path: str, signum: int) -> None:
+    with open(path, "a") as f:
+        f.write(f"{signal.Signals(signum).name} {time.time()}\n")
 
 
 def oom_exit(step: int) -> None:
@@ -92,6 +116,19 @@ def main() -> int:
     ap.add_argument("--print-oom-text", action="store_true", help="print OOM text as data, exit 0")
     ap.add_argument("--record", default=None)
     ap.add_argument("--load-time", type=float, default=0.0)
+    ap.add_argument("--sigterm-save", action="store_true",
+                    help="on SIGTERM finish the step, save, exit 0 (the default; for the plan's name)")
+    ap.add_argument("--crash-after", type=int, default=None,
+                    help="crash (exit 1) after this many steps of this attempt")
+    ap.add_argument("--leave-workers", action="store_true",
+                    help="exit without stopping the workers (they outlive the trainer)")
+    ap.add_argument("--spawn-orphans", type=int, default=0,
+                    help="each step, double-fork this many short-lived grandchildren")
+    ap.add_argument("--flood-mb", type=float, default=0.0, help="print this many MB at once, fast")
+    ap.add_argument("--ckpt-bytes", type=int, default=128, help="size of optimizer.pt")
+    ap.add_argument("--record-signals", default=None, help="append SIGTERM/SIGCONT arrivals here")
+    ap.add_argument("--events-best-effort", action="store_true",
+                    help="drop events instead of crashing when the events file cannot be written")
     ap.add_argument("--once-file", default=None,
                     help="misbehave (oom/crash/hang/nan) only while this file does not exist")
     args, _ = ap.parse_known_args()
@@ -101,6 +138,7 @@ def main() -> int:
         else:
             Path(args.once_file).touch()
 
+    BEST_EFFORT["events"] = args.events_best_effort
     events = os.environ.get("QLW_EVENTS")
     out = Path(os.environ.get("QLW_OUTPUT_DIR", "fake-out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -118,11 +156,17 @@ def main() -> int:
                 "per_device_batch": recipe.get("train", {}).get("per_device_batch"),
                 "grad_accum": recipe.get("train", {}).get("grad_accum"),
                 "output_dir": str(out), "attempt": os.environ.get("QLW_ATTEMPT"),
-                "pid": os.getpid(), "t": time.time(),
+                "pid": os.getpid(), "t": time.time(), "cwd": os.getcwd(),
+                "qlw_env": {k: v for k, v in os.environ.items() if k.startswith("QLW_")},
             }) + "\n")
 
-    def on_term(*_: object) -> None:
+    def on_term(signum: int, *_: object) -> None:
+        if args.record_signals:
+            record_signal(args.record_signals, signum)
         STOP["requested"] = True
+
+    if args.record_signals:
+        signal.signal(signal.SIGCONT, lambda signum, _f: record_signal(args.record_signals, signum))
 
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -130,8 +174,15 @@ def main() -> int:
         signal.signal(signal.SIGTERM, on_term)
 
     if args.print_env:
+        print("argv: " + " ".join(sys.argv), flush=True)
         for k, v in sorted(os.environ.items()):
             print(f"{k}={v}", flush=True)
+    if args.flood_mb:
+        line = b"flood " + b"y" * 200 + b"\n"
+        raw = sys.stdout.buffer
+        for _ in range(int(args.flood_mb * 1e6 / len(line))):
+            raw.write(line)
+        raw.flush()
     if args.garbage:
         sys.stdout.flush()
         raw = sys.stdout.buffer
@@ -162,10 +213,16 @@ def main() -> int:
     while step < args.steps:
         step += 1
         time.sleep(args.step_time)
+        for _ in range(args.spawn_orphans):
+            spawn_orphan(0.05)
         if args.oom_at is not None and step >= args.oom_at and (args.oom_above_seq is None or (seq or 0) > args.oom_above_seq):
             oom_exit(step)
         if args.crash_at is not None and step >= args.crash_at:
             sys.stderr.write("Traceback (most recent call last):\nRuntimeError: fake crash\n")
+            sys.stderr.flush()
+            os._exit(1)
+        if args.crash_after is not None and step - start >= args.crash_after:
+            sys.stderr.write(f"Traceback (most recent call last):\nRuntimeError: fake crash after step {step}\n")
             sys.stderr.flush()
             os._exit(1)
         if args.hang_at is not None and step >= args.hang_at:
@@ -181,19 +238,26 @@ def main() -> int:
                       "step_time_s": args.step_time})
         print(f"{{'loss': '{loss:.4f}', 'grad_norm': '{grad}', 'learning_rate': '0.0001'}}", flush=True)
         if STOP["requested"]:
-            save_checkpoint(out, step, args.save_slowly, events, args.steps)
+            save_checkpoint(out, step, args.save_slowly, events, args.steps, args.ckpt_bytes)
             emit(events, {"event": "phase", "phase": "stopped"})
-            return 0
+            return finish(kids, args, 0)
         if step % args.save_every == 0:
-            save_checkpoint(out, step, args.save_slowly, events, args.steps)
+            save_checkpoint(out, step, args.save_slowly, events, args.steps, args.ckpt_bytes)
     adapter = out / "adapter"
     adapter.mkdir(exist_ok=True)
     write_safetensors(adapter / "adapter_model.safetensors")
     emit(events, {"event": "finished", "step": step, "adapter_path": str(adapter.resolve())})
     emit(events, {"event": "phase", "phase": "finished"})
+    return finish(kids, args, args.exit_code)
+
+
+def finish(kids: list, args: argparse.Namespace, code: int) -> int:
+    if args.leave_workers and kids:
+        sys.stdout.flush()
+        os._exit(code)  # no atexit join: the workers outlive the trainer
     for k in kids:
         k.terminate()
-    return args.exit_code
+    return code
 
 
 if __name__ == "__main__":
