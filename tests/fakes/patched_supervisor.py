@@ -8,7 +8,7 @@ It runs exactly what `qlora-watch _supervise RUN_DIR` runs, after patching a few
 - "nvml": {...}  a FakeNVML instead of the real NVML (FakeNVML reads live /proc):
     "hold_mib": M      report M MiB in use, owned by the trainer's PID (as an H200 did after
                        SIGKILL), while any process of this run (env QLW_RUN_ID) is alive
-    "foreign_mib": M   a foreign process (this driver's parent, the test) holds M MiB
+    "foreign_mib": M   a foreign process ("foreign_pid", default the test) holds M MiB
     "lose_after_s": S  GPU_IS_LOST from S seconds after start, on every call
     "hang_after_s": S  every NVML call hangs from S seconds after start
     "fail": {"nvmlDeviceGetPowerUsage": 3}   a call fails with an NVML error code
@@ -49,7 +49,7 @@ class RunNVML(FakeNVML):
         self.run_id = run_dir.name
         self.hold_mib = float(cfg.get("hold_mib") or 0)
         self.foreign_mib = float(cfg.get("foreign_mib") or 0)
-        self.foreign_pid = os.getppid()
+        self.foreign_pid = int(cfg.get("foreign_pid") or os.getppid())
         self.owner: int | None = None
 
     def _trainer_pid(self) -> int | None:
