@@ -28,7 +28,7 @@ from supervisor.redact import redact
 
 _EOL = re.compile(rb"[\r\n]")
 MAX_LINE = 64 * 1024  # longer lines are cut (tqdm \r floods, 10 MB lines with no newline)
-TAIL_LINES = 100
+TAIL_LINES = 400  # a deep training traceback runs to 150+ lines
 TRUNCATED = b" [line truncated]"
 EXIT_CHECK_S = 0.5  # how often the read loop checks whether the trainer has exited
 DRAIN_MAX = 4 * 1024 * 1024  # bytes read from the pipe after the trainer's exit

@@ -124,6 +124,13 @@ def classify_exit(
         return out(CRASH, "exit status unknown")
 
     tb = final_traceback(tail)
+    if not tb and returncode not in (0, None):
+        # A deep traceback (gradient checkpointing + peft: 150+ lines) can push its header out
+        # of the tail; Python still ends it with 'pkg.SomeError: message' as the last line.
+        # Seen on the H200: a real torch.OutOfMemoryError classified as a plain crash.
+        final = [x for x in tail if x.strip()][-1:]
+        if final and _EXC.match(final[0].strip()):
+            tb = final
     exc, exc_line = _exception_line(tb)
     tb_text = "\n".join(tb)
     # bnb's native error has no traceback; only a line at the very end counts.

@@ -202,8 +202,13 @@ def sft_config(ctx: Context) -> Any:
     t = ctx.recipe.train
     cpu = use_cpu(ctx.recipe)
     extra: dict[str, Any] = {}
+    fields = getattr(SFTConfig, "__dataclass_fields__", {})
+    # transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing*; 5.17 has only the old
+    ck = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    extra[ck] = t.gradient_checkpointing
+    extra[f"{ck}_kwargs"] = {"use_reentrant": False}
     if not t.shuffle:  # data in file order (curricula; the GPU ladder benchmark relies on it)
-        if "train_sampling_strategy" in getattr(SFTConfig, "__dataclass_fields__", {}):
+        if "train_sampling_strategy" in fields:
             extra["train_sampling_strategy"] = "sequential"
         else:
             print("qlora-watch: train.shuffle=false needs transformers with train_sampling_strategy; "
@@ -233,8 +238,6 @@ def sft_config(ctx: Context) -> Any:
         bf16=t.bf16,
         fp16=False,
         use_cpu=cpu,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
         seed=t.seed,
         data_seed=t.seed,
         packing=t.packing,
