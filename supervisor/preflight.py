@@ -72,14 +72,16 @@ class Calibration:
     logits_mode: str = "chunked"
     full_logits_bytes_per_elem: float = 12.0
     flash_available: bool = False  # flash-attn is rarely installed: flash recipes run as SDPA
-    # Multiplies the activation rows (not weights, not full-logits bytes). The per-tensor count
-    # above explains 10.1 GB of activations at the one measured H200 point (8B, r=16 all-linear,
-    # seq 4096 x batch 4, trl chunked head): 16.2 GB peak vs 24.8 GB measured, so 18.7 GB of
-    # activations. 1.85 reproduces the measurement; the gap is unexplained (if that run padded to
-    # shorter sequences, 1.85 is too high). The first constant to refit, on fixed-length data.
-    activation_scale: float = 1.85
+    # Multiplies the activation rows (not weights, not full-logits bytes). Fitted on an H200
+    # (2026-11-28, bench/gpu_suite.py + bench/fit_estimator.py, docs/benchmarks.md): seven
+    # configurations of the 8B, 32B and 70B shapes, fixed-length sequences. The per-tensor count
+    # is right as it stands (worst error 4.6 %). An earlier 1.85, fitted to the field notes'
+    # single 24.8 GB point, overestimated activations by 1.6x at seq 4096.
+    activation_scale: float = 1.0
     # --- device overheads
-    cuda_context_gib: float = 0.5  # CUDA context + cuBLAS workspace, outside the allocator
+    # CUDA context + cuBLAS workspace, outside the allocator: NVML minus reserved was 764 MiB in
+    # six of seven H200 runs (torch 2.11, cu130)
+    cuda_context_gib: float = 0.75
     allocator_slack: float = 0.10  # reserved - allocated, share of the dynamic (non-weight) memory
     # --- host
     host_framework_gib: float = 3.0  # python + torch + CUDA libs + transformers, resident
