@@ -221,6 +221,62 @@ def cmd_socket(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from supervisor.report import ReportError, generate_report
+
+    store = _find(args.run)
+    other = _find(args.compare).path if args.compare else None
+    out = Path(args.out) if args.out else store.path / "report"
+    try:
+        html = generate_report(store.path, out, other)
+    except ReportError as e:
+        print(f"qlora-watch: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"report: {html}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from supervisor.merge import RemoveError, describe_removal, remove_run
+
+    store = _find(args.run)
+    text = describe_removal(store.path, args.checkpoints)
+    print(text)
+    if text.startswith("refused"):
+        return 1
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("qlora-watch: not a terminal: pass --yes to delete", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if input("delete? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    try:
+        removed = remove_run(store.path, args.checkpoints)
+    except RemoveError as e:
+        print(f"qlora-watch: {e}", file=sys.stderr)
+        return 1
+    for p in removed:
+        print(f"deleted {p}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from supervisor.merge import MergeError, find_adapter, merge_adapter
+
+    src = Path(args.run)
+    if not (os.sep in args.run and src.is_dir()):  # a run id, else an adapter/output folder path
+        src = _find(args.run).path
+    try:
+        print(f"merging {find_adapter(src, args.checkpoint)} into its bf16 base on the CPU")
+        out = merge_adapter(src, Path(args.out), checkpoint=args.checkpoint)
+    except MergeError as e:
+        print(f"qlora-watch: {e}", file=sys.stderr)
+        return 1
+    print(f"merged model: {out}")
+    return 0
+
+
 def cmd_tui_client(args: argparse.Namespace) -> int:
     """Used by `attach --ssh`: run the dashboard against a local (forwarded) socket."""
     from supervisor.client import AsyncRunClient
@@ -296,6 +352,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", cmd_serve, "serve the dashboard to a browser on 127.0.0.1")
     p.add_argument("run", nargs="?")
     p.add_argument("--port", type=int, default=8566)
+
+    p = add("report", cmd_report, "write a self-contained HTML report with plots of a run")
+    p.add_argument("run", nargs="?", help="run id or unique prefix (default: latest)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: report/ in the run's folder)")
+    p.add_argument("--compare", metavar="RUN2", help="overlay another run's loss and tokens/s")
+
+    p = add("rm", cmd_rm, "delete a finished run's records (and its checkpoints with --checkpoints)")
+    p.add_argument("run")
+    p.add_argument("--checkpoints", action="store_true",
+                   help="also delete checkpoint-N, adapter and attempt-N in its output folder")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask")
+
+    p = add("merge", cmd_merge, "merge the LoRA adapter into the bf16 base model, on the CPU")
+    p.add_argument("run", help="run id, or an adapter/output folder path")
+    p.add_argument("--checkpoint", type=int, metavar="N", help="merge checkpoint-N instead of the final adapter")
+    p.add_argument("--out", required=True, metavar="DIR")
 
     p = sub.add_parser("_supervise", help=argparse.SUPPRESS)
     p.add_argument("run_dir")

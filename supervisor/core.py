@@ -25,6 +25,7 @@ from supervisor.records import Event, Sample, Step, step_from_dict, to_dict
 from supervisor.states import RunState
 from supervisor.store import RunStore, read_json
 from supervisor.tail import JsonlFollower, LogFollower
+from supervisor.tbwriter import TelemetryTB, system_logdir
 
 log = logging.getLogger("qlora-watch.supervisor")
 
@@ -68,6 +69,7 @@ class Supervisor:
         self.log_ring: list[str] = store.log_tail(LOG_RING)
         self.recent_samples: list[Sample] = []
         self.recent_steps: list[Step] = []
+        self.tb = TelemetryTB(system_logdir(self.run_info["output_dir"]))
         self.attempts = AttemptRunner(self)
         self.notifier = notify.from_recipe(self.recipe, store.run_id)
         self._stop_event = asyncio.Event()
@@ -107,6 +109,7 @@ class Supervisor:
             self.store.add_event(ev)
         except Exception as e:  # noqa: BLE001 - a full disk must not stop supervision
             log.warning("event not stored: %s", e)
+        self.tb.add_event(ev)
         log.info("%s: %s", kind, message)
         self.broadcast({"type": "event", "event": to_dict(ev)})
         self.attempts.notify_event(ev)
@@ -167,6 +170,7 @@ class Supervisor:
                 with contextlib.suppress(Exception):
                     await self.server.close()
             self.store.close()
+            self.tb.close()
             await asyncio.to_thread(self.notifier.close)
             os.close(lock_fd)
         return 0
@@ -248,6 +252,7 @@ class Supervisor:
             self.store.add_samples([sample])
         except Exception as e:  # noqa: BLE001
             log.warning("sample not stored: %s", e)
+        self.tb.add_sample(sample, self.state.get("step"))
         self.broadcast({"type": "sample", "sample": to_dict(sample)})
 
 
