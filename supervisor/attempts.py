@@ -105,12 +105,13 @@ class AttemptRunner:
         if not state:
             self.sup.set_state(RunState.STARTING, attempt=0, lineage=1, rung=None, restarts=0,
                                started_at=time.time(), output_dir=self.sup.run_info["output_dir"])
-            checkpoints.finish_pending_deletes(self.output_dir())
+            self._finish_pending_deletes()
             rung = self.sup.run_info.get("start_rung")  # --auto-fit
             await self.launch(resume=None, rung=rung)
             return
         if RunState(state).terminal:
             return  # serve history only
+        self._finish_pending_deletes()  # a supervisor killed mid-delete left .deleting-<ts>
         wrapper = st.get("wrapper")
         attempt = st.get("attempt") or 1
         exit_file = self.sup.store.attempt_dir(attempt) / "exit.json"
@@ -132,6 +133,20 @@ class AttemptRunner:
         self.sup.record("lost", f"trainer pid {wrapper.get('pid')} cannot be verified (gone or "
                         f"reused); it was not signalled{hint}", level="error")
         self.sup.set_state(RunState.LOST, message=f"trainer lost{hint}", exited=True)
+
+    def _finish_pending_deletes(self) -> None:
+        """Complete the phase 2 of deletes that an earlier supervisor did not finish."""
+        out = self.output_dir()
+        if not out.is_dir():
+            return
+        results = checkpoints.finish_pending_deletes(out, self.sup.store.path / "deletions.log")
+        for r in results:
+            if r.ok:
+                self.sup.record("checkpoint_pruned", f"finished the interrupted delete of {r.name}",
+                                evidence={"bytes": r.size_bytes})
+            else:
+                self.sup.record("prune_failed", f"could not finish deleting {r.name}: {r.error}",
+                                level="warning")
 
     def _follow_attempt(self, attempt: int, offset: int = 0) -> None:
         path = self.sup.store.attempt_dir(attempt) / "events.jsonl"
