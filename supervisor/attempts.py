@@ -303,7 +303,13 @@ class AttemptRunner:
             path = Path(str(obj.get("path", "")))
             info = checkpoints.checkpoint_status(path)
             if info.complete:
-                checkpoints.mark_checkpoint(path, self.sup.store.run_id)
+                try:
+                    checkpoints.mark_checkpoint(path, self.sup.store.run_id)
+                except OSError as e:  # ENOSPC: a full disk must not take the supervisor down
+                    self.sup.record("checkpoint_unmarked", f"{path.name} is complete but could not be "
+                                    f"marked as this run's ({e.strerror or e}); it will not be "
+                                    "resumed from automatically", level="warning")
+                    return
                 self.st["restarts"] = 0  # progress resets the crash budget
                 self.sup.set_state(last_checkpoint=str(path), last_checkpoint_step=info.step,
                                    last_checkpoint_bytes=info.size_bytes, restarts=0,
