@@ -166,6 +166,7 @@ class AttemptRunner:
         try:
             out.mkdir(parents=True, exist_ok=True)
             checkpoints.claim_output_dir(out, self.sup.store.run_id)
+            out_st = os.stat(out)
         except Exception as e:  # noqa: BLE001 - a bad output folder is a config error
             self._fail(f"output folder {out}: {e}", kind="config_error")
             return
@@ -196,6 +197,7 @@ class AttemptRunner:
         ident = launcher.identity_of(self.proc.pid)
         self.sup.set_state(
             RunState.STARTING, attempt=attempt, lineage=lineage, rung=rung, output_dir=str(out),
+            output_dir_id=[out_st.st_dev, out_st.st_ino],  # deletion refuses a swapped folder
             wrapper=ident.to_dict() if ident else {"pid": self.proc.pid}, exited=False,
             resume_from=resume, events_offset=0, phase=None, phase_since=time.time(),
             launched_at=time.time(), max_steps=None,
@@ -412,13 +414,19 @@ class AttemptRunner:
                          f"{self.recipe.train.save_total_limit} complete checkpoints")
 
     def _delete(self, names: list[str], reason: str) -> None:
+        ident = self.st.get("output_dir_id")
         results = checkpoints.safe_delete(self.output_dir(), names,
-                                          self.sup.store.path / "deletions.log", reason=reason)
+                                          self.sup.store.path / "deletions.log", reason=reason,
+                                          expect=tuple(ident) if ident else None)
         for r in results:
             if r.ok:
                 self.sup.record("checkpoint_pruned", f"deleted {r.name} ({reason})",
                                 evidence={"bytes": r.size_bytes})
             else:
+                key = f"prune_failed:{r.name}:{r.error}"
+                if key in self.fired:  # retried every guard tick; announced once
+                    continue
+                self.fired.add(key)
                 self.sup.record("prune_failed", f"could not delete {r.name}: {r.error}", level="warning")
 
     async def execute(self, actions: list[Any]) -> None:
