@@ -91,6 +91,7 @@ class Supervisor:
             fields["state"] = new.value
         self.state.update(fields)
         self.state.setdefault("run_id", self.store.run_id)
+        self.state.pop("state_error", None)  # set again below if this write fails too
         if not self.store.write_state(self.state):
             self.state["state_error"] = self.store.state_error
         self.broadcast({"type": "state", "state": self.state})
