@@ -150,9 +150,15 @@ class RunStore:
         data = read_json(p)
         if data is None:
             aside = p.with_name(f"state.json.corrupt-{int(time.time())}")
-            with contextlib.suppress(OSError):
+            lost = {"state": "lost", "message": f"state file was corrupt; moved to {aside.name}; "
+                    "the previous run's state is unknown (nothing was signalled)"}
+            try:
                 os.replace(p, aside)
-            return {"state": "lost", "message": f"state file was corrupt; moved to {aside.name}"}
+            except OSError:
+                return lost
+            # Replace it, or the next reader finds no state file and takes the run for new.
+            self.write_state(lost)
+            return lost
         return data
 
     def write_state(self, state: dict[str, Any]) -> bool:
