@@ -99,7 +99,12 @@ class AttemptRunner:
             notifier.maybe_send(ev)
 
     # -- start ------------------------------------------------------------------------
+    def mark_time(self, wall: float) -> None:
+        """Anchor the guards' clock: `wall` was just seen; build.py advances it monotonically."""
+        self.sup.clock_anchor = (wall, time.monotonic())
+
     async def begin(self) -> None:
+        self.mark_time(time.time())
         st = self.st
         state = st.get("state")
         if not state:
@@ -195,12 +200,14 @@ class AttemptRunner:
             self._fail(f"cannot start the trainer wrapper: {e}", kind="config_error")
             return
         ident = launcher.identity_of(self.proc.pid)
+        launched = time.time()
+        self.mark_time(launched)
         self.sup.set_state(
             RunState.STARTING, attempt=attempt, lineage=lineage, rung=rung, output_dir=str(out),
             output_dir_id=[out_st.st_dev, out_st.st_ino],  # deletion refuses a swapped folder
             wrapper=ident.to_dict() if ident else {"pid": self.proc.pid}, exited=False,
-            resume_from=resume, events_offset=0, phase=None, phase_since=time.time(),
-            launched_at=time.time(), max_steps=None,
+            resume_from=resume, events_offset=0, phase=None, phase_since=launched,
+            launched_at=launched, max_steps=None,
             effective={"max_seq_len": recipe.train.max_seq_len, "r": recipe.lora.r,
                        "target_modules": recipe.lora.target_modules,
                        "per_device_batch": recipe.train.per_device_batch,
@@ -295,6 +302,7 @@ class AttemptRunner:
             phase = str(obj.get("phase"))
             new = PHASE_STATES.get(phase)
             fields: dict[str, Any] = {"phase": phase, "phase_since": time.time()}
+            self.mark_time(fields["phase_since"])
             if new is not None and self.sup.run_state not in (RunState.STOPPING,):
                 self.sup.set_state(new, **fields)
             else:
@@ -328,6 +336,7 @@ class AttemptRunner:
 
     def on_steps(self, steps: list[Step]) -> None:
         last = steps[-1]
+        self.mark_time(last.t)
         fields: dict[str, Any] = {"step": last.step, "last_step_t": last.t}
         if last.loss is not None:
             fields["last_loss"] = last.loss

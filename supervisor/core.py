@@ -76,6 +76,7 @@ class Supervisor:
         self._last_sample_mono = 0.0
         self._sampling = False
         self._signals = 0
+        self.clock_anchor: tuple[float, float] | None = None  # (wall seen, monotonic then): guards' clock
         self.events_follower: JsonlFollower | None = None
         self.log_follower = LogFollower(store.log_path)
         self.log_follower.offset = _size(store.log_path)

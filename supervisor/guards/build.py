@@ -42,13 +42,24 @@ def _trainer_env(sup: Any) -> dict[str, str]:
     return env
 
 
+def _now(sup: Any, seen: list[float]) -> float:
+    """The guards' "now" in the wall-clock frame of the run's timestamps, advanced by the
+    monotonic clock: `clock_anchor` is (a wall timestamp the core just saw, time.monotonic()
+    then), so idle times are monotonic and a wall-clock step (NTP, a resumed VM) neither
+    fires the stall guard nor hides a real stall (RELIABILITY_PLAN D5)."""
+    anchor = getattr(sup, "clock_anchor", None)
+    if anchor:
+        wall, mono = anchor
+        return float(wall) + max(0.0, time.monotonic() - float(mono))
+    return max([time.time()] + seen)
+
+
 def window_from_supervisor(sup: Any) -> Window:
     """A Window of the run as the core sees it now."""
     st: dict[str, Any] = sup.state
     samples = list(sup.recent_samples)
     steps = list(sup.recent_steps[-MAX_STEPS:])
-    seen = [s.t for s in samples[-1:]] + [s.t for s in steps[-1:]]
-    now = max([time.time()] + seen)
+    now = _now(sup, [s.t for s in samples[-1:]] + [s.t for s in steps[-1:]])
     horizon = max(600.0, 1.5 * sup.recipe.guards.utilisation.window_s)
     samples = [s for s in samples if s.t >= now - horizon]
     try:
