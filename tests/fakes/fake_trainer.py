@@ -23,12 +23,13 @@ STOP = {"requested": False}
 
 
 BEST_EFFORT = {"events": False}
+CLOCK = {"offset": 0.0}  # --clock-jump-at: the trainer's wall clock steps by this much
 
 
 def emit(path: str | None, obj: dict) -> None:
     if not path:
         return
-    obj = {"t": time.time(), **obj}
+    obj = {"t": time.time() + CLOCK["offset"], **obj}
     try:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(obj) + "\n")
@@ -129,6 +130,9 @@ def main() -> int:
     ap.add_argument("--record-signals", default=None, help="append SIGTERM/SIGCONT arrivals here")
     ap.add_argument("--events-best-effort", action="store_true",
                     help="drop events instead of crashing when the events file cannot be written")
+    ap.add_argument("--clock-jump-at", type=int, default=None,
+                    help="from this step on, event timestamps are shifted by --clock-jump-s")
+    ap.add_argument("--clock-jump-s", type=float, default=-3600.0)
     ap.add_argument("--once-file", default=None,
                     help="misbehave (oom/crash/hang/nan) only while this file does not exist")
     args, _ = ap.parse_known_args()
@@ -213,6 +217,8 @@ def main() -> int:
     while step < args.steps:
         step += 1
         time.sleep(args.step_time)
+        if args.clock_jump_at is not None and step >= args.clock_jump_at:
+            CLOCK["offset"] = args.clock_jump_s
         for _ in range(args.spawn_orphans):
             spawn_orphan(0.05)
         if args.oom_at is not None and step >= args.oom_at and (args.oom_above_seq is None or (seq or 0) > args.oom_above_seq):

@@ -17,6 +17,8 @@ It runs exactly what `qlora-watch _supervise RUN_DIR` runs, after patching a few
 - "unkillable": true  SIGKILL to the trainer's group and to orphans does nothing (a process
                       stuck in D state); every other signal goes through
 - "server_limits": {...}  ServerLimits overrides (small queues for slow-client tests)
+- "state_to_dev_full_while": PATH  while PATH exists, state.json writes go to /dev/full
+                                   (the kernel's ENOSPC), as on a full state disk
 - "emfile_on_spawn": true  RLIMIT_NOFILE is lowered to the open fd count while the trainer
                            is spawned (EMFILE: a spawn failure)
 """
@@ -154,6 +156,21 @@ def main() -> int:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
         launcher.spawn = spawn
+
+    if sc.get("state_to_dev_full_while"):
+        from supervisor import store
+
+        flag = Path(sc["state_to_dev_full_while"])
+        orig_atomic_write = store.atomic_write
+
+        def atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
+            if flag.exists() and Path(path).name == "state.json":
+                with open("/dev/full", "w") as f:  # raises OSError(ENOSPC) like a full disk
+                    f.write(text)
+                    f.flush()
+            orig_atomic_write(path, text, mode)
+
+        store.atomic_write = atomic_write
 
     sock = paths.socket_path(run_dir.name)
     return core.run_supervisor(run_dir, socket_path=sock, with_telemetry=True)
