@@ -165,11 +165,19 @@ def fmt_duration(s: float | None) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
+def _clean(text: Any) -> str:
+    """Trainer text for a terminal: escape sequences and control characters removed (OSC 52
+    would write the user's clipboard, CSI 2J clear the screen), line breaks kept."""
+    from supervisor.tui.sanitize import sanitize
+
+    return "\n".join(sanitize(line) for line in str(text).split("\n"))
+
+
 def render_status(d: dict[str, Any]) -> str:
     rung = d.get("rung")
     lines = [
         f"run       {d['run_id']}  ({d['run'].get('recipe')}, {d['run'].get('model')})",
-        f"state     {d.get('state')}" + (f"  ({d.get('message')})" if d.get("message") else ""),
+        f"state     {d.get('state')}" + (f"  ({_clean(d.get('message'))})" if d.get("message") else ""),
         f"attempt   {d.get('attempt')}  ladder rung {'base' if rung is None else rung + 1}"
         + (f"  [{d.get('rung_desc')}]" if d.get("rung_desc") else ""),
         f"step      {d.get('step') or 0}/{d.get('max_steps') or '?'}",
@@ -182,7 +190,7 @@ def render_status(d: dict[str, Any]) -> str:
     ]
     for e in d.get("events", []):
         ts = datetime.fromtimestamp(e["t"]).strftime("%H:%M:%S")
-        lines.append(f"  {ts} {e['level']:<7} {e['message']}")
+        lines.append(f"  {ts} {e['level']:<7} {_clean(e['message'])}")
     return "\n".join(lines)
 
 
@@ -190,7 +198,7 @@ def print_logs(store: RunStore, follow: bool, lines: int) -> int:
     from supervisor.tail import LogFollower
 
     for line in store.log_tail(lines):
-        print(line)
+        print(_clean(line))
     if not follow:
         return 0
     f = LogFollower(store.log_path)
@@ -199,10 +207,10 @@ def print_logs(store: RunStore, follow: bool, lines: int) -> int:
     try:
         while True:
             for line in f.read():
-                print(line, flush=True)
+                print(_clean(line), flush=True)
             if not is_live(store) and not supervisor_running(store):
                 for line in f.read():
-                    print(line, flush=True)
+                    print(_clean(line), flush=True)
                 return 0
             time.sleep(0.25)
     except KeyboardInterrupt:
