@@ -33,7 +33,7 @@ TICK_S = 0.2
 # What a newly attached client gets: the whole run, thinned so that the first frame of a
 # 24-hour run arrives in well under a second (charts are at most a few hundred cells wide).
 HISTORY_SAMPLES = 3_000
-HISTORY_STEPS = 5_000
+HISTORY_STEPS = 2_500
 LOG_RING = 500
 
 
