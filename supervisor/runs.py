@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +15,7 @@ from typing import Any
 from supervisor import paths
 from supervisor.recipe import Recipe, recipe_to_json
 from supervisor.states import RunState
-from supervisor.store import RunStore, create_run, list_runs
+from supervisor.store import RunStore, atomic_write, create_run, list_runs
 
 TERMINAL_VALUES = {s.value for s in RunState if s.terminal}
 
@@ -46,23 +46,23 @@ def create(recipe_path: str, recipe: Recipe, report: Any, start_rung: int | None
         other = RunStore(paths.run_dir(rid))
         if other.info().get("output_dir") == str(out):
             raise StartError(f"output folder {out} is in use by live run {rid}")
+    raw = Path(recipe_path).read_bytes()  # hashed and snapshotted from the same bytes
     info = {
         "recipe": recipe.name, "recipe_path": str(Path(recipe_path).resolve()),
+        "recipe_sha256": hashlib.sha256(raw).hexdigest(),
         "model": recipe.model.name, "output_dir": str(out), "cwd": os.getcwd(),
         "estimate": report.to_dict() if report is not None else None,
         "start_rung": start_rung,
     }
     store = create_run(runs_root, info, run_id=run_id)
-    snap = store.path / "recipe.toml"
-    shutil.copyfile(recipe_path, snap)
-    os.chmod(snap, 0o600)
-    (store.path / "recipe.json").write_text(recipe_to_json(recipe))
+    atomic_write(store.path / "recipe.toml", raw.decode("utf-8"))  # 0600
+    atomic_write(store.path / "recipe.json", recipe_to_json(recipe))  # 0600, like every run file
     return store
 
 
 def spawn_supervisor(store: RunStore) -> subprocess.Popen:
     """The detached supervisor: new session, no terminal, stdin from /dev/null."""
-    out = open(store.path / "supervisor.out", "ab")
+    out = os.fdopen(os.open(store.path / "supervisor.out", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "supervisor", "_supervise", str(store.path)],
