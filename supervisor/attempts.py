@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,7 @@ from supervisor import guards as guardlib
 from supervisor.prune import newest_complete_of, prune_plan
 from supervisor.recipe import Recipe, apply_rung, describe_rung, recipe_to_json
 from supervisor.records import Event, Step
+from supervisor.redact import redact_argv
 from supervisor.states import RunState
 from supervisor.store import read_json
 from supervisor.tail import JsonlFollower
@@ -185,7 +185,7 @@ class AttemptRunner:
         env.pop("QLW_RESUME", None)
         if resume:
             env["QLW_RESUME"] = resume
-        argv = list(recipe.trainer.command or [sys.executable, "-m", "supervisor.runner.train"])
+        argv = launcher.trainer_argv(recipe)
         self._follow_attempt(attempt)
         self.child_rc = None
         self.exit_stderr = []
@@ -215,7 +215,7 @@ class AttemptRunner:
         )
         what = f" from {Path(resume).name}" if resume else ""
         self.sup.record("launch", f"attempt {attempt} started{what} (pid {self.proc.pid})",
-                        evidence={"argv": argv[:3], "resume": resume, "rung": rung,
+                        evidence={"argv": redact_argv(argv)[:3], "resume": resume, "rung": rung,
                                   "output_dir": str(out)})
 
     # -- polling ----------------------------------------------------------------------

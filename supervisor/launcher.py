@@ -13,7 +13,6 @@ import contextlib
 import ctypes
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -112,6 +111,27 @@ def spawn(
         cmd, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True,
     )
+
+
+def trainer_argv(recipe: object) -> list[str]:
+    """The trainer's argv: the recipe's own command, the built-in trainer, or for several GPUs
+    the built-in trainer under `accelerate launch` with FSDP (FSDP-QLoRA: each card holds a
+    shard of the NF4 weights; the 70B shape needs two 24 GB cards plus CPU offload)."""
+    hw, tr = recipe.hardware, recipe.trainer  # type: ignore[attr-defined]
+    if tr.command:
+        return list(tr.command)
+    if hw.gpus <= 1:
+        return [sys.executable, "-m", "supervisor.runner.train"]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--num_processes", str(hw.gpus), "--num_machines", "1", "--mixed_precision", "bf16",
+        "--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD",
+        "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+        "--fsdp_state_dict_type", "SHARDED_STATE_DICT",
+        "--fsdp_cpu_ram_efficient_loading", "true", "--fsdp_sync_module_states", "true",
+        "--fsdp_offload_params", "true" if hw.fsdp_cpu_offload else "false",
+        "-m", "supervisor.runner.train",
+    ]
 
 
 def group_alive(pgid: int) -> bool:

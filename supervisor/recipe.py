@@ -146,7 +146,8 @@ class HardwareSection(_Strict):
     emulate_vram_gib: float | None = Field(
         None, gt=0.0, le=4096, description="cap the CUDA allocator to rehearse a smaller card"
     )
-    gpus: int = Field(1, ge=1, le=64)
+    gpus: int = Field(1, ge=1, le=64, description=">1: FSDP-QLoRA through accelerate launch")
+    fsdp_cpu_offload: bool = Field(True, description="with gpus > 1: offload shards to host RAM")
     gpu_mem_gib: float | None = Field(None, gt=0.0, description="preflight: assume this card size")
     host_ram_gib: float | None = Field(None, gt=0.0, description="preflight: assume this much RAM")
 

@@ -167,6 +167,9 @@ def load_model(ctx: Context, path: str, attn: str) -> tuple[Any, Any]:
             bnb_4bit_quant_type=r.quant.quant_type,
             bnb_4bit_use_double_quant=r.quant.double_quant,
             bnb_4bit_compute_dtype=getattr(torch, r.quant.compute_dtype),
+            # FSDP-QLoRA shards the packed 4-bit weights: they must be stored in a float dtype
+            **({"bnb_4bit_quant_storage": getattr(torch, r.quant.compute_dtype)}
+               if r.hardware.gpus > 1 else {}),
         )
     # No prepare_model_for_kbit_training: it upcasts embeddings and lm_head to fp32 (GBs at 8B).
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
