@@ -287,3 +287,28 @@ def test_h7_redactor_quoted_keys(line: str) -> None:
     from supervisor.redact import redact
 
     assert HUB not in redact(line)
+
+
+# ------------------------------------------------------------------------------ deletion
+
+
+MOUNTED_CHECKPOINT = r"""
+import json, os, sys
+from pathlib import Path
+from supervisor.checkpoints import safe_delete
+mnt = Path(sys.argv[0]).parent / "checkpoint-3"
+(mnt / "precious").write_text("on another filesystem")
+(r,) = safe_delete(mnt.parent, ["checkpoint-3"], None)
+print(json.dumps({"deleted": r.deleted, "error": r.error, "left": os.listdir(mnt)}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root and unshare")
+def test_deletion_never_crosses_a_mount_point(tmp_path: Path) -> None:
+    """A checkpoint-N that is a mount point (another st_dev than the output dir) is refused."""
+    from tests.rel_helpers import run_in_tmpfs
+
+    (tmp_path / "out").mkdir()
+    got = run_in_tmpfs(tmp_path / "out" / "checkpoint-3", "1m", MOUNTED_CHECKPOINT)
+    assert got == {"deleted": False, "error": "EXDEV on another filesystem (mount point?): checkpoint-3",
+                   "left": ["precious"]}
