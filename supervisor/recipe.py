@@ -507,7 +507,9 @@ def apply_rung(recipe: Recipe, rung: Rung) -> Recipe:
     for key, value in _flatten(rung).items():
         apply_override(data, key.split("."), value)
     if "train.per_device_batch" in rung and "train.grad_accum" not in rung:
-        batch = int(rung["train.per_device_batch"])
+        batch = rung["train.per_device_batch"]
+        if not isinstance(batch, int) or isinstance(batch, bool):
+            raise RecipeError(f"train.per_device_batch: must be an integer (got {batch!r})")
         if batch <= 0 or effective % batch:
             raise RecipeError(
                 f"per_device_batch {batch} does not divide the effective batch {effective}"

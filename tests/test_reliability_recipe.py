@@ -70,9 +70,6 @@ def test_g1_g3_bad_recipes_are_recipe_errors(tmp_path: Path, content: str, patte
         load_recipe(write(tmp_path, content))
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, TypeError),
-                   reason="recipe.py apply_rung: int() of a non-numeric per_device_batch rung raises "
-                          "ValueError/TypeError instead of RecipeError (reported; recipe.py is not ours)")
 @pytest.mark.parametrize("value", ['"abc"', "[1]"])
 def test_g3_non_numeric_batch_rung_is_a_recipe_error(tmp_path: Path, value: str) -> None:
     with pytest.raises(RecipeError):
