@@ -111,6 +111,7 @@ class AttemptRunner:
             self.sup.set_state(RunState.STARTING, attempt=0, lineage=1, rung=None, restarts=0,
                                started_at=time.time(), output_dir=self.sup.run_info["output_dir"])
             self._finish_pending_deletes()
+            await self.execute(self._prelaunch_checks())
             rung = self.sup.run_info.get("start_rung")  # --auto-fit
             await self.launch(resume=None, rung=rung)
             return
@@ -152,6 +153,14 @@ class AttemptRunner:
             else:
                 self.sup.record("prune_failed", f"could not finish deleting {r.name}: {r.error}",
                                 level="warning")
+
+    def _prelaunch_checks(self) -> list[Any]:
+        """Host RAM against what the run needs (model loading + paged optimiser state)."""
+        import psutil
+
+        need = (self.sup.run_info.get("estimate") or {}).get("host_ram_needed_bytes")
+        return guardlib.prelaunch_host_ram(psutil.virtual_memory().available, need,
+                                           self.recipe.guards.host_ram)
 
     def _follow_attempt(self, attempt: int, offset: int = 0) -> None:
         path = self.sup.store.attempt_dir(attempt) / "events.jsonl"

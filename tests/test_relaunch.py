@@ -216,3 +216,12 @@ def test_run_completion_is_notified(qlw_home: Path, tmp_path: Path, webhook) -> 
     assert qlw("wait", run_id, "--timeout", "60").returncode == 0
     wait_for(lambda: any("completed" in r.get("title", "") for r in received), timeout=20,
              what="the completion notification")
+
+
+def test_prelaunch_host_ram_warning_is_recorded(qlw_home: Path, tmp_path: Path) -> None:
+    """Before launch, the estimate's host-RAM need is compared with what is available."""
+    recipe = fake_recipe(tmp_path, ["--steps", "3"], extra="[guards.host_ram]\nmin_available_gib = 100000\n")
+    run_id = start(recipe, "--force")
+    assert qlw("wait", run_id, "--timeout", "60").returncode == 0
+    msgs = [m for k, lvl, m in events(qlw_home, run_id) if k == "guard" and lvl == "warning"]
+    assert any(m.startswith("host RAM: the trainer needs about") for m in msgs), msgs
