@@ -13,18 +13,15 @@ import re
 import shutil
 import signal
 import struct
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import FAKE, fake_recipe, qlw, read_state, wait_for
+from tests.conftest import FAKE, fake_recipe, qlw, wait_for
 from tests.rel_helpers import (
     events,
-    kinds,
     launches,
-    run_dir,
     run_in_tmpfs,
     start,
     stop_now,

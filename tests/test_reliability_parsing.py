@@ -11,7 +11,6 @@ import json
 import math
 import os
 import socket
-import struct
 import time
 from pathlib import Path
 
@@ -20,17 +19,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import fake_recipe, qlw, read_state, wait_for
+from tests.conftest import fake_recipe, read_state, wait_for
 from tests.rel_helpers import (
     create_run,
     reap,
     run_dir,
     spawn_patched,
     start,
-    stop_now,
-    supervisor_pid,
     wait_end,
-    wait_step,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -127,9 +123,10 @@ def test_e3_sanitize_leaves_inert_text(line: str) -> None:
 def test_e3_dashboard_renders_escapes_as_inert_text() -> None:
     """The log panel of the real app, fed escape sequences over the live protocol: what it
     paints contains no control character."""
+    from textual.app import App, ComposeResult
+
     from supervisor.tui.logview import LogTail
     from supervisor.tui.model import RunModel
-    from textual.app import App, ComposeResult
 
     model = RunModel()
     model.apply({"type": "log", "lines": EVIL})

@@ -11,7 +11,6 @@ import os
 import re
 import sqlite3
 import stat
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,17 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import FAKE, fake_recipe, qlw, read_state, wait_for
-from tests.rel_helpers import launches, run_dir, start, stop_now, supervisor_pid, trainer_pid, wait_end, wait_step
+from tests.conftest import fake_recipe, qlw, read_state, wait_for
+from tests.rel_helpers import (
+    launches,
+    run_dir,
+    start,
+    stop_now,
+    supervisor_pid,
+    trainer_pid,
+    wait_end,
+    wait_step,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -168,7 +176,7 @@ def test_file_modes_run_folder_0700_files_0600(qlw_home: Path, tmp_path: Path) -
     assert wait_end(run_id, 60) == 0
     bad = []
     for root in (run_dir(qlw_home, run_id), tmp_path / "out"):
-        for dirpath, dirnames, filenames in os.walk(root):
+        for dirpath, _dirnames, filenames in os.walk(root):
             for name in [dirpath] + [os.path.join(dirpath, f) for f in filenames]:
                 st = os.lstat(name)
                 if stat.S_ISLNK(st.st_mode):

@@ -25,7 +25,6 @@ from tests.rel_helpers import (
     supervisor_pid,
     wait_end,
     wait_state,
-    wait_step,
 )
 
 pytestmark = pytest.mark.timeout(90)
