@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
 from supervisor import checkpoints, launcher
 from supervisor import guards as guardlib
 from supervisor.prune import newest_complete_of, prune_plan
@@ -118,6 +120,7 @@ class AttemptRunner:
         if RunState(state).terminal:
             return  # serve history only
         self._finish_pending_deletes()  # a supervisor killed mid-delete left .deleting-<ts>
+        await self._stop_strays()  # a supervisor killed between spawn and record left one
         wrapper = st.get("wrapper")
         attempt = st.get("attempt") or 1
         exit_file = self.sup.store.attempt_dir(attempt) / "exit.json"
@@ -131,14 +134,51 @@ class AttemptRunner:
             await self.handle_exit(read_json(exit_file) or {})
             return
         if not wrapper:
-            # Supervisor died between creating the run and spawning: launch now.
-            await self.launch(resume=None)
+            # Supervisor died before recording a launch: launch now, from what exists.
+            newest = checkpoints.newest_complete(self.output_dir(), run_id=self.sup.store.run_id)
+            await self.launch(resume=newest.target if newest else None,
+                              rung=self.sup.run_info.get("start_rung"))
             return
         newest = checkpoints.newest_complete(self.output_dir(), run_id=self.sup.store.run_id)
         hint = f"; resume from {newest.path.name}?" if newest else ""
         self.sup.record("lost", f"trainer pid {wrapper.get('pid')} cannot be verified (gone or "
                         f"reused); it was not signalled{hint}", level="error")
         self.sup.set_state(RunState.LOST, message=f"trainer lost{hint}", exited=True)
+
+    async def _stop_strays(self) -> None:
+        """Stop trainer groups of this run that the state does not name.
+
+        A supervisor killed between spawning the wrapper and recording it in state.json leaves
+        a trainer nobody tracks; launching again would put two trainers on one output folder.
+        Such a wrapper is recognised by its --exit-file inside this run's folder (and our uid);
+        its group is killed, and the complete checkpoints it wrote are adopted so that the
+        relaunch resumes from them.
+        """
+        known = (self.st.get("wrapper") or {}).get("pid")
+        prefix = str(self.sup.store.path / "attempts") + os.sep
+        stopped = []
+        for p in psutil.process_iter(["pid", "cmdline", "uids"]):
+            try:
+                cmd = p.info.get("cmdline") or []
+                if p.pid == known or "supervisor.wrapper" not in cmd or "--exit-file" not in cmd:
+                    continue
+                exit_file = cmd[cmd.index("--exit-file") + 1]
+                uids = p.info.get("uids")
+                if not exit_file.startswith(prefix) or uids is None or uids.real != os.getuid():
+                    continue
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    continue
+            except (psutil.Error, IndexError):
+                continue
+            launcher.signal_group(p.pid, signal.SIGKILL)
+            await asyncio.to_thread(launcher.wait_gone, p.pid, 10.0)
+            stopped.append(p.pid)
+        if not stopped:
+            return
+        adopted = checkpoints.adopt_checkpoints(self.output_dir(), self.sup.store.run_id)
+        self.sup.record("stray", f"stopped trainer group(s) {stopped} that a previous supervisor "
+                        "started but never recorded (two trainers must not share a run)"
+                        + (f"; adopted {', '.join(adopted)}" if adopted else ""), level="warning")
 
     def _finish_pending_deletes(self) -> None:
         """Complete the phase 2 of deletes that an earlier supervisor did not finish."""
