@@ -190,6 +190,33 @@ def test_a9_exit_while_no_supervisor_runs_is_read_from_the_exit_file(qlw_home: P
     assert len(launches(rec)) == 2 and launches(rec)[1]["resume"].endswith("checkpoint-15")
 
 
+def test_a9_supervisor_killed_between_spawn_and_record(proc_guard, tmp_path: Path) -> None:
+    """The supervisor dies right after spawning the trainer, before state.json names it. The
+    next supervisor must not start a second trainer next to the untracked one: it stops the
+    stray group (identified by its exit-file path in this run's folder), adopts the
+    checkpoints it wrote, and relaunches from the newest of them."""
+    rec = tmp_path / "rec.jsonl"
+    out = tmp_path / "out"
+    recipe = fake_recipe(tmp_path, ["--steps", "60", "--step-time", "0.03", "--save-every", "5",
+                                    "--record", str(rec)])
+    store = create_run(recipe)
+    sup = spawn_patched(store, {"die_after_spawn": True})
+    reap(sup)
+    wait_for(lambda: (out / "checkpoint-10" / "trainer_state.json").exists(), timeout=30,
+             what="the untracked trainer's checkpoint-10")
+    stray = launches(rec)[0]["pid"]
+    assert read_state(proc_guard.home, store.run_id).get("wrapper") is None  # never recorded
+    qlw("status", store.run_id, check=True)  # a user's next command starts a supervisor
+    wait_for(lambda: len(launches(rec)) == 2, timeout=30, what="the relaunch")
+    assert not psutil.pid_exists(stray) or psutil.Process(stray).status() == psutil.STATUS_ZOMBIE
+    second = launches(rec)[1]
+    assert second["resume"] and int(second["resume"].rsplit("-", 1)[1]) >= 10
+    assert wait_end(store.run_id, 60) == 0
+    evs = events(proc_guard.home, store.run_id)
+    assert any(e["kind"] == "stray" for e in evs)
+    assert len(launches(rec)) == 2
+
+
 def test_a9_identity_requires_pid_start_time_boot_id_and_cmdline() -> None:
     from supervisor import launcher
 

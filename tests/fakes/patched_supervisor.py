@@ -19,6 +19,8 @@ It runs exactly what `qlora-watch _supervise RUN_DIR` runs, after patching a few
 - "server_limits": {...}  ServerLimits overrides (small queues for slow-client tests)
 - "state_to_dev_full_while": PATH  while PATH exists, state.json writes go to /dev/full
                                    (the kernel's ENOSPC), as on a full state disk
+- "die_after_spawn": true  SIGKILL itself right after the trainer is spawned, before the
+                          state file records it (the worst moment for a supervisor crash)
 - "emfile_on_spawn": true  RLIMIT_NOFILE is lowered to the open fd count while the trainer
                            is spawned (EMFILE: a spawn failure)
 """
@@ -171,6 +173,15 @@ def main() -> int:
             orig_atomic_write(path, text, mode)
 
         store.atomic_write = atomic_write
+
+    if sc.get("die_after_spawn"):
+        orig_spawn2 = launcher.spawn
+
+        def spawn_and_die(*a: object, **kw: object) -> object:
+            orig_spawn2(*a, **kw)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        launcher.spawn = spawn_and_die
 
     sock = paths.socket_path(run_dir.name)
     return core.run_supervisor(run_dir, socket_path=sock, with_telemetry=True)
