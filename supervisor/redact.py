@@ -25,6 +25,15 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
         re.compile(r"(--[A-Za-z0-9_-]*(?:token|key|secret|password)[A-Za-z0-9_-]*)(=|\s+)(\S+)", re.IGNORECASE),
         r"\1\2" + MASK,
     ),
+    # a quoted key, as in a dict repr, JSON or an argv list: {'hub_token': 'x'}, ["--api-key", "x"]
+    (
+        re.compile(
+            r"""(['"])((?:[A-Za-z0-9_-]*(?:token|[_-]key|apikey|secret|password|passwd)[A-Za-z0-9_-]*)|key)\1"""
+            r"""(\s*[:=,]\s*)(['"])[^'"]*\4""",
+            re.IGNORECASE,
+        ),
+        r"\1\2\1\3\4" + MASK + r"\4",
+    ),
     # Authorization: Bearer xxx
     (re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE), r"\1" + MASK),
 ]

@@ -287,8 +287,6 @@ def test_h7_redact_argv_and_harmless_text() -> None:
         assert redact(harmless) == harmless
 
 
-@pytest.mark.xfail(strict=True, reason="redact.py (not ours) misses a quoted key before the colon, as "
-                                       "in a dict repr or JSON (haystack#11808-style repr leak); reported")
 @pytest.mark.parametrize("line", [f"{{'hub_token': '{HUB}'}}", f'{{"api_key": "{HUB}"}}',
                                   f"['--hub_token', '{HUB}']"])
 def test_h7_redactor_quoted_keys(line: str) -> None:
