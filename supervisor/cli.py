@@ -381,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("_tui", help=argparse.SUPPRESS)
     p.add_argument("--socket", required=True)
     p.set_defaults(fn=cmd_tui_client)
+    # internal commands stay callable but out of --help
+    sub._choices_actions = [a for a in sub._choices_actions if not a.dest.startswith("_")]
     return ap
 
 
