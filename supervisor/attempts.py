@@ -248,7 +248,7 @@ class AttemptRunner:
         except OSError as e:
             self._fail(f"cannot start the trainer wrapper: {e}", kind="config_error")
             return
-        ident = launcher.identity_of(self.proc.pid)
+        ident = await asyncio.to_thread(launcher.identity_after_exec, self.proc.pid, list(self.proc.args))
         launched = time.time()
         self.mark_time(launched)
         self.sup.set_state(

@@ -68,6 +68,23 @@ def identity_of(pid: int) -> Identity | None:
         return None
 
 
+def identity_after_exec(pid: int, argv: list[str], timeout: float = 2.0) -> Identity | None:
+    """identity_of(pid) once the kernel shows the exec'd command line.
+
+    Popen returns when the child's close-on-exec error pipe closes, which happens part-way
+    through execve: /proc/PID/cmdline can still be empty for a moment. An identity recorded
+    then (the hash of an empty command line) never verifies again, so a restarted supervisor
+    would call its own live trainer "lost" and leave it running untracked (soak finding).
+    """
+    want = _cmdline_hash(argv)
+    deadline = time.monotonic() + timeout
+    ident = identity_of(pid)
+    while ident is not None and ident.cmdline_hash != want and time.monotonic() < deadline:
+        time.sleep(0.002)
+        ident = identity_of(pid)
+    return ident
+
+
 def verify(ident: dict | None) -> bool:
     """True only when pid, start time, boot id and command line all match."""
     if not ident:
