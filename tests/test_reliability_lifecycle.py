@@ -236,6 +236,35 @@ def test_a9_identity_requires_pid_start_time_boot_id_and_cmdline() -> None:
         p.wait()
 
 
+def test_a9_identity_is_recorded_after_exec_completes(monkeypatch) -> None:
+    """Popen can return while /proc/PID/cmdline is still empty (execve half done). An identity
+    taken then never verifies, and a restarted supervisor would call its own live trainer
+    LOST (found by the 30-minute soak). The launcher waits for the exec'd command line."""
+    from supervisor import launcher
+
+    argv = [sys.executable, "-c", "import time; time.sleep(30)"]
+    p = subprocess.Popen(argv)
+    try:
+        real = launcher.identity_of
+        calls = {"n": 0}
+
+        def racy(pid: int):  # the first look happens mid-exec: empty command line
+            calls["n"] += 1
+            ident = real(pid)
+            if calls["n"] == 1 and ident is not None:
+                ident.cmdline_hash = launcher._cmdline_hash([])
+            return ident
+
+        monkeypatch.setattr(launcher, "identity_of", racy)
+        ident = launcher.identity_after_exec(p.pid, argv)
+        monkeypatch.setattr(launcher, "identity_of", real)
+        assert calls["n"] >= 2 and launcher.verify(ident.to_dict())
+        assert ident.cmdline_hash == launcher._cmdline_hash(argv)
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_a12_signals_to_the_supervisor(qlw_home: Path, tmp_path: Path) -> None:
     """SIGHUP is ignored; SIGTERM and SIGINT leave (state flushed, socket removed) while the
     trainer goes on; a second SIGTERM takes the fast path; a new supervisor re-adopts."""
