@@ -180,7 +180,9 @@ def test_a9_exit_while_no_supervisor_runs_is_read_from_the_exit_file(qlw_home: P
     os.kill(supervisor_pid(qlw_home, run_id), signal.SIGKILL)
     exit_file = run_dir(qlw_home, run_id) / "attempts" / "1" / "exit.json"
     wait_for(exit_file.exists, timeout=30, what="the wrapper's exit file")
-    assert supervisor_pid(qlw_home, run_id) is None
+    # A SIGKILLed multi-threaded process lets go of its flock only when its last thread is
+    # gone (one may sit in fsync for a while): wait for that, as `wait` would.
+    wait_for(lambda: supervisor_pid(qlw_home, run_id) is None, timeout=20, what="the lock released")
     qlw("status", run_id, check=True)  # starts a supervisor (as a user would)
     assert wait_end(run_id, 60) == 0
     evs = events(qlw_home, run_id)
