@@ -26,3 +26,14 @@ def test_exception_line_alone_with_exit_0_is_not_an_oom() -> None:
 def test_other_exception_line_alone_is_a_crash() -> None:
     tail = ["    x = f()", "RuntimeError: something else"]
     assert classify_exit(returncode=1, signal=None, stderr_tail=tail).kind == "crash"
+
+
+def test_event_writer_survives_a_full_disk() -> None:
+    """ENOSPC on the events file drops the event; the trainer's progress report never kills it."""
+    from supervisor.runner.callback import EventWriter
+
+    w = EventWriter("/dev/full")
+    w.emit("step", step=1)
+    w.emit("step", step=2)
+    assert w.dropped == 2
+    w.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -26,11 +27,12 @@ class EventWriter:
         self.path = os.fspath(path) if path else None
         self._fd: int | None = None
         self._lock = threading.Lock()
+        self.dropped = 0
         if self.path:
             parent = os.path.dirname(os.path.abspath(self.path))
             os.makedirs(parent, exist_ok=True)
             # O_APPEND: each write lands at the end even if another process appends too.
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
         """Write {"t": now, "event": event, **fields}; NaN/inf are written as NaN/Infinity."""
@@ -40,9 +42,15 @@ class EventWriter:
         data = (json.dumps(record, default=str) + "\n").encode("utf-8")
         with self._lock:
             view = memoryview(data)
-            while view:  # a regular file takes it whole; the loop only guards odd filesystems
-                n = os.write(self._fd, view)
-                view = view[n:]
+            try:
+                while view:  # a regular file takes it whole; the loop only guards odd filesystems
+                    n = os.write(self._fd, view)
+                    view = view[n:]
+            except OSError as e:  # a full disk must not kill training: drop the event, say so once
+                self.dropped += 1
+                if self.dropped == 1:
+                    print(f"qlora-watch: events not written ({e.strerror}); training goes on",
+                          file=sys.stderr, flush=True)
         return record
 
     def phase(self, phase: str) -> None:
