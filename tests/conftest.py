@@ -42,6 +42,23 @@ def qlw_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert_no_leftovers(home)
 
 
+def _kill_leftover(p: psutil.Process, reap: bool = False) -> str | None:
+    """SIGKILL a leftover process and its group; its description, None if it was already gone."""
+    name = None
+    try:
+        name = f"{p.pid} {' '.join(p.cmdline()[:6])}"
+        os.killpg(os.getpgid(p.pid), signal.SIGKILL)
+    except (psutil.Error, OSError):
+        pass
+    try:
+        p.kill()
+        if reap and p.ppid() == os.getpid():
+            os.waitpid(p.pid, 0)
+    except (psutil.Error, OSError):
+        pass
+    return name
+
+
 def assert_no_leftovers(home: Path) -> None:
     """Fail (after killing them) if processes carrying QLORA_WATCH_HOME=home are still alive."""
     deadline = time.monotonic() + 10
@@ -49,17 +66,7 @@ def assert_no_leftovers(home: Path) -> None:
     while left and time.monotonic() < deadline:
         time.sleep(0.1)
         left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    names = []
-    for p in left:
-        try:
-            names.append(f"{p.pid} {' '.join(p.cmdline()[:6])}")
-            os.killpg(os.getpgid(p.pid), signal.SIGKILL)
-        except (psutil.Error, OSError):
-            pass
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
+    names = [n for n in (_kill_leftover(p) for p in left) if n]
     assert not names, f"processes left behind: {names}"
 
 
@@ -117,19 +124,7 @@ def proc_guard(qlw_home: Path):
         if not live or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    names = []
-    for p in live:
-        try:
-            names.append(f"{p.pid} {' '.join(p.cmdline()[:6])}")
-            os.killpg(os.getpgid(p.pid), signal.SIGKILL)
-        except (psutil.Error, OSError):
-            pass
-        try:
-            p.kill()
-            if p.ppid() == os.getpid():
-                os.waitpid(p.pid, 0)
-        except (psutil.Error, OSError):
-            pass
+    names = [n for n in (_kill_leftover(p, reap=True) for p in live) if n]
     assert not names, f"processes left behind: {names}"
 
 
