@@ -25,6 +25,9 @@ sys.path.insert(0, str(ROOT))
 from bench.gpu_models import build, write_text_data  # noqa: E402
 
 WORK = Path(os.environ.get("QLW_BENCH_WORK", "/tmp/qlw-bench"))
+# The physical GPU this process measures: NVML and nvidia-smi ignore CUDA_VISIBLE_DEVICES, so a
+# second suite running on another card of the same host passes --gpu (and CUDA_VISIBLE_DEVICES).
+GPU = 0
 T0 = time.monotonic()
 RESULTS: dict[str, Any] = {}
 
@@ -44,12 +47,12 @@ def log(*a: Any) -> None:
 class NvmlPeak:
     """Device memory used (NVML, MiB) sampled at 20 Hz in a thread: peak minus baseline."""
 
-    def __init__(self) -> None:
+    def __init__(self, index: int | None = None) -> None:
         import pynvml
 
         pynvml.nvmlInit()
         self.nv = pynvml
-        self.h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.h = pynvml.nvmlDeviceGetHandleByIndex(GPU if index is None else index)
         self.base = self.used()
         self.peak = self.base
         self._stop = threading.Event()
@@ -275,7 +278,7 @@ def phase_ladder(budget: float, out: Path) -> None:
     log("ladder", RESULTS["ladder"]["state"], timing)
 
 
-def phase_overhead(budget: float, out: Path, pairs: int = 1) -> None:
+def phase_overhead(budget: float, out: Path, pairs: int = 3) -> None:
     """Bare trainer vs supervised (1 Hz sampling + a client attached), interleaved."""
     mdir = build("llama-3.1-8b", 4, WORK / "llama-3.1-8b-4L")
     data = write_text_data(WORK / "data-2048.jsonl", 400, 2048 + 64)
@@ -304,7 +307,7 @@ def phase_overhead(budget: float, out: Path, pairs: int = 1) -> None:
                 run_id = res.stdout.strip().splitlines()[-1]
                 client = subprocess.Popen([sys.executable, str(ROOT / "bench" / "attach_client.py"),
                                            str(home), run_id], env=env, cwd=ROOT)
-                smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,utilization.gpu,memory.used,temperature.gpu,power.draw,clocks.sm,clocks_throttle_reasons.active",
+                smi = subprocess.Popen(["nvidia-smi", "-i", str(GPU), "--query-gpu=timestamp,utilization.gpu,memory.used,temperature.gpu,power.draw,clocks.sm,clocks_throttle_reasons.active",
                                         "--format=csv,noheader,nounits", "-l", "1"],
                                        stdout=open(rdir / "smi.csv", "w"))
                 subprocess.run(qlw + ["wait", run_id, "--timeout", str(max(30, left(budget) - 20))],
@@ -327,6 +330,172 @@ def phase_overhead(budget: float, out: Path, pairs: int = 1) -> None:
             log("overhead", mode, i, tps)
 
 
+# The 8B recipe as shipped (recipes/8b.toml: seq 4096, batch 4 x accum 4, NF4, r 64 all-linear,
+# paged_adamw_8bit), attention sdpa, then what raises tokens/s without changing the math.
+SPEED_VARIANTS: list[tuple[str, list[str]]] = [
+    ("article", []),
+    ("ours", []),
+    ("ours+liger", ["train.use_liger_kernel=true"]),
+    ("ours+liger+packing", ["train.use_liger_kernel=true", "train.packing=true", "train.padding_free=true"]),
+]
+SPEED_STEPS = 3  # step 1 is warm-up (allocator, kernels, Triton JIT); tokens/s over steps 2..3
+LLAMA_8B_PARAMS = 8.03e9
+
+
+def speed_lengths(n: int, seed: int = 1) -> list[int]:
+    """Sample lengths like an instruction dataset: log-normal, median ~900, mean ~1.2k words,
+    clipped to 64..6000 (the article's data averages 1.2k tokens)."""
+    import random
+
+    rng = random.Random(seed)
+    return [max(64, min(6000, int(rng.lognormvariate(6.8, 0.75)))) for _ in range(n)]
+
+
+def phase_speed(budget: float, out: Path, variants: str | None = None) -> None:
+    """tokens/s and MFU of the article's script (ported) against our trainer on the full-depth
+    8B shape, then with liger-kernel and padding-free packing; the same data for all."""
+    peak = RESULTS.get("bf16_matmul_tflops") or 773.9
+    mdir = build("llama-3.1-8b", None, WORK / "llama-3.1-8b-full")
+    data = write_text_data(WORK / "speed.jsonl", 0, speed_lengths(600))
+    rows = RESULTS.setdefault("speed", [])
+    wanted = set(variants.split("/")) if variants else None
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    for name, sets in SPEED_VARIANTS:
+        if wanted and name not in wanted:
+            continue
+        if left(budget) < 75:
+            log("speed: out of budget before", name)
+            break
+        rdir = WORK / "speed" / name
+        rdir.mkdir(parents=True, exist_ok=True)
+        events = rdir / "events.jsonl"
+        events.unlink(missing_ok=True)
+        if name == "article":
+            cmd = [sys.executable, str(ROOT / "bench" / "article_port.py"), "--model", str(mdir),
+                   "--data", str(data), "--out", str(rdir / "out"), "--events", str(events),
+                   "--seq", "4096", "--batch", "4", "--accum", "4", "--r", "64",
+                   "--steps", str(SPEED_STEPS), "--lr", "2e-4", "--warmup", "0.03"]
+        else:
+            sets = ["model.attn_implementation=sdpa", f"model.name={mdir}", f"data.path={data}",
+                    f"train.max_steps={SPEED_STEPS}", "train.logging_steps=1",
+                    "train.save_steps=100000", *sets]
+            cmd = [sys.executable, "-m", "supervisor.runner.train", "--recipe",
+                   str(ROOT / "recipes" / "8b.toml"), "--events", str(events),
+                   "--output-dir", str(rdir / "out")] + [x for kv in sets for x in ("--set", kv)]
+        mon = NvmlPeak()
+        t = time.monotonic()
+        try:
+            p = subprocess.run(cmd, cwd=ROOT, env=env, timeout=max(30, left(budget) - 15),
+                               capture_output=True, text=True)
+            rc, err = p.returncode, p.stderr[-2500:] if p.returncode else ""
+        except subprocess.TimeoutExpired:
+            rc, err = 124, "timed out"
+        wall = time.monotonic() - t
+        nvml_peak = mon.stop()
+        steps = [e for e in read_events(events) if e.get("event") == "step"]
+        tps = None
+        if len(steps) >= 2 and steps[-1].get("tokens") and steps[0].get("tokens"):
+            tps = (steps[-1]["tokens"] - steps[0]["tokens"]) / (steps[-1]["t"] - steps[0]["t"])
+        row = {"variant": name, "rc": rc, "wall_s": round(wall, 1), "steps": len(steps),
+               "tokens_per_s": round(tps, 1) if tps else None,
+               "mfu_pct": round(100 * 6 * LLAMA_8B_PARAMS * tps / (peak * 1e12), 2) if tps else None,
+               "step_time_s": [e.get("step_time_s") for e in steps],
+               "tokens_per_step": [e.get("tokens") for e in steps],
+               "loss": [e.get("loss") for e in steps],
+               "peak_alloc_mib": steps[-1].get("cuda_peak_alloc_mib") if steps else None,
+               "nvml_peak_mib": round(nvml_peak, 1), "error": err}
+        rows.append(row)
+        save(out)
+        log("speed", name, "rc", rc, "tok/s", row["tokens_per_s"], "MFU %", row["mfu_pct"],
+            "nvml MiB", row["nvml_peak_mib"], err[-300:])
+
+
+TERMINAL_STATES = ("completed", "failed", "stopped", "diverged", "lost")
+FSDP_DEPTHS = (4, 8)  # 70B shape at reduced depth: the per-layer slope extrapolates to 80
+
+
+def phase_fsdp(budget: float, out: Path) -> None:
+    """The 70B shape under the supervisor with FSDP-QLoRA across 2 emulated 24 GB cards (the
+    article's 70B column: seq 1024, batch 1 x accum 8, r 16), at reduced depths; per-card NVML
+    peaks give the per-layer cost, and the dashboard is shot while both cards train."""
+    import sqlite3
+
+    rows = RESULTS.setdefault("fsdp", [])
+    data = write_text_data(WORK / "data-1100.jsonl", 200, 1100)
+    home = WORK / "qlw-home-fsdp"
+    env = {**os.environ, "QLORA_WATCH_HOME": str(home),
+           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    qlw = [sys.executable, "-m", "supervisor"]
+    for depth in FSDP_DEPTHS:
+        if left(budget) < 90:
+            log("fsdp: out of budget before depth", depth)
+            break
+        mdir = build("llama-3.1-70b", depth, WORK / f"llama-3.1-70b-{depth}L")
+        rdir = WORK / "fsdp" / f"{depth}L"
+        rdir.mkdir(parents=True, exist_ok=True)
+        recipe = rdir / "recipe.toml"
+        sets = [f"model.name={mdir}", "model.attn_implementation=sdpa", f"data.path={data}",
+                f"train.output_dir={rdir / 'out'}", "train.max_steps=6", "train.logging_steps=1",
+                "train.save_steps=3", "hardware.gpus=2", "hardware.emulate_vram_gib=24",
+                "hardware.fsdp_cpu_offload=false", "supervisor.sample_interval_s=1.0"]
+        recipe.write_text((ROOT / "recipes" / "70b.toml").read_text())
+        mons = [NvmlPeak(0), NvmlPeak(1)]
+        t = time.monotonic()
+        res = subprocess.run(qlw + ["start", str(recipe), "--detach", "--force"]
+                             + [x for kv in sets for x in ("--set", kv)],
+                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=90)
+        run_id = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else None
+        if not run_id:
+            rows.append({"depth": depth, "error": res.stderr[-1500:]})
+            log("fsdp start failed", res.stderr[-800:])
+            for m in mons:
+                m.stop()
+            continue
+        shot = None
+        ev = home / "runs" / run_id / "attempts" / "1" / "events.jsonl"
+        if depth == FSDP_DEPTHS[-1]:  # wait for training, then attach the real dashboard
+            while left(budget) > 40 and time.monotonic() - t < 300:
+                if sum(1 for e in read_events(ev) if e.get("event") == "step") >= 2:
+                    shot = out / f"fsdp_{depth}L_dashboard.svg"
+                    subprocess.run([sys.executable, str(ROOT / "bench" / "live_screenshot.py"),
+                                    run_id, str(shot), "--seconds", "5"], env=env, cwd=ROOT,
+                                   timeout=60, capture_output=True)
+                    break
+                st = json.loads((home / "runs" / run_id / "state.json").read_text())
+                if st.get("state") in TERMINAL_STATES:
+                    break
+                time.sleep(1)
+        subprocess.run(qlw + ["wait", run_id, "--timeout", str(max(30, left(budget) - 30))],
+                       env=env, cwd=ROOT, timeout=max(60, left(budget)))
+        peaks = [round(m.stop(), 1) for m in mons]
+        run = home / "runs" / run_id
+        state = json.loads((run / "state.json").read_text())
+        steps = [e for e in read_events(ev) if e.get("event") == "step"]
+        tps = None
+        if len(steps) >= 3 and steps[-1].get("tokens") and steps[1].get("tokens"):
+            tps = (steps[-1]["tokens"] - steps[1]["tokens"]) / (steps[-1]["t"] - steps[1]["t"])
+        db = sqlite3.connect(run / "db.sqlite")
+        samples = [json.loads(r[0]) for r in db.execute("SELECT data FROM samples ORDER BY t")]
+        seen = sorted({g.get("index") for s_ in samples for g in s_.get("gpus", [])
+                       if (g.get("proc_mem_mib") or 0) > 0})
+        evs = [(r[0], r[1]) for r in db.execute("SELECT kind, message FROM events ORDER BY id")]
+        tail = []
+        exit_file = run / "attempts" / "1" / "exit.json"
+        if exit_file.exists():
+            tail = json.loads(exit_file.read_text()).get("tail", [])[-25:]
+        rows.append({"depth": depth, "run_id": run_id, "state": state.get("state"),
+                     "attempts": state.get("attempt"), "wall_s": round(time.monotonic() - t, 1),
+                     "steps": len(steps), "tokens_per_s": round(tps, 1) if tps else None,
+                     "nvml_peak_mib_per_gpu": peaks, "gpus_with_trainer_memory": seen,
+                     "loss": [e.get("loss") for e in steps], "events": evs[-30:],
+                     "screenshot": str(shot) if shot and shot.exists() else None, "tail": tail})
+        save(out)
+        log("fsdp", depth, state.get("state"), "peaks", peaks, "tok/s", tps, "gpus seen", seen)
+        if state.get("state") != "completed":
+            break  # the deeper run would fail the same way: keep the budget
+
+
 def telemetry_truth(run: Path, smi_csv: Path) -> None:
     """The supervisor's NVML samples against nvidia-smi lines taken in the same seconds."""
     import sqlite3
@@ -344,9 +513,9 @@ def telemetry_truth(run: Path, smi_csv: Path) -> None:
         except ValueError:
             continue
         near = min(ours, key=lambda s: abs(s["t"] - t), default=None)
-        if near is None or abs(near["t"] - t) > 0.6 or not near["gpus"]:
+        g = next((g for g in (near or {}).get("gpus", []) if g.get("index") == GPU), None)
+        if near is None or abs(near["t"] - t) > 0.6 or g is None:
             continue
-        g = near["gpus"][0]
         pairs.append({"dt": round(near["t"] - t, 3),
                       "util": (g.get("util_pct"), float(parts[1])),
                       "mem_mib": (g.get("mem_used_mib"), float(parts[2])),
@@ -354,8 +523,8 @@ def telemetry_truth(run: Path, smi_csv: Path) -> None:
                       "power_w": (g.get("power_w"), float(parts[4])),
                       "sm_mhz": (g.get("sm_clock_mhz"), float(parts[5])),
                       "throttle": (g.get("throttle_mask"), parts[6])})
-    RESULTS["telemetry_truth"] = {"pairs": pairs[:60], "n": len(pairs),
-                                  "hotspot": ours[-1]["gpus"][0].get("hotspot_reason") if ours and ours[-1]["gpus"] else None,
+    RESULTS["telemetry_truth"] = {"gpu": GPU, "pairs": pairs[:60], "n": len(pairs),
+                                  "hotspot": ours[-1]["gpus"][GPU].get("hotspot_reason") if ours and len(ours[-1]["gpus"]) > GPU else None,
                                   "sample_example": ours[len(ours) // 2] if ours else None}
 
 
@@ -364,7 +533,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget-s", type=float, default=560)
     ap.add_argument("--phases", default="env,peak,estimator,ladder,overhead")
+    ap.add_argument("--gpu", type=int, default=0, help="physical GPU index to measure (NVML, nvidia-smi)")
     args = ap.parse_args()
+    global GPU
+    GPU = args.gpu
     args.out.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
     for ph in args.phases.split(","):
@@ -379,6 +551,10 @@ def main() -> int:
                 phase_ladder(args.budget_s, args.out)
             elif ph == "overhead":
                 phase_overhead(args.budget_s, args.out)
+            elif ph.startswith("speed"):  # speed, or speed:ours/ours+liger to pick variants
+                phase_speed(args.budget_s, args.out, ph.partition(":")[2] or None)
+            elif ph == "fsdp":
+                phase_fsdp(args.budget_s, args.out)
         except Exception as e:  # noqa: BLE001 - keep what the other phases found
             import traceback
 

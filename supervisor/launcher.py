@@ -146,6 +146,8 @@ def trainer_argv(recipe: object) -> list[str]:
         "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
         "--fsdp_state_dict_type", "SHARDED_STATE_DICT",
         "--fsdp_cpu_ram_efficient_loading", "true", "--fsdp_sync_module_states", "true",
+        # QLoRA: frozen NF4 and trainable LoRA share flat parameters only without orig params
+        "--fsdp_use_orig_params", "false",
         "--fsdp_offload_params", "true" if hw.fsdp_cpu_offload else "false",
         "-m", "supervisor.runner.train",
     ]

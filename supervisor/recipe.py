@@ -137,6 +137,15 @@ class TrainSection(_Strict):
             raise ValueError("must not be / or your home folder (checkpoints are pruned in it)")
         return v
 
+    @model_validator(mode="after")
+    def _padding_free_needs_packing(self) -> TrainSection:
+        # trl refuses padding_free without packing when max_length is set (it could not truncate);
+        # packing (best-fit decreasing) is itself padding-free: say so before the GPU is touched.
+        if self.padding_free and not self.packing:
+            raise ValueError("padding_free = true needs packing = true (trl's best-fit packing is the "
+                             "padding-free mode that still enforces max_seq_len)")
+        return self
+
     @property
     def effective_batch(self) -> int:
         return self.per_device_batch * self.grad_accum

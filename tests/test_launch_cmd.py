@@ -26,6 +26,7 @@ def test_two_gpus_use_accelerate_fsdp_and_accelerate_accepts_the_command() -> No
     assert args.num_processes == 2 and args.use_fsdp and args.module
     assert args.training_script == "supervisor.runner.train"
     assert args.fsdp_sharding_strategy == "FULL_SHARD" and args.fsdp_offload_params == "true"
+    assert args.fsdp_use_orig_params == "false"  # QLoRA: NF4 and LoRA in one flat parameter
 
 
 def test_user_command_is_an_argv_list_passed_as_is() -> None:

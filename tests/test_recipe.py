@@ -91,6 +91,7 @@ def test_unknown_section_and_nested(tmp_path: Path) -> None:
         ("per_device_batch = 0", r"train.per_device_batch"),
         ('max_seq_len = "ten"', r"train.max_seq_len: Input should be a valid integer"),
         ("learning_rate = 5.0", r"train.learning_rate"),
+        ("padding_free = true", r"train: .*padding_free = true needs packing = true"),
     ],
 )
 def test_bad_values(tmp_path: Path, extra: str, pattern: str) -> None:

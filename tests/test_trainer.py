@@ -173,6 +173,18 @@ def test_event_writer_lines_and_nan(tmp_path: Path) -> None:
     assert second == {"t": second["t"], "event": "phase", "phase": "training"}
 
 
+def test_only_rank_zero_writes_events(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under accelerate launch every rank runs the trainer: one step stream, from rank 0."""
+    from supervisor.runner.callback import EventWriter
+
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        w = EventWriter(tmp_path / "ev.jsonl")
+        w.emit("step", step=int(rank))
+        w.close()
+    assert [json.loads(x)["step"] for x in (tmp_path / "ev.jsonl").read_text().splitlines()] == [0]
+
+
 def test_callback_stop_request_saves_then_stops(tmp_path: Path) -> None:
     from transformers import TrainerControl, TrainerState
 

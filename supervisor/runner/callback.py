@@ -24,6 +24,10 @@ class EventWriter:
     """Append JSON lines to a file: one os.write() per line, so readers never see half a line."""
 
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        # Under `accelerate launch` (several GPUs) every rank runs this code: only rank 0 speaks,
+        # so the supervisor sees one step stream, not one per card.
+        if os.environ.get("RANK", "0") not in ("", "0"):
+            path = None
         self.path = os.fspath(path) if path else None
         self._fd: int | None = None
         self._lock = threading.Lock()

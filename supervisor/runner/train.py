@@ -94,6 +94,17 @@ def read_recipe(path: str, overrides: list[str]) -> Recipe:
 # ------------------------------------------------------------------------------ setup steps
 
 
+def local_device() -> int:
+    """This process's CUDA device: LOCAL_RANK under `accelerate launch`, else 0. Selected here,
+    before the model loads, so that each rank quantises its weights onto its own card."""
+    import torch
+
+    index = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if torch.cuda.is_available() and torch.cuda.device_count() > index:
+        torch.cuda.set_device(index)
+    return index
+
+
 def cap_vram(recipe: Recipe, writer: Any) -> None:
     """[hardware] emulate_vram_gib: cap the CUDA caching allocator (same as
     PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction:F); a notice-only no-op without CUDA."""
@@ -105,9 +116,10 @@ def cap_vram(recipe: Recipe, writer: Any) -> None:
     if not torch.cuda.is_available():
         writer.notice(f"emulate_vram_gib={gib:g}: no CUDA device; nothing to cap")
         return
-    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    device = local_device()
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
     fraction = min(1.0, gib / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
     writer.notice(
         f"emulating a {gib:g} GiB card: allocator capped at {fraction:.4g} of {total:.1f} GiB "
         f"(= PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction:{fraction:.4g})"
@@ -346,6 +358,7 @@ def run(ctx: Context) -> int:
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         # transformers 5 dropped TrainingArguments.logging_dir; the TensorBoard callback reads this.
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(ctx.output_dir / "tensorboard"))
+        local_device()
         cap_vram(recipe, writer)
         attn = pick_attention(recipe.model.attn_implementation, writer)
         path = resolve_model_path(ctx, writer)
