@@ -307,9 +307,7 @@ def phase_overhead(budget: float, out: Path, pairs: int = 3) -> None:
                 run_id = res.stdout.strip().splitlines()[-1]
                 client = subprocess.Popen([sys.executable, str(ROOT / "bench" / "attach_client.py"),
                                            str(home), run_id], env=env, cwd=ROOT)
-                smi = subprocess.Popen(["nvidia-smi", "-i", str(GPU), "--query-gpu=timestamp,utilization.gpu,memory.used,temperature.gpu,power.draw,clocks.sm,clocks_throttle_reasons.active",
-                                        "--format=csv,noheader,nounits", "-l", "1"],
-                                       stdout=open(rdir / "smi.csv", "w"))
+                smi = smi_logger(str(GPU), rdir / "smi.csv")
                 subprocess.run(qlw + ["wait", run_id, "--timeout", str(max(30, left(budget) - 20))],
                                env=env, cwd=ROOT)
                 smi.terminate()
@@ -454,6 +452,7 @@ def phase_fsdp(budget: float, out: Path) -> None:
             continue
         shot = None
         ev = home / "runs" / run_id / "attempts" / "1" / "events.jsonl"
+        smi = smi_logger("0,1", rdir / "smi.csv")
         if depth == FSDP_DEPTHS[-1]:  # wait for training, then attach the real dashboard
             while left(budget) > 40 and time.monotonic() - t < 300:
                 if sum(1 for e in read_events(ev) if e.get("event") == "step") >= 2:
@@ -469,7 +468,12 @@ def phase_fsdp(budget: float, out: Path) -> None:
         subprocess.run(qlw + ["wait", run_id, "--timeout", str(max(30, left(budget) - 30))],
                        env=env, cwd=ROOT, timeout=max(60, left(budget)))
         peaks = [round(m.stop(), 1) for m in mons]
+        smi.terminate()
         run = home / "runs" / run_id
+        try:
+            telemetry_truth(run, rdir / "smi.csv", key=f"telemetry_truth_fsdp_{depth}L")
+        except Exception as e:  # noqa: BLE001
+            log("telemetry truth failed:", e)
         state = json.loads((run / "state.json").read_text())
         steps = [e for e in read_events(ev) if e.get("event") == "step"]
         tps = None
@@ -480,6 +484,15 @@ def phase_fsdp(budget: float, out: Path) -> None:
         seen = sorted({g.get("index") for s_ in samples for g in s_.get("gpus", [])
                        if (g.get("proc_mem_mib") or 0) > 0})
         evs = [(r[0], r[1]) for r in db.execute("SELECT kind, message FROM events ORDER BY id")]
+        # per-card device memory (the supervisor's 1 Hz samples) while loading vs while training:
+        # with a quantized model every rank loads the whole NF4 model before FSDP shards it
+        first_step = steps[0]["t"] if steps else float("inf")
+        split: dict[str, list[float]] = {"loading": [0.0, 0.0], "training": [0.0, 0.0]}
+        for s_ in samples:
+            part = "training" if s_["t"] >= first_step else "loading"
+            for g in s_.get("gpus", []):
+                if g.get("index") in (0, 1) and g.get("mem_used_mib") is not None:
+                    split[part][g["index"]] = max(split[part][g["index"]], round(g["mem_used_mib"], 1))
         tail = []
         exit_file = run / "attempts" / "1" / "exit.json"
         if exit_file.exists():
@@ -488,6 +501,7 @@ def phase_fsdp(budget: float, out: Path) -> None:
                      "attempts": state.get("attempt"), "wall_s": round(time.monotonic() - t, 1),
                      "steps": len(steps), "tokens_per_s": round(tps, 1) if tps else None,
                      "nvml_peak_mib_per_gpu": peaks, "gpus_with_trainer_memory": seen,
+                     "device_mem_mib_loading_vs_training": split,
                      "loss": [e.get("loss") for e in steps], "events": evs[-30:],
                      "screenshot": str(shot) if shot and shot.exists() else None, "tail": tail})
         save(out)
@@ -496,8 +510,21 @@ def phase_fsdp(budget: float, out: Path) -> None:
             break  # the deeper run would fail the same way: keep the budget
 
 
-def telemetry_truth(run: Path, smi_csv: Path) -> None:
-    """The supervisor's NVML samples against nvidia-smi lines taken in the same seconds."""
+SMI_QUERY = ("--query-gpu=timestamp,index,utilization.gpu,memory.used,temperature.gpu,power.draw,"
+             "clocks.sm,clocks_throttle_reasons.active")
+SMI_FIELDS = ("util", "mem_mib", "temp_c", "power_w", "sm_mhz")
+OURS_FIELDS = ("util_pct", "mem_used_mib", "temp_c", "power_w", "sm_clock_mhz")
+
+
+def smi_logger(gpus: str, path: Path) -> subprocess.Popen:
+    """nvidia-smi printing one CSV line per GPU per second (its own sampling, not ours)."""
+    return subprocess.Popen(["nvidia-smi", "-i", gpus, SMI_QUERY, "--format=csv,noheader,nounits",
+                             "-l", "1"], stdout=open(path, "w"))
+
+
+def telemetry_truth(run: Path, smi_csv: Path, key: str = "telemetry_truth") -> None:
+    """The supervisor's NVML samples against nvidia-smi lines taken in the same seconds: every
+    pair within 0.6 s, and the largest difference among pairs within 0.1 s (same instant)."""
     import sqlite3
     from datetime import datetime
 
@@ -506,26 +533,32 @@ def telemetry_truth(run: Path, smi_csv: Path) -> None:
     pairs = []
     for line in smi_csv.read_text().splitlines():
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) < 7:
+        if len(parts) < 8:
             continue
         try:
             t = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            index = int(parts[1])
+            values = [float(x) for x in parts[2:7]]
         except ValueError:
             continue
         near = min(ours, key=lambda s: abs(s["t"] - t), default=None)
-        g = next((g for g in (near or {}).get("gpus", []) if g.get("index") == GPU), None)
+        g = next((g for g in (near or {}).get("gpus", []) if g.get("index") == index), None)
         if near is None or abs(near["t"] - t) > 0.6 or g is None:
             continue
-        pairs.append({"dt": round(near["t"] - t, 3),
-                      "util": (g.get("util_pct"), float(parts[1])),
-                      "mem_mib": (g.get("mem_used_mib"), float(parts[2])),
-                      "temp_c": (g.get("temp_c"), float(parts[3])),
-                      "power_w": (g.get("power_w"), float(parts[4])),
-                      "sm_mhz": (g.get("sm_clock_mhz"), float(parts[5])),
-                      "throttle": (g.get("throttle_mask"), parts[6])})
-    RESULTS["telemetry_truth"] = {"gpu": GPU, "pairs": pairs[:60], "n": len(pairs),
-                                  "hotspot": ours[-1]["gpus"][GPU].get("hotspot_reason") if ours and len(ours[-1]["gpus"]) > GPU else None,
-                                  "sample_example": ours[len(ours) // 2] if ours else None}
+        pair: dict[str, Any] = {"dt": round(near["t"] - t, 3), "gpu": index}
+        for name, ours_name, theirs in zip(SMI_FIELDS, OURS_FIELDS, values, strict=True):
+            pair[name] = (g.get(ours_name), theirs)
+        pair["throttle"] = (g.get("throttle_mask"), int(parts[7], 16) if parts[7].startswith("0x") else parts[7])
+        pairs.append(pair)
+    close = [p for p in pairs if abs(p["dt"]) <= 0.1]
+    worst = {name: max((abs(p[name][0] - p[name][1]) for p in close if p[name][0] is not None), default=None)
+             for name in SMI_FIELDS}
+    worst["throttle_mismatches"] = sum(1 for p in close if p["throttle"][0] != p["throttle"][1])
+    RESULTS[key] = {"n": len(pairs), "n_within_0.1s": len(close), "worst_within_0.1s": worst,
+                    "busy_pairs": sum(1 for p in pairs if (p["util"][1] or 0) > 50),
+                    "pairs": pairs[:400],
+                    "hotspot": [g.get("hotspot_reason") for g in ours[-1]["gpus"]] if ours else None,
+                    "sample_example": ours[len(ours) // 2] if ours else None}
 
 
 def main() -> int:

@@ -158,6 +158,20 @@ def test_fake_h200_sample():
     assert g.proc_mem_mib is None and not g.lost  # no trainer PIDs given
 
 
+def test_memory_used_as_nvidia_smi_shows_it():
+    """The v1 call counts the driver's reserved memory as used (H200: 1276 vs 661 MiB idle)."""
+    fake = FakeNVML([FakeDevice(mem_used_mib=661, mem_reserved_mib=615)])
+    fake.open()
+    (g,) = fake.sample_gpus()
+    assert g.mem_used_mib == 661
+    fake.fail("nvmlDeviceGetMemoryInfo_v2", ERROR_NOT_SUPPORTED)  # an older driver: v1, once
+    (g,) = fake.sample_gpus()
+    assert g.mem_used_mib == 661 + 615
+    fake.clear("nvmlDeviceGetMemoryInfo_v2")
+    (g,) = fake.sample_gpus()
+    assert g.mem_used_mib == 661 + 615  # not asked again while the driver is loaded
+
+
 def test_hotspot_where_reported_and_old_pynvml_fallback():
     fake = FakeNVML([FakeDevice(hotspot_c=71)], has_temperature_v=False)
     fake.open()

@@ -59,6 +59,7 @@ class FakeDevice:
     uuid: str = "GPU-00000000-fake-0000-0000-000000000000"
     mem_total_mib: float = 143771.0
     mem_used_mib: float = 512.0  # baseline: the driver's own reservation
+    mem_reserved_mib: float = 0.0  # counted as used by the v1 call only (the H200: ~615 MiB)
     util_pct: int = 0
     mem_util_pct: int = 0
     temp_c: int = 34
@@ -215,11 +216,23 @@ class FakeNVML:
         d = self._enter("nvmlDeviceGetUtilizationRates", h)
         return SimpleNamespace(gpu=d.util_pct, memory=d.mem_util_pct)  # type: ignore[union-attr]
 
-    def nvmlDeviceGetMemoryInfo(self, h: Any) -> SimpleNamespace:
+    def nvmlDeviceGetMemoryInfo(self, h: Any, version: int | None = None) -> SimpleNamespace:
+        """pynvml's call: without `version` the v1 struct (reserved memory counted as used),
+        with nvmlMemory_v2 the v2 struct (reserved apart), as nvidia-smi shows it."""
+        if version:  # fail("nvmlDeviceGetMemoryInfo_v2"): a driver without the v2 struct
+            code = self._fail.get(("nvmlDeviceGetMemoryInfo_v2", h.index),
+                                  self._fail.get(("nvmlDeviceGetMemoryInfo_v2", None)))
+            if code is not None:
+                raise _error(code)
         d = self._enter("nvmlDeviceGetMemoryInfo", h)
         assert d is not None
         used = d.mem_used_mib + sum(mib for _, mib in self._in_use(d))
         total = d.mem_total_mib * MIB
+        if version:
+            reserved = d.mem_reserved_mib * MIB
+            return SimpleNamespace(version=version, used=int(used * MIB), reserved=int(reserved),
+                                   total=int(total), free=int(total - used * MIB - reserved))
+        used += d.mem_reserved_mib
         return SimpleNamespace(used=int(used * MIB), total=int(total), free=int(total - used * MIB))
 
     def _temp(self, name: str, h: Any, sensor: int) -> int:

@@ -261,6 +261,23 @@ class Nvml:
     def _q(self, d: _Device, key: str, name: str | tuple[str, ...], *args: Any) -> Any:
         return self._qe(d, key, (name,) if isinstance(name, str) else name, *args)[0]
 
+    def _memory(self, d: _Device) -> Any:
+        """Memory info as nvidia-smi reports it. The v1 call counts the driver's reserved memory
+        as used (on the H200, 1276 MiB "used" on an idle card where nvidia-smi says 661 MiB);
+        the v2 call separates it. v1 where the driver or library lacks v2."""
+        if (d.index, "mem_v2") not in self._unsupported:
+            fn = self._fn("nvmlDeviceGetMemoryInfo")
+            version = getattr(self.lib, "nvmlMemory_v2", 0x02000028)
+            try:
+                value, err = call(fn, d.handle, version)  # GPU_IS_LOST raises GpuLost
+            except TypeError:  # a binding whose call takes no version argument
+                value, err = None, NVMLError(ERROR_NOT_SUPPORTED)
+            if err is None and value is not None:
+                return value
+            if err is None or _code(err) in PERMANENT_CODES:
+                self._unsupported.add((d.index, "mem_v2"))
+        return self._q(d, "mem", "nvmlDeviceGetMemoryInfo")
+
     def sample_gpus(self, trainer_pids: Iterable[int] = ()) -> list[GpuSample]:
         """One GpuSample per GPU; a failing field is None, a lost GPU has lost=True."""
         pids = set(trainer_pids)
@@ -284,7 +301,7 @@ class Nvml:
         util = self._q(d, "util", "nvmlDeviceGetUtilizationRates")
         if util is not None:
             g.util_pct, g.mem_util_pct = float(util.gpu), float(util.memory)
-        mem = self._q(d, "mem", "nvmlDeviceGetMemoryInfo")
+        mem = self._memory(d)
         if mem is not None:
             g.mem_used_mib, g.mem_total_mib = mem.used / MIB, mem.total / MIB
         g.temp_c = _num(self._q(d, "temp", TEMPERATURE, TEMPERATURE_GPU))
