@@ -425,7 +425,7 @@ TERMINAL_STATES = ("completed", "failed", "stopped", "diverged", "lost")
 FSDP_DEPTHS = (4, 8)  # 70B shape at reduced depth: the per-layer slope extrapolates to 80
 
 
-def phase_fsdp(budget: float, out: Path) -> None:
+def phase_fsdp(budget: float, out: Path, depths: tuple[int, ...] = FSDP_DEPTHS) -> None:
     """The 70B shape under the supervisor with FSDP-QLoRA across 2 emulated 24 GB cards (the
     article's 70B column: seq 1024, batch 1 x accum 8, r 16), at reduced depths; per-card NVML
     peaks give the per-layer cost, and the dashboard is shot while both cards train."""
@@ -438,7 +438,7 @@ def phase_fsdp(budget: float, out: Path) -> None:
            "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     qlw = [sys.executable, "-m", "supervisor"]
-    for depth in FSDP_DEPTHS:
+    for depth in depths:
         if left(budget) < 90:
             log("fsdp: out of budget before depth", depth)
             break
@@ -447,7 +447,8 @@ def phase_fsdp(budget: float, out: Path) -> None:
         rdir.mkdir(parents=True, exist_ok=True)
         recipe = rdir / "recipe.toml"
         sets = [f"model.name={mdir}", "model.attn_implementation=sdpa", f"data.path={data}",
-                f"train.output_dir={rdir / 'out'}", "train.max_steps=6", "train.logging_steps=1",
+                f"train.output_dir={rdir / 'out'}", f"train.max_steps={10 if depth == depths[-1] else 6}",
+                "train.logging_steps=1",
                 "train.save_steps=3", "hardware.gpus=2", "hardware.emulate_vram_gib=24",
                 "hardware.fsdp_cpu_offload=false", "supervisor.sample_interval_s=1.0"]
         recipe.write_text((ROOT / "recipes" / "70b.toml").read_text())
@@ -466,13 +467,18 @@ def phase_fsdp(budget: float, out: Path) -> None:
         shot = None
         ev = home / "runs" / run_id / "attempts" / "1" / "events.jsonl"
         smi = smi_logger("0,1", rdir / "smi.csv")
-        if depth == FSDP_DEPTHS[-1]:  # wait for training, then attach the real dashboard
+        shot_err = ""
+        if depth == depths[-1]:  # wait for training, then attach the real dashboard
             while left(budget) > 40 and time.monotonic() - t < 300:
-                if sum(1 for e in read_events(ev) if e.get("event") == "step") >= 2:
+                if any(e.get("event") == "step" for e in read_events(ev)):
                     shot = out / f"fsdp_{depth}L_dashboard.svg"
-                    subprocess.run([sys.executable, str(ROOT / "bench" / "live_screenshot.py"),
-                                    run_id, str(shot), "--seconds", "5"], env=env, cwd=ROOT,
-                                   timeout=60, capture_output=True)
+                    try:
+                        p = subprocess.run([sys.executable, str(ROOT / "bench" / "live_screenshot.py"),
+                                            run_id, str(shot), "--seconds", "4"], env=env, cwd=ROOT,
+                                           timeout=60, capture_output=True, text=True)
+                        shot_err = p.stderr[-2000:] if p.returncode else ""
+                    except subprocess.TimeoutExpired:
+                        shot_err = "screenshot timed out"
                     break
                 st = json.loads((home / "runs" / run_id / "state.json").read_text())
                 if st.get("state") in TERMINAL_STATES:
@@ -516,7 +522,13 @@ def phase_fsdp(budget: float, out: Path) -> None:
                      "nvml_peak_mib_per_gpu": peaks, "gpus_with_trainer_memory": seen,
                      "device_mem_mib_loading_vs_training": split,
                      "loss": [e.get("loss") for e in steps], "events": evs[-30:],
-                     "screenshot": str(shot) if shot and shot.exists() else None, "tail": tail})
+                     "screenshot": str(shot) if shot and shot.exists() else None,
+                     "screenshot_error": shot_err, "tail": tail,
+                     "checkpoints": {c.name: sorted(x.name for x in c.iterdir())
+                                     for c in sorted((rdir / "out").glob("checkpoint-*"))},
+                     "adapter_files": sorted(x.name for x in (rdir / "out" / "adapter").glob("*"))
+                     if (rdir / "out" / "adapter").is_dir() else None,
+                     "step_events": [e for e in read_events(ev) if e.get("event") == "step"]})
         save(out)
         log("fsdp", depth, state.get("state"), "peaks", peaks, "tok/s", tps, "gpus seen", seen)
         if state.get("state") != "completed":
@@ -600,8 +612,9 @@ def main() -> int:
             elif ph.startswith("speed"):  # speed or speedshort, :ours/ours+liger picks variants
                 phase_speed(args.budget_s, args.out, ph.partition(":")[2] or None,
                             short=ph.startswith("speedshort"))
-            elif ph == "fsdp":
-                phase_fsdp(args.budget_s, args.out)
+            elif ph.startswith("fsdp"):  # fsdp, or fsdp:8 for one depth
+                depths = tuple(int(x) for x in ph.partition(":")[2].split("/") if x) or FSDP_DEPTHS
+                phase_fsdp(args.budget_s, args.out, depths)
         except Exception as e:  # noqa: BLE001 - keep what the other phases found
             import traceback
 

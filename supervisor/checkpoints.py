@@ -121,10 +121,39 @@ def _check_adapter(dir_fd: int) -> str | None:
     try:
         st = os.stat("adapter_model.bin", dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
-        return "adapter_model.safetensors missing"
+        return _check_fsdp_shards(dir_fd)
     if not stat.S_ISREG(st.st_mode):
         return "adapter_model.bin is not a regular file"
     return None if st.st_size > 0 else "adapter_model.bin is empty"
+
+
+FSDP_MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate's SHARDED_STATE_DICT folder (FSDP_MODEL_NAME_0)
+
+
+def _check_fsdp_shards(dir_fd: int) -> str | None:
+    """A multi-GPU (FSDP, SHARDED_STATE_DICT) checkpoint holds no adapter file: the weights are
+    torch.distributed.checkpoint shards, whose `.metadata` the coordinator writes after every
+    rank's shard is on disk. None when that folder and its non-empty .metadata are there."""
+    try:
+        st = os.stat(FSDP_MODEL_DIR, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return "adapter_model.safetensors missing"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{FSDP_MODEL_DIR} is not a folder"
+    try:
+        sub = os.open(FSDP_MODEL_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      dir_fd=dir_fd)
+    except OSError as e:
+        return _why(e, FSDP_MODEL_DIR)
+    try:
+        meta = os.stat(".metadata", dir_fd=sub, follow_symlinks=False)
+    except FileNotFoundError:
+        return f"{FSDP_MODEL_DIR}/.metadata missing (sharded save did not finish)"
+    finally:
+        os.close(sub)
+    if not stat.S_ISREG(meta.st_mode) or meta.st_size == 0:
+        return f"{FSDP_MODEL_DIR}/.metadata is empty or not a file"
+    return None
 
 
 def _fd_tree_size(dir_fd: int) -> int:

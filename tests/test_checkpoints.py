@@ -55,6 +55,11 @@ def make_ckpt(root: Path, step: int, *, global_step: int | None = None, state: s
         (d / "adapter_model.bin").write_bytes(b"PK\3\4" + b"\0" * 100)
     elif adapter == "emptybin":
         (d / "adapter_model.bin").write_bytes(b"")
+    elif adapter in ("fsdp", "fsdp-unfinished", "fsdp-empty"):  # accelerate SHARDED_STATE_DICT
+        (d / "pytorch_model_fsdp_0").mkdir()
+        (d / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"\0" * 500)
+        if adapter != "fsdp-unfinished":
+            (d / "pytorch_model_fsdp_0" / ".metadata").write_bytes(b"" if adapter == "fsdp-empty" else b"\1" * 64)
     (d / "optimizer.pt").write_bytes(b"\0" * 1000)
     if sentinel:
         (d / "checkpoint-is-incomplete.txt").write_text("saving")
@@ -83,6 +88,9 @@ def make_ckpt(root: Path, step: int, *, global_step: int | None = None, state: s
     ({"adapter": "badjson"}, "adapter header is not valid JSON"),
     ({"adapter": "emptybin"}, "adapter_model.bin is empty"),
     ({"adapter": None}, "adapter_model.safetensors missing"),
+    ({"adapter": "fsdp"}, None),  # multi-GPU: shards, no adapter file (seen on the H200 pair)
+    ({"adapter": "fsdp-unfinished"}, "pytorch_model_fsdp_0/.metadata missing (sharded save did not finish)"),
+    ({"adapter": "fsdp-empty"}, "pytorch_model_fsdp_0/.metadata is empty or not a file"),
 ])
 def test_checkpoint_status(tmp_path, kw, reason):
     info = checkpoint_status(make_ckpt(tmp_path, 100, **kw))

@@ -173,6 +173,19 @@ def test_event_writer_lines_and_nan(tmp_path: Path) -> None:
     assert second == {"t": second["t"], "event": "phase", "phase": "training"}
 
 
+def test_one_gpu_recipe_sees_one_gpu() -> None:
+    """Trainer refuses one process seeing several GPUs (nn.DataParallel): pin GPU 0 unless the
+    user chose; several-GPU recipes and accelerate's ranks are left alone."""
+    from supervisor.runner.train import pin_one_gpu
+
+    one, two = load_recipe(TINY), load_recipe(TINY, ["hardware.gpus=2"])
+    env: dict[str, str] = {}
+    assert pin_one_gpu(one, env) == "0" and env == {"CUDA_VISIBLE_DEVICES": "0"}
+    env = {"CUDA_VISIBLE_DEVICES": "1"}
+    assert pin_one_gpu(one, env) is None and env == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert pin_one_gpu(two, {}) is None and pin_one_gpu(one, {"LOCAL_RANK": "0"}) is None
+
+
 def test_only_rank_zero_writes_events(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under accelerate launch every rank runs the trainer: one step stream, from rank 0."""
     from supervisor.runner.callback import EventWriter

@@ -345,11 +345,17 @@ def quiet_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
-def run(ctx: Context) -> int:
+def run(ctx: Context, pinned_gpu: str | None = None) -> int:
     """Load, tokenise, train, save; returns the exit code (exceptions propagate)."""
     from supervisor.runner.callback import EventWriter, QloraWatchCallback
 
     writer = EventWriter(ctx.events_path)
+    if pinned_gpu is not None:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() >= 1:
+            writer.notice(f"hardware.gpus = 1: training on GPU {pinned_gpu} only "
+                          "(set CUDA_VISIBLE_DEVICES in [env] to pick another)")
     recipe = ctx.recipe
     signal.signal(signal.SIGTERM, _stop_before_training)
     try:
@@ -398,16 +404,32 @@ def run(ctx: Context) -> int:
         return 0
     writer.phase("saving")
     adapter = ctx.output_dir / "adapter"
-    trainer.save_model(str(adapter))  # a PeftModel saves only the adapter
-    tokenizer.save_pretrained(str(adapter))
+    if getattr(trainer, "is_fsdp_enabled", False):
+        # SHARDED_STATE_DICT (the checkpoints' format) makes save_model write nothing at all:
+        # gather the full state dict once for the final adapter (found on 2 x H200)
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(adapter))  # a PeftModel saves only the adapter; every rank takes part
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(str(adapter))
     writer.emit("finished", step=trainer.state.global_step, adapter_path=str(adapter))
     writer.phase("finished")
     writer.close()
     return 0
 
 
+def pin_one_gpu(recipe: Recipe, env: Any = os.environ) -> str | None:
+    """hardware.gpus = 1 on a machine with several GPUs: make one visible, before torch looks.
+    transformers' Trainer refuses a single process that sees several GPUs (it would need
+    nn.DataParallel): found on a 2 x H200 host. CUDA_VISIBLE_DEVICES set by the user wins."""
+    if recipe.hardware.gpus != 1 or "CUDA_VISIBLE_DEVICES" in env or "LOCAL_RANK" in env:
+        return None
+    env["CUDA_VISIBLE_DEVICES"] = "0"
+    return "0"
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run(load_context(parse_args(argv)))
+    ctx = load_context(parse_args(argv))
+    return run(ctx, pinned_gpu=pin_one_gpu(ctx.recipe))
 
 
 if __name__ == "__main__":
