@@ -425,13 +425,14 @@ TERMINAL_STATES = ("completed", "failed", "stopped", "diverged", "lost")
 FSDP_DEPTHS = (4, 8)  # 70B shape at reduced depth: the per-layer slope extrapolates to 80
 
 
-def phase_fsdp(budget: float, out: Path, depths: tuple[int, ...] = FSDP_DEPTHS) -> None:
+def phase_fsdp(budget: float, out: Path, depths: tuple[int, ...] = FSDP_DEPTHS,
+               extra: tuple[str, ...] = (), key: str = "fsdp") -> None:
     """The 70B shape under the supervisor with FSDP-QLoRA across 2 emulated 24 GB cards (the
     article's 70B column: seq 1024, batch 1 x accum 8, r 16), at reduced depths; per-card NVML
     peaks give the per-layer cost, and the dashboard is shot while both cards train."""
     import sqlite3
 
-    rows = RESULTS.setdefault("fsdp", [])
+    rows = RESULTS.setdefault(key, [])
     data = write_text_data(WORK / "data-1100.jsonl", 200, 1100)
     home = WORK / "qlw-home-fsdp"
     env = {**os.environ, "QLORA_WATCH_HOME": str(home),
@@ -443,14 +444,14 @@ def phase_fsdp(budget: float, out: Path, depths: tuple[int, ...] = FSDP_DEPTHS) 
             log("fsdp: out of budget before depth", depth)
             break
         mdir = build("llama-3.1-70b", depth, WORK / f"llama-3.1-70b-{depth}L")
-        rdir = WORK / "fsdp" / f"{depth}L"
+        rdir = WORK / key / f"{depth}L"
         rdir.mkdir(parents=True, exist_ok=True)
         recipe = rdir / "recipe.toml"
         sets = [f"model.name={mdir}", "model.attn_implementation=sdpa", f"data.path={data}",
                 f"train.output_dir={rdir / 'out'}", f"train.max_steps={10 if depth == depths[-1] else 6}",
                 "train.logging_steps=1",
                 "train.save_steps=3", "hardware.gpus=2", "hardware.emulate_vram_gib=24",
-                "hardware.fsdp_cpu_offload=false", "supervisor.sample_interval_s=1.0"]
+                "hardware.fsdp_cpu_offload=false", "supervisor.sample_interval_s=1.0", *extra]
         recipe.write_text((ROOT / "recipes" / "70b.toml").read_text())
         mons = [NvmlPeak(0), NvmlPeak(1)]
         t = time.monotonic()
@@ -528,7 +529,10 @@ def phase_fsdp(budget: float, out: Path, depths: tuple[int, ...] = FSDP_DEPTHS) 
                                      for c in sorted((rdir / "out").glob("checkpoint-*"))},
                      "adapter_files": sorted(x.name for x in (rdir / "out" / "adapter").glob("*"))
                      if (rdir / "out" / "adapter").is_dir() else None,
-                     "step_events": [e for e in read_events(ev) if e.get("event") == "step"]})
+                     "step_events": [e for e in read_events(ev) if e.get("event") == "step"],
+                     "steps_by_attempt": {a.name: [e.get("step") for e in read_events(a / "events.jsonl")
+                                                   if e.get("event") == "step"]
+                                          for a in sorted((run / "attempts").iterdir())}})
         save(out)
         log("fsdp", depth, state.get("state"), "peaks", peaks, "tok/s", tps, "gpus seen", seen)
         if state.get("state") != "completed":
@@ -615,6 +619,9 @@ def main() -> int:
             elif ph.startswith("fsdp"):  # fsdp, or fsdp:8 for one depth
                 depths = tuple(int(x) for x in ph.partition(":")[2].split("/") if x) or FSDP_DEPTHS
                 phase_fsdp(args.budget_s, args.out, depths)
+            elif ph == "fsdpresume":  # OOM at step 4 on both ranks -> rung 768 resumes checkpoint-4
+                phase_fsdp(args.budget_s, args.out, (4,), key="fsdp_resume", extra=(
+                    "debug.raise_oom_above_seq_len=800", "train.save_steps=2", "train.max_steps=8"))
         except Exception as e:  # noqa: BLE001 - keep what the other phases found
             import traceback
 

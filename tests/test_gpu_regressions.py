@@ -37,3 +37,55 @@ def test_event_writer_survives_a_full_disk() -> None:
     w.emit("step", step=2)
     assert w.dropped == 2
     w.close()
+
+
+def _accelerate_failure(rank_lines: dict[int, list[str]]) -> list[str]:
+    """The tail of `accelerate launch` (torch elastic) when its ranks fail: the ranks'
+    tracebacks with a '[rankN]:' prefix, then the launcher's own ChildFailedError and
+    CalledProcessError tracebacks, which name no cause."""
+    tail: list[str] = []
+    for rank, lines in rank_lines.items():
+        tail += [f"[rank{rank}]: {x}" for x in ["Traceback (most recent call last):",
+                                              '  File "/w/supervisor/runner/train.py", line 400, in run',
+                                              "    trainer.train()", *lines]]
+    tail += [
+        "E1128 12:50:01.000000 1234 torch/distributed/elastic/multiprocessing/api.py:900] failed (exitcode: 1)",
+        "Traceback (most recent call last):",
+        '  File "/usr/lib/python3.12/runpy.py", line 198, in _run_module_as_main',
+        '  File "/opt/torch/lib/python3.12/site-packages/torch/distributed/run.py", line 150, in __call__',
+        "    raise ChildFailedError(",
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+        "============================================================",
+        "supervisor.runner.train FAILED",
+        "------------------------------------------------------------",
+        "Root Cause (first observed failure):",
+        "[0]:",
+        "  exitcode  : 1 (pid: 4242)",
+        "  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html",
+        "============================================================",
+        "Traceback (most recent call last):",
+        '  File "/opt/accelerate/commands/launch.py", line 1200, in launch_command',
+        "    raise subprocess.CalledProcessError(returncode=process.returncode, cmd=cmd)",
+        "subprocess.CalledProcessError: Command '['python3', '-m', 'supervisor.runner.train']' returned non-zero exit status 1.",
+    ]
+    return tail
+
+
+def test_oom_on_one_rank_under_accelerate_is_cuda_oom() -> None:
+    """Several GPUs: the final traceback is the launcher's; the ranks' tracebacks decide."""
+    tail = _accelerate_failure({
+        1: ["RuntimeError: NCCL communicator was aborted"],
+        0: ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.75 GiB."],
+    })
+    cls = classify_exit(returncode=1, signal=None, stderr_tail=tail)
+    assert cls.kind == "cuda_oom" and "OutOfMemoryError" in (cls.detail or ""), cls
+
+
+def test_rank_config_error_and_rank_crash_under_accelerate() -> None:
+    tail = _accelerate_failure({0: ["ModuleNotFoundError: No module named 'liger_kernel'"]})
+    assert classify_exit(returncode=1, signal=None, stderr_tail=tail).kind == "config_error"
+    tail = _accelerate_failure({0: ["RuntimeError: CUDA error: an illegal memory access"]})
+    assert classify_exit(returncode=1, signal=None, stderr_tail=tail).kind == "crash"
+    # no rank lines at all (older torch prints ranks unprefixed): the launcher's error stands
+    tail = [x for x in _accelerate_failure({}) if not x.startswith("[rank")]
+    assert classify_exit(returncode=1, signal=None, stderr_tail=tail).kind == "crash"

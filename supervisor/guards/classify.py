@@ -75,6 +75,24 @@ def final_traceback(lines: list[str]) -> list[str]:
     return []
 
 
+_RANK = re.compile(r"^\[(?:default)?rank(?P<rank>\d+)\]:[ ]?")
+_LAUNCHER_EXC = ("ChildFailedError", "CalledProcessError")
+
+
+def rank_traceback(lines: list[str]) -> list[str]:
+    """Under `accelerate launch` / torchrun the final traceback is the launcher's own
+    (ChildFailedError, then CalledProcessError); the cause is in the ranks' tracebacks, printed
+    before it as '[rank0]: ...' lines. The first rank traceback that shows a CUDA OOM, else the
+    first rank's, with the prefixes stripped ([] if there are none)."""
+    by_rank: dict[str, list[str]] = {}
+    for line in lines:
+        m = _RANK.match(line)
+        if m:
+            by_rank.setdefault(m.group("rank"), []).append(line[m.end():])
+    tbs = [tb for tb in (final_traceback(v) for v in by_rank.values()) if tb]
+    return next((tb for tb in tbs if _OOM.search("\n".join(tb))), tbs[0] if tbs else [])
+
+
 def _exception_line(tb: list[str]) -> tuple[str | None, str | None]:
     """(type, line) of the traceback's exception: the last line shaped like 'pkg.FooError: msg'."""
     for line in reversed(tb):
@@ -132,6 +150,9 @@ def classify_exit(
         if final and _EXC.match(final[0].strip()):
             tb = final
     exc, exc_line = _exception_line(tb)
+    if exc and exc.endswith(_LAUNCHER_EXC):  # several GPUs: classify what the ranks raised
+        tb = rank_traceback(tail) or tb
+        exc, exc_line = _exception_line(tb)
     tb_text = "\n".join(tb)
     # bnb's native error has no traceback; only a line at the very end counts.
     last = [x for x in tail if x.strip()][-5:]
