@@ -86,6 +86,9 @@ def test_rank_config_error_and_rank_crash_under_accelerate() -> None:
     assert classify_exit(returncode=1, signal=None, stderr_tail=tail).kind == "config_error"
     tail = _accelerate_failure({0: ["RuntimeError: CUDA error: an illegal memory access"]})
     assert classify_exit(returncode=1, signal=None, stderr_tail=tail).kind == "crash"
-    # no rank lines at all (older torch prints ranks unprefixed): the launcher's error stands
-    tail = [x for x in _accelerate_failure({}) if not x.startswith("[rank")]
-    assert classify_exit(returncode=1, signal=None, stderr_tail=tail).kind == "crash"
+    # no rank traceback at all: the launcher's error stands
+    assert classify_exit(returncode=1, signal=None, stderr_tail=_accelerate_failure({})).kind == "crash"
+    # ranks printed without the '[rankN]:' prefix: the last traceback before the launcher's
+    tail = [x.split(": ", 1)[1] if x.startswith("[rank") else x for x in _accelerate_failure(
+        {0: ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.75 GiB."]})]
+    assert classify_exit(returncode=1, signal=None, stderr_tail=tail).kind == "cuda_oom"

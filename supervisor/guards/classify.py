@@ -90,7 +90,15 @@ def rank_traceback(lines: list[str]) -> list[str]:
         if m:
             by_rank.setdefault(m.group("rank"), []).append(line[m.end():])
     tbs = [tb for tb in (final_traceback(v) for v in by_rank.values()) if tb]
-    return next((tb for tb in tbs if _OOM.search("\n".join(tb))), tbs[0] if tbs else [])
+    if tbs:
+        return next((tb for tb in tbs if _OOM.search("\n".join(tb))), tbs[0])
+    rest = lines  # unprefixed ranks: the last traceback before the launcher's own ones
+    while tb := final_traceback(rest):
+        exc, _ = _exception_line(tb)
+        if not (exc and exc.endswith(_LAUNCHER_EXC)):
+            return tb
+        rest = rest[: len(rest) - len(tb)]
+    return []
 
 
 def _exception_line(tb: list[str]) -> tuple[str | None, str | None]:
