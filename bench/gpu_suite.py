@@ -601,6 +601,10 @@ def main() -> int:
     GPU = args.gpu
     args.out.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
+    known = ("env", "peak", "estimator", "ladder", "overhead", "speed", "speedshort", "fsdp", "fsdpresume")
+    unknown = [ph for ph in args.phases.split(",") if ph.split(":")[0] not in known]
+    if unknown:  # a typo must not spend device time on other phases
+        ap.error(f"unknown phases {unknown}; known: {', '.join(known)}")
     for ph in args.phases.split(","):
         try:
             if ph == "env":
@@ -613,15 +617,15 @@ def main() -> int:
                 phase_ladder(args.budget_s, args.out)
             elif ph == "overhead":
                 phase_overhead(args.budget_s, args.out)
-            elif ph.startswith("speed"):  # speed or speedshort, :ours/ours+liger picks variants
+            elif ph.split(":")[0] in ("speed", "speedshort"):  # :ours/ours+liger picks variants
                 phase_speed(args.budget_s, args.out, ph.partition(":")[2] or None,
                             short=ph.startswith("speedshort"))
-            elif ph.startswith("fsdp"):  # fsdp, or fsdp:8 for one depth
-                depths = tuple(int(x) for x in ph.partition(":")[2].split("/") if x) or FSDP_DEPTHS
-                phase_fsdp(args.budget_s, args.out, depths)
             elif ph == "fsdpresume":  # OOM at step 4 on both ranks -> rung 768 resumes checkpoint-4
                 phase_fsdp(args.budget_s, args.out, (4,), key="fsdp_resume", extra=(
                     "debug.raise_oom_above_seq_len=800", "train.save_steps=2", "train.max_steps=8"))
+            elif ph == "fsdp" or ph.startswith("fsdp:"):  # fsdp, or fsdp:8 for one depth
+                depths = tuple(int(x) for x in ph.partition(":")[2].split("/") if x) or FSDP_DEPTHS
+                phase_fsdp(args.budget_s, args.out, depths)
         except Exception as e:  # noqa: BLE001 - keep what the other phases found
             import traceback
 

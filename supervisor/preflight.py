@@ -649,10 +649,14 @@ def suggest(shape: ModelShape, recipe: Recipe, report: FitReport, cal: Calibrati
         per = fsdp_two_card_need(rows, shape, False, cal)
         off = fsdp_two_card_need(rows, shape, True, cal)
         out.append(f"- two {card / GIB:g} GiB cards with FSDP-QLoRA: about {_gib(per)} per card "
-                   "(weights, adapter, optimizer halved; activations and the gathered "
-                   f"embeddings/lm_head whole): {'fits' if per <= card else 'does not fit'}; "
+                   "while training (weights, adapter, optimizer halved; activations and the "
+                   f"gathered embeddings/lm_head whole): {'fits' if per <= card else 'does not fit'}; "
                    f"with the shards offloaded to CPU RAM about {_gib(off)} per card: "
-                   f"{'fits' if off <= card else 'does not fit'}")
+                   f"{'fits' if off <= card else 'does not fit'}. But loading comes first: "
+                   "transformers 5 quantises the whole model onto every rank's card before FSDP "
+                   "shards it (measured on 2 x H200: +469 MiB per 70B layer on each card before the "
+                   f"first step, a whole NF4 layer), so each card needs the single-card {_gib(floor)} to load: "
+                   f"{'fits' if floor <= card else 'does not fit'}")
     else:
         eff = recipe.train.effective_batch
         for b in range(recipe.train.per_device_batch - 1, 0, -1):

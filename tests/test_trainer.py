@@ -186,6 +186,33 @@ def test_one_gpu_recipe_sees_one_gpu() -> None:
     assert pin_one_gpu(two, {}) is None and pin_one_gpu(one, {"LOCAL_RANK": "0"}) is None
 
 
+def test_liger_is_skipped_with_a_notice_where_it_cannot_run() -> None:
+    """The GPU recipes turn liger-kernel on; on a CPU (or without the package) training goes on
+    without it and says so, instead of transformers' ImportError at trainer start."""
+    from supervisor.runner.train import liger_usable, sft_config
+
+    class Notes:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def notice(self, message: str, **_: Any) -> None:
+            self.lines.append(message)
+
+    gpu_recipe = load_recipe(REPO / "recipes" / "8b.toml")
+    assert gpu_recipe.train.use_liger_kernel and not gpu_recipe.train.packing
+    notes = Notes()
+    assert liger_usable(gpu_recipe, notes) is False  # this machine has no CUDA
+    assert len(notes.lines) == 1 and "training without them" in notes.lines[0]
+    tiny = load_recipe(TINY)
+    assert liger_usable(tiny, notes) is False and len(notes.lines) == 1  # off: no notice
+    from supervisor.runner.train import load_context, parse_args
+
+    ctx = load_context(parse_args(["--set", "train.use_liger_kernel=true"]),
+                       {"QLW_RECIPE": str(TINY), "QLW_OUTPUT_DIR": "/tmp/qlw-liger-test"})
+    assert ctx.recipe.train.use_liger_kernel
+    assert sft_config(ctx, use_liger=False).use_liger_kernel is False
+
+
 def test_only_rank_zero_writes_events(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under accelerate launch every rank runs the trainer: one step stream, from rank 0."""
     from supervisor.runner.callback import EventWriter
