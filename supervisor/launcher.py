@@ -133,7 +133,9 @@ def spawn(
 def trainer_argv(recipe: object) -> list[str]:
     """The trainer's argv: the recipe's own command, the built-in trainer, or for several GPUs
     the built-in trainer under `accelerate launch` with FSDP (FSDP-QLoRA: each card holds a
-    shard of the NF4 weights; the 70B shape needs two 24 GB cards plus CPU offload)."""
+    shard of the NF4 weights while training; run on 2 x H200 with the 70B shape at 4 and 8
+    layers, docs/benchmarks.md). Loading is not sharded: every rank quantises the whole model
+    onto its card first, so each card must hold the NF4 model once."""
     hw, tr = recipe.hardware, recipe.trainer  # type: ignore[attr-defined]
     if tr.command:
         return list(tr.command)
