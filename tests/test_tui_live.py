@@ -80,7 +80,9 @@ def test_attach_over_ssh_forwards_a_unix_socket(qlw_home: Path, tmp_path: Path) 
     run_id = qlw("start", str(recipe), "--detach", check=True).stdout.strip().splitlines()[-1]
     log = tmp_path / "ssh.log"
     env = {**os.environ, "QLORA_WATCH_HOME": str(qlw_home), "TERM": "xterm-256color",
-           "QLORA_WATCH_SSH": str(ROOT / "tests" / "fakes" / "fake_ssh.py"), "FAKE_SSH_LOG": str(log)}
+           "QLORA_WATCH_SSH": str(ROOT / "tests" / "fakes" / "fake_ssh.py"), "FAKE_SSH_LOG": str(log),
+           # fake_ssh.py runs under `env python3`: this interpreter's, even from an unactivated venv
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     child = pexpect.spawn(sys.executable, ["-m", "supervisor", "attach", "--ssh", "me@gpu-box", run_id],
                           dimensions=(48, 160), env=env, timeout=60, cwd=str(ROOT))
     try:
