@@ -1,0 +1,67 @@
+"""The GPU bench scripts run on machines with GPUs only; what can be checked here is checked:
+the phase names (a typo spent device time once), the article port on the tiny model, and the
+telemetry-truth pairing against an nvidia-smi CSV."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_unknown_phase_is_refused_before_any_work(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--out", str(tmp_path),
+                        "--phases", "env,fsdpresum"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "unknown phases ['fsdpresum']" in p.stderr
+    assert not (tmp_path / "gpu_results.json").exists()
+
+
+def test_telemetry_truth_pairs_our_samples_with_nvidia_smi_lines(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    import bench.gpu_suite as suite
+
+    db = sqlite3.connect(tmp_path / "db.sqlite")
+    db.execute("CREATE TABLE samples (t REAL, data TEXT)")
+    lines = []
+    for i in range(5):
+        t = 1_800_000_000.0 + i
+        gpus = [{"index": g, "util_pct": 97.0, "mem_used_mib": 7049.0 + g, "temp_c": 55.0,
+                 "power_w": 362.4, "sm_clock_mhz": 1845.0, "throttle_mask": 4} for g in (0, 1)]
+        db.execute("INSERT INTO samples VALUES (?, ?)", (t, json.dumps({"t": t, "gpus": gpus})))
+        stamp = datetime.fromtimestamp(t + 0.03).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
+        lines += [f"{stamp}, {g}, 97, {7049 + g}, 55, 362.44, 1845, 0x0000000000000004" for g in (0, 1)]
+    db.commit()
+    (tmp_path / "smi.csv").write_text("garbage line\n" + "\n".join(lines) + "\n")
+    suite.telemetry_truth(tmp_path, tmp_path / "smi.csv", key="t")
+    r = suite.RESULTS["t"]
+    assert r["n"] == r["n_within_0.1s"] == 10 and {p["gpu"] for p in r["pairs"]} == {0, 1}
+    assert r["worst_within_0.1s"]["mem_mib"] == 0 and r["worst_within_0.1s"]["throttle_mismatches"] == 0
+    assert r["worst_within_0.1s"]["power_w"] == pytest.approx(0.04)
+
+
+@pytest.mark.timeout(240)
+def test_article_port_trains_the_tiny_model(tmp_path: Path) -> None:
+    """bench/article_port.py is the article's script: it must still run on current APIs."""
+    from supervisor.recipe import load_recipe
+    from supervisor.runner.tiny import build_tiny
+
+    tiny = load_recipe(ROOT / "recipes" / "tiny.toml")
+    model, _ = build_tiny(tiny.model.tiny, tiny.data.path, tmp_path / "cache", tiny.data.format)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": "w1 w2 w3 " * 20}) + "\n" for _ in range(16)))
+    events = tmp_path / "ev.jsonl"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "article_port.py"), "--model", str(model),
+                        "--data", str(data), "--out", str(tmp_path / "out"), "--events", str(events),
+                        "--seq", "64", "--batch", "2", "--accum", "1", "--r", "4", "--steps", "2"],
+                       capture_output=True, text=True, timeout=220, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    steps = [json.loads(x) for x in events.read_text().splitlines() if '"step"' in x]
+    assert [s["step"] for s in steps if s["event"] == "step"] == [1, 2]
+    assert all(s["tokens"] > 0 for s in steps if s["event"] == "step")
