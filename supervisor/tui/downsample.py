@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def minmax(
@@ -45,41 +45,27 @@ def stride(
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def bucket_max(ys: Sequence[float], cells: int) -> list[float]:
-    """At most `cells` values: each the max of its bucket (a sparkline shows peaks)."""
+def reduce_buckets(ys: Sequence[float], cells: int, reduce: Callable[[Sequence[float]], float]) -> list[float]:
+    """At most `cells` values: `reduce` of each of `cells` consecutive, never empty buckets."""
     n = len(ys)
     if cells <= 0 or n == 0:
         return []
     if n <= cells:
         return list(ys)
-    return [
-        max(ys[n * b // cells : max(n * (b + 1) // cells, n * b // cells + 1)])
-        for b in range(cells)
-    ]
+    return [reduce(ys[n * b // cells : max(n * (b + 1) // cells, n * b // cells + 1)])
+            for b in range(cells)]
+
+
+def bucket_max(ys: Sequence[float], cells: int) -> list[float]:
+    """Each the max of its bucket (a sparkline shows peaks)."""
+    return reduce_buckets(ys, cells, max)
 
 
 def bucket_min(ys: Sequence[float], cells: int) -> list[float]:
-    """At most `cells` values: each the min of its bucket (a sparkline shows dips)."""
-    n = len(ys)
-    if cells <= 0 or n == 0:
-        return []
-    if n <= cells:
-        return list(ys)
-    return [
-        min(ys[n * b // cells : max(n * (b + 1) // cells, n * b // cells + 1)])
-        for b in range(cells)
-    ]
+    """Each the min of its bucket (a sparkline shows dips)."""
+    return reduce_buckets(ys, cells, min)
 
 
 def bucket_mean(ys: Sequence[float], cells: int) -> list[float]:
-    """At most `cells` values: each the mean of its bucket."""
-    n = len(ys)
-    if cells <= 0 or n == 0:
-        return []
-    if n <= cells:
-        return list(ys)
-    out = []
-    for b in range(cells):
-        seg = ys[n * b // cells : max(n * (b + 1) // cells, n * b // cells + 1)]
-        out.append(sum(seg) / len(seg))
-    return out
+    """Each the mean of its bucket."""
+    return reduce_buckets(ys, cells, lambda seg: sum(seg) / len(seg))
