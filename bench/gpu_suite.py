@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.gpu_models import build, write_text_data  # noqa: E402
+from supervisor.states import TERMINAL_VALUES  # noqa: E402
 
 WORK = Path(os.environ.get("QLW_BENCH_WORK", "/tmp/qlw-bench"))
 # The physical GPU this process measures: NVML and nvidia-smi ignore CUDA_VISIBLE_DEVICES, so a
@@ -30,6 +31,7 @@ WORK = Path(os.environ.get("QLW_BENCH_WORK", "/tmp/qlw-bench"))
 GPU = 0
 T0 = time.monotonic()
 RESULTS: dict[str, Any] = {}
+QLW = [sys.executable, "-m", "supervisor"]
 
 
 def left(budget: float) -> float:
@@ -75,8 +77,8 @@ class NvmlPeak:
 
 def recipe_text(model_dir: Path, data: Path, out: Path, *, seq: int, batch: int, accum: int = 1,
                 r: int = 16, targets: str = '"all-linear"', steps: int = 3, save_steps: int = 1000,
-                extra: str = "") -> str:
-    return textwrap.dedent(f"""
+                extra: str = "", shuffle: bool = True) -> str:
+    text = textwrap.dedent(f"""
         name = "bench"
         oom_ladder = [{{ "train.max_seq_len" = 768 }}, {{ "lora.r" = 8 }}, {{ "lora.target_modules" = ["q_proj", "v_proj"] }}]
         [model]
@@ -101,15 +103,25 @@ def recipe_text(model_dir: Path, data: Path, out: Path, *, seq: int, batch: int,
         learning_rate = 1e-4
         [env]
         PYTORCH_CUDA_ALLOC_CONF = "expandable_segments:True"
-    """) + textwrap.dedent(extra)
+    """)
+    if not shuffle:  # the data in file order (the ladder's OOM lands on a known step)
+        text = text.replace("[train]\n", "[train]\nshuffle = false\n", 1)
+    return text + textwrap.dedent(extra)
+
+
+def bench_env(home: Path | None = None) -> dict[str, str]:
+    """This environment with the repository on PYTHONPATH (and QLORA_WATCH_HOME when given)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    if home is not None:
+        env["QLORA_WATCH_HOME"] = str(home)
+    return env
 
 
 def run_trainer(recipe: Path, events: Path, out: Path, timeout: float) -> tuple[int, float]:
     cmd = [sys.executable, "-m", "supervisor.runner.train", "--recipe", str(recipe),
            "--events", str(events), "--output-dir", str(out)]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     t = time.monotonic()
-    p = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
+    p = subprocess.run(cmd, cwd=ROOT, env=bench_env(), timeout=timeout, capture_output=True, text=True)
     if p.returncode != 0:
         log("trainer failed:", p.stderr[-1500:])
     return p.returncode, time.monotonic() - t
@@ -119,6 +131,36 @@ def read_events(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def step_events(path: Path) -> list[dict]:
+    """The step records of a trainer's events.jsonl."""
+    return [e for e in read_events(path) if e.get("event") == "step"]
+
+
+def tokens_per_s(steps: list[dict], skip: int = 0) -> float | None:
+    """Tokens/s from the first to the last step record, after `skip` warm-up steps (None: too few)."""
+    tail = steps[skip:]
+    if len(tail) >= 2 and tail[-1].get("tokens") and tail[0].get("tokens"):
+        return (tail[-1]["tokens"] - tail[0]["tokens"]) / (tail[-1]["t"] - tail[0]["t"])
+    return None
+
+
+def qlw_start(recipe: Path, env: dict[str, str], sets: list[str] | tuple[str, ...] = (),
+              timeout: float = 60) -> tuple[str | None, str]:
+    """`qlora-watch start RECIPE --detach --force [--set KEY=VALUE ...]`: (the run id it printed
+    last, or None when it printed nothing; its stderr)."""
+    res = subprocess.run(QLW + ["start", str(recipe), "--detach", "--force"]
+                         + [x for kv in sets for x in ("--set", kv)],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    printed = res.stdout.strip()
+    return (printed.splitlines()[-1] if printed else None), res.stderr
+
+
+def qlw_wait(run_id: str, env: dict[str, str], wait_s: float, timeout: float | None = None) -> None:
+    """`qlora-watch wait RUN --timeout wait_s`, killed after `timeout` seconds when given."""
+    subprocess.run(QLW + ["wait", run_id, "--timeout", str(wait_s)], env=env, cwd=ROOT,
+                   timeout=timeout)
 
 
 # ---------------------------------------------------------------------------- phases
@@ -197,7 +239,7 @@ def phase_estimator(budget: float, out: Path) -> None:
         mon = NvmlPeak()
         rc, wall = run_trainer(recipe, rdir / "events.jsonl", rdir / "out", timeout=max(30, left(budget) - 20))
         nvml_peak = mon.stop()
-        steps = [e for e in read_events(rdir / "events.jsonl") if e.get("event") == "step"]
+        steps = step_events(rdir / "events.jsonl")
         last = steps[-1] if steps else {}
         est = estimate(load_recipe(recipe), gpu_mem_gib=139).to_dict()
         row = {"name": name, "shape": shape, "layers": layers, "seq": seq, "batch": batch, "r": r,
@@ -231,18 +273,13 @@ def phase_ladder(budget: float, out: Path) -> None:
         emulate_vram_gib = 24
         [supervisor]
         sample_interval_s = 1.0
-        """).replace('[train]\n', '[train]\nshuffle = false\n'))
-    env = {**os.environ, "QLORA_WATCH_HOME": str(home),
-           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-    qlw = [sys.executable, "-m", "supervisor"]
-    res = subprocess.run(qlw + ["start", str(recipe), "--detach", "--force"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
-    run_id = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else None
-    log("ladder run", run_id, res.stderr[-500:])
+        """, shuffle=False))
+    env = bench_env(home)
+    run_id, err = qlw_start(recipe, env)
+    log("ladder run", run_id, err[-500:])
     if not run_id:
         return
-    subprocess.run(qlw + ["wait", run_id, "--timeout", str(max(30, left(budget) - 60))], env=env,
-                   cwd=ROOT, timeout=max(60, left(budget)))
+    qlw_wait(run_id, env, max(30, left(budget) - 60), timeout=max(60, left(budget)))
     run = home / "runs" / run_id
     import sqlite3
 
@@ -250,7 +287,7 @@ def phase_ladder(budget: float, out: Path) -> None:
     evs = [dict(zip(("t", "kind", "level", "message", "evidence"), r, strict=False)) for r in
            db.execute("SELECT t, kind, level, message, evidence FROM events ORDER BY id")]
     state = json.loads((run / "state.json").read_text())
-    e1 = read_events(run / "attempts" / "1" / "events.jsonl")
+    e1 = step_events(run / "attempts" / "1" / "events.jsonl")
     e2 = read_events(run / "attempts" / "2" / "events.jsonl")
     exit1 = json.loads((run / "attempts" / "1" / "exit.json").read_text()) if (run / "attempts/1/exit.json").exists() else {}
     timing: dict[str, Any] = {}
@@ -272,7 +309,7 @@ def phase_ladder(budget: float, out: Path) -> None:
                          "rung": state.get("rung"), "resume_from": state.get("resume_from"),
                          "exit1_tail": exit1.get("tail", [])[-3:], "timing": timing,
                          "events": [(round(e["t"] - evs[0]["t"], 2), e["kind"], e["message"]) for e in evs],
-                         "steps_attempt1": [e.get("step") for e in e1 if e.get("event") == "step"],
+                         "steps_attempt1": [e.get("step") for e in e1],
                          "steps_attempt2": [e.get("step") for e in e2 if e.get("event") == "step"]}
     save(out)
     log("ladder", RESULTS["ladder"]["state"], timing)
@@ -283,8 +320,7 @@ def phase_overhead(budget: float, out: Path, pairs: int = 3) -> None:
     mdir = build("llama-3.1-8b", 4, WORK / "llama-3.1-8b-4L")
     data = write_text_data(WORK / "data-2048.jsonl", 400, 2048 + 64)
     home = WORK / "qlw-home-oh"
-    env = {**os.environ, "QLORA_WATCH_HOME": str(home),
-           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    env = bench_env(home)
     rows = RESULTS.setdefault("overhead", [])
     for i in range(pairs):
         for mode in ("bare", "supervised"):
@@ -298,30 +334,24 @@ def phase_overhead(budget: float, out: Path, pairs: int = 3) -> None:
                                           extra="[supervisor]\nsample_interval_s = 1.0\n"))
             if mode == "bare":
                 rc, wall = run_trainer(recipe, rdir / "events.jsonl", rdir / "out", timeout=left(budget) - 10)
-                evs = read_events(rdir / "events.jsonl")
+                steps = step_events(rdir / "events.jsonl")
             else:
-                qlw = [sys.executable, "-m", "supervisor"]
                 t = time.monotonic()
-                res = subprocess.run(qlw + ["start", str(recipe), "--detach", "--force"], env=env,
-                                     cwd=ROOT, capture_output=True, text=True, timeout=60)
-                run_id = res.stdout.strip().splitlines()[-1]
+                run_id, err = qlw_start(recipe, env)
+                if not run_id:
+                    raise RuntimeError(f"qlora-watch start printed no run id: {err[-1500:]}")
                 client = subprocess.Popen([sys.executable, str(ROOT / "bench" / "attach_client.py"),
                                            str(home), run_id], env=env, cwd=ROOT)
                 smi = smi_logger(str(GPU), rdir / "smi.csv")
-                subprocess.run(qlw + ["wait", run_id, "--timeout", str(max(30, left(budget) - 20))],
-                               env=env, cwd=ROOT)
+                qlw_wait(run_id, env, max(30, left(budget) - 20))
                 smi.terminate()
                 client.terminate()
                 wall = time.monotonic() - t
                 rc = 0
-                evs = read_events(home / "runs" / run_id / "attempts" / "1" / "events.jsonl")
+                steps = step_events(home / "runs" / run_id / "attempts" / "1" / "events.jsonl")
                 if i == 0:
                     telemetry_truth(home / "runs" / run_id, rdir / "smi.csv")
-            steps = [e for e in evs if e.get("event") == "step"]
-            tail = steps[10:]  # skip warm-up steps
-            tps = None
-            if len(tail) >= 2 and tail[-1].get("tokens") and tail[0].get("tokens"):
-                tps = (tail[-1]["tokens"] - tail[0]["tokens"]) / (tail[-1]["t"] - tail[0]["t"])
+            tps = tokens_per_s(steps, skip=10)  # skip warm-up steps
             rows.append({"mode": mode, "pair": i, "rc": rc, "wall_s": round(wall, 1),
                          "tokens_per_s": tps, "steps": len(steps)})
             save(out)
@@ -370,7 +400,7 @@ def phase_speed(budget: float, out: Path, variants: str | None = None, short: bo
     data = write_text_data(WORK / ("speed-short.jsonl" if short else "speed.jsonl"), 0, lengths)
     rows = RESULTS.setdefault("speed_short" if short else "speed", [])
     wanted = set(variants.split("/")) if variants else None
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    env = bench_env()
     for name, sets in SPEED_VARIANTS:
         if wanted and name not in wanted:
             continue
@@ -403,10 +433,8 @@ def phase_speed(budget: float, out: Path, variants: str | None = None, short: bo
             rc, err = 124, "timed out"
         wall = time.monotonic() - t
         nvml_peak = mon.stop()
-        steps = [e for e in read_events(events) if e.get("event") == "step"]
-        tps = None
-        if len(steps) >= 2 and steps[-1].get("tokens") and steps[0].get("tokens"):
-            tps = (steps[-1]["tokens"] - steps[0]["tokens"]) / (steps[-1]["t"] - steps[0]["t"])
+        steps = step_events(events)
+        tps = tokens_per_s(steps)
         row = {"variant": name, "rc": rc, "wall_s": round(wall, 1), "steps": len(steps),
                "tokens_per_s": round(tps, 1) if tps else None,
                "mfu_pct": round(100 * 6 * LLAMA_8B_PARAMS * tps / (peak * 1e12), 2) if tps else None,
@@ -421,7 +449,6 @@ def phase_speed(budget: float, out: Path, variants: str | None = None, short: bo
             "nvml MiB", row["nvml_peak_mib"], err[-300:])
 
 
-TERMINAL_STATES = ("completed", "failed", "stopped", "diverged", "lost")
 FSDP_DEPTHS = (4, 8)  # 70B shape at reduced depth: the per-layer slope extrapolates to 80
 
 
@@ -435,10 +462,8 @@ def phase_fsdp(budget: float, out: Path, depths: tuple[int, ...] = FSDP_DEPTHS,
     rows = RESULTS.setdefault(key, [])
     data = write_text_data(WORK / "data-1100.jsonl", 200, 1100)
     home = WORK / "qlw-home-fsdp"
-    env = {**os.environ, "QLORA_WATCH_HOME": str(home),
-           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    env = bench_env(home)
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    qlw = [sys.executable, "-m", "supervisor"]
     for depth in depths:
         if left(budget) < 90:
             log("fsdp: out of budget before depth", depth)
@@ -455,13 +480,10 @@ def phase_fsdp(budget: float, out: Path, depths: tuple[int, ...] = FSDP_DEPTHS,
         recipe.write_text((ROOT / "recipes" / "70b.toml").read_text())
         mons = [NvmlPeak(0), NvmlPeak(1)]
         t = time.monotonic()
-        res = subprocess.run(qlw + ["start", str(recipe), "--detach", "--force"]
-                             + [x for kv in sets for x in ("--set", kv)],
-                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=90)
-        run_id = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else None
+        run_id, err = qlw_start(recipe, env, sets, timeout=90)
         if not run_id:
-            rows.append({"depth": depth, "error": res.stderr[-1500:]})
-            log("fsdp start failed", res.stderr[-800:])
+            rows.append({"depth": depth, "error": err[-1500:]})
+            log("fsdp start failed", err[-800:])
             for m in mons:
                 m.stop()
             continue
@@ -471,7 +493,7 @@ def phase_fsdp(budget: float, out: Path, depths: tuple[int, ...] = FSDP_DEPTHS,
         shot_err = ""
         if depth == depths[-1]:  # wait for training, then attach the real dashboard
             while left(budget) > 40 and time.monotonic() - t < 300:
-                if any(e.get("event") == "step" for e in read_events(ev)):
+                if step_events(ev):
                     shot = out / f"fsdp_{depth}L_dashboard.svg"
                     try:
                         p = subprocess.run([sys.executable, str(ROOT / "bench" / "live_screenshot.py"),
@@ -482,25 +504,22 @@ def phase_fsdp(budget: float, out: Path, depths: tuple[int, ...] = FSDP_DEPTHS,
                         shot_err = "screenshot timed out"
                     break
                 st = json.loads((home / "runs" / run_id / "state.json").read_text())
-                if st.get("state") in TERMINAL_STATES:
+                if st.get("state") in TERMINAL_VALUES:
                     break
                 time.sleep(1)
-        subprocess.run(qlw + ["wait", run_id, "--timeout", str(max(30, left(budget) - 30))],
-                       env=env, cwd=ROOT, timeout=max(60, left(budget)))
+        qlw_wait(run_id, env, max(30, left(budget) - 30), timeout=max(60, left(budget)))
         peaks = [round(m.stop(), 1) for m in mons]
         smi.terminate()
         run = home / "runs" / run_id
+        db = sqlite3.connect(run / "db.sqlite")
+        samples = load_samples(db)
         try:
-            telemetry_truth(run, rdir / "smi.csv", key=f"telemetry_truth_fsdp_{depth}L")
+            telemetry_truth(run, rdir / "smi.csv", key=f"telemetry_truth_fsdp_{depth}L", samples=samples)
         except Exception as e:  # noqa: BLE001
             log("telemetry truth failed:", e)
         state = json.loads((run / "state.json").read_text())
-        steps = [e for e in read_events(ev) if e.get("event") == "step"]
-        tps = None
-        if len(steps) >= 3 and steps[-1].get("tokens") and steps[1].get("tokens"):
-            tps = (steps[-1]["tokens"] - steps[1]["tokens"]) / (steps[-1]["t"] - steps[1]["t"])
-        db = sqlite3.connect(run / "db.sqlite")
-        samples = [json.loads(r[0]) for r in db.execute("SELECT data FROM samples ORDER BY t")]
+        steps = step_events(ev)
+        tps = tokens_per_s(steps, skip=1)
         seen = sorted({g.get("index") for s_ in samples for g in s_.get("gpus", [])
                        if (g.get("proc_mem_mib") or 0) > 0})
         evs = [(r[0], r[1]) for r in db.execute("SELECT kind, message FROM events ORDER BY id")]
@@ -529,9 +548,9 @@ def phase_fsdp(budget: float, out: Path, depths: tuple[int, ...] = FSDP_DEPTHS,
                                      for c in sorted((rdir / "out").glob("checkpoint-*"))},
                      "adapter_files": sorted(x.name for x in (rdir / "out" / "adapter").glob("*"))
                      if (rdir / "out" / "adapter").is_dir() else None,
-                     "step_events": [e for e in read_events(ev) if e.get("event") == "step"],
-                     "steps_by_attempt": {a.name: [e.get("step") for e in read_events(a / "events.jsonl")
-                                                   if e.get("event") == "step"]
+                     "step_events": steps,
+                     "steps_by_attempt": {a.name: [e.get("step") for e in (
+                         steps if a.name == "1" else step_events(a / "events.jsonl"))]
                                           for a in sorted((run / "attempts").iterdir())}})
         save(out)
         log("fsdp", depth, state.get("state"), "peaks", peaks, "tok/s", tps, "gpus seen", seen)
@@ -551,14 +570,20 @@ def smi_logger(gpus: str, path: Path) -> subprocess.Popen:
                              "-l", "1"], stdout=open(path, "w"))
 
 
-def telemetry_truth(run: Path, smi_csv: Path, key: str = "telemetry_truth") -> None:
-    """The supervisor's NVML samples against nvidia-smi lines taken in the same seconds: every
-    pair within 0.6 s, and the largest difference among pairs within 0.1 s (same instant)."""
+def load_samples(db: Any) -> list[dict]:
+    """The supervisor's telemetry samples from a run's db.sqlite connection, oldest first."""
+    return [json.loads(r[0]) for r in db.execute("SELECT data FROM samples ORDER BY t")]
+
+
+def telemetry_truth(run: Path, smi_csv: Path, key: str = "telemetry_truth",
+                    samples: list[dict] | None = None) -> None:
+    """The supervisor's NVML samples (`samples`, else read from the run's db.sqlite) against
+    nvidia-smi lines taken in the same seconds: every pair within 0.6 s, and the largest
+    difference among pairs within 0.1 s (same instant)."""
     import sqlite3
     from datetime import datetime
 
-    db = sqlite3.connect(run / "db.sqlite")
-    ours = [json.loads(r[0]) for r in db.execute("SELECT data FROM samples ORDER BY t")]
+    ours = samples if samples is not None else load_samples(sqlite3.connect(run / "db.sqlite"))
     pairs = []
     for line in smi_csv.read_text().splitlines():
         parts = [p.strip() for p in line.split(",")]

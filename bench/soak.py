@@ -39,6 +39,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from supervisor.states import TERMINAL_VALUES  # noqa: E402
+from supervisor.store import read_json  # noqa: E402
+
 FAKE = ROOT / "tests" / "fakes" / "fake_trainer.py"
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -91,13 +95,6 @@ def write_recipe(work: Path, args: argparse.Namespace) -> Path:
     p = work / "soak.toml"
     p.write_text(text)
     return p
-
-
-def read_json(p: Path) -> dict | None:
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def lock_pid(run: Path) -> int | None:
@@ -260,7 +257,7 @@ def main() -> int:
             counts["state_parse_failures"] += 1
             violate(f"state.json does not parse: {e!r} ({len(raw or '')} bytes)")
             st = {}
-        if st.get("state") in ("failed", "lost", "completed", "stopped", "diverged"):
+        if st.get("state") in TERMINAL_VALUES:
             violate(f"run reached terminal state {st.get('state')}: {st.get('message')}")
             break
         w = st.get("wrapper") or {}

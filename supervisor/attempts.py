@@ -22,7 +22,7 @@ from supervisor import checkpoints, launcher
 from supervisor import guards as guardlib
 from supervisor.prune import newest_complete_of, prune_plan
 from supervisor.recipe import Recipe, apply_rung, describe_rung, recipe_to_json
-from supervisor.records import Event, Step
+from supervisor.records import Step
 from supervisor.redact import redact_argv
 from supervisor.states import RunState
 from supervisor.store import read_json
@@ -55,7 +55,6 @@ class AttemptRunner:
         self.pending: Any = None  # the Relaunch action waiting for its back-off
         self.fired: set[str] = set()
         self.last_state_write = 0.0
-        self.exit_stderr: list[str] = []
         self.busy = False  # a decisive action (stop, relaunch) is being carried out
         self.stop_now = False
         self.last_guard_mono = 0.0
@@ -77,8 +76,9 @@ class AttemptRunner:
     def output_dir(self) -> Path:
         return Path(self.st.get("output_dir") or self.sup.run_info["output_dir"])
 
-    def output_dir_str(self) -> str:
-        return str(self.output_dir())
+    def attempt_dir(self) -> Path:
+        """The current attempt's folder in the run store."""
+        return self.sup.store.attempt_dir(self.st.get("attempt") or 1)
 
     def trainer_alive(self) -> bool:
         w = self.st.get("wrapper")
@@ -94,11 +94,6 @@ class AttemptRunner:
         for i in range(rung + 1):
             r = apply_rung(r, self.recipe.oom_ladder[i])
         return r
-
-    def notify_event(self, ev: Event) -> None:
-        notifier = getattr(self.sup, "notifier", None)
-        if notifier is not None:
-            notifier.maybe_send(ev)
 
     # -- start ------------------------------------------------------------------------
     def mark_time(self, wall: float) -> None:
@@ -123,7 +118,7 @@ class AttemptRunner:
         await self._stop_strays()  # a supervisor killed between spawn and record left one
         wrapper = st.get("wrapper")
         attempt = st.get("attempt") or 1
-        exit_file = self.sup.store.attempt_dir(attempt) / "exit.json"
+        exit_file = self.attempt_dir() / "exit.json"
         self._follow_attempt(attempt, offset=st.get("events_offset", 0))
         if wrapper and launcher.verify(wrapper):
             self.sup.record("adopted", f"adopted trainer group {wrapper['pid']} (attempt {attempt}); "
@@ -196,8 +191,6 @@ class AttemptRunner:
 
     def _prelaunch_checks(self) -> list[Any]:
         """Host RAM against what the run needs (model loading + paged optimiser state)."""
-        import psutil
-
         need = (self.sup.run_info.get("estimate") or {}).get("host_ram_needed_bytes")
         return guardlib.prelaunch_host_ram(psutil.virtual_memory().available, need,
                                            self.recipe.guards.host_ram)
@@ -237,7 +230,6 @@ class AttemptRunner:
         argv = launcher.trainer_argv(recipe)
         self._follow_attempt(attempt)
         self.child_rc = None
-        self.exit_stderr = []
         try:
             self.proc = launcher.spawn(
                 argv, env=env, cwd=Path(self.sup.run_info.get("cwd") or os.getcwd()),
@@ -294,7 +286,7 @@ class AttemptRunner:
             await self._relaunch_now(action)
 
     async def _read_exit_file(self) -> dict[str, Any]:
-        path = self.sup.store.attempt_dir(self.st.get("attempt") or 1) / "exit.json"
+        path = self.attempt_dir() / "exit.json"
         for _ in range(20):
             info = read_json(path)
             if info is not None:
@@ -309,14 +301,13 @@ class AttemptRunner:
         w = self.st.get("wrapper") or {}
         rc, sig = info.get("returncode"), info.get("signal")
         tail = [str(x) for x in info.get("tail") or []]
-        self.exit_stderr = tail[-50:]
         pgid = w.get("pid")
         if pgid:  # leftover workers hold GPU memory: kill the group and subreaped escapers
             launcher.signal_group(pgid, signal.SIGKILL)
         launcher.kill_orphans(set())
         self.sup.set_state(exited=True, exit_code=rc, exit_signal=sig, ended_at=time.time())
         self.sup._follow_events()  # the last events before exit (checkpoint, finished)
-        self._prune(final=True)
+        self._prune()
         host = getattr(self.sup, "oom_kill_delta", lambda: None)()
         cls = guardlib.classify_exit(
             returncode=rc, signal=sig, stderr_tail=tail, oom_kill_delta=host,
@@ -369,9 +360,9 @@ class AttemptRunner:
                                     f"marked as this run's ({e.strerror or e}); it will not be "
                                     "resumed from automatically", level="warning")
                     return
-                self.st["restarts"] = 0  # progress resets the crash budget
                 self.sup.set_state(last_checkpoint=str(path), last_checkpoint_step=info.step,
-                                   last_checkpoint_bytes=info.size_bytes, restarts=0,
+                                   last_checkpoint_bytes=info.size_bytes,
+                                   restarts=0,  # progress resets the crash budget
                                    last_progress_t=time.time())
                 self.sup.record("checkpoint_saved", f"{path.name} saved ({info.size_bytes / 1e6:.1f} MB)",
                                 evidence={"step": info.step, "bytes": info.size_bytes})
@@ -457,7 +448,7 @@ class AttemptRunner:
             self.busy = True
             asyncio.get_running_loop().create_task(self.execute(actions))
 
-    def _prune(self, final: bool) -> None:
+    def _prune(self) -> None:
         """The final retention pass when an attempt ends."""
         try:
             plan = prune_plan(checkpoints.scan(self.output_dir()),
@@ -579,7 +570,7 @@ class AttemptRunner:
         import shutil
 
         pyspy = shutil.which("py-spy")
-        pid_file = read_json(self.sup.store.attempt_dir(self.st.get("attempt") or 1) / "trainer.pid.json")
+        pid_file = read_json(self.attempt_dir() / "trainer.pid.json")
         if not pyspy or not pid_file:
             self.sup.record("stacks", "py-spy not installed: no stack dump", guard=a.guard)
             return
@@ -591,7 +582,7 @@ class AttemptRunner:
         except asyncio.TimeoutError:
             proc.kill()
             out = b"py-spy timed out"
-        path = self.sup.store.attempt_dir(self.st.get("attempt") or 1) / "stacks.txt"
+        path = self.attempt_dir() / "stacks.txt"
         path.write_bytes(out)
         self.sup.record("stacks", f"trainer stacks saved to {path}", guard=a.guard)
 

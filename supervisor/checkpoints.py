@@ -36,6 +36,7 @@ from supervisor.safedelete import (
     finish_pending_deletes,
     quarantine,
     safe_delete,
+    tree_size,
 )
 
 __all__ = [
@@ -86,58 +87,50 @@ def _why(e: OSError, name: str) -> str:
     return f"{name} unreadable ({e.strerror or e})"
 
 
-def _check_adapter(dir_fd: int) -> str | None:
-    """None if the adapter file looks intact, else why not."""
-    try:
-        st = os.stat("adapter_model.safetensors", dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if stat.S_ISLNK(st.st_mode):
-            return "adapter_model.safetensors is a symlink"
-        try:
-            fd = os.open("adapter_model.safetensors", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=dir_fd)
-        except OSError as e:
-            return _why(e, "adapter_model.safetensors")
-        try:
-            size = os.fstat(fd).st_size
-            head = os.pread(fd, 8, 0)
-            if len(head) < 8:
-                return "adapter header truncated"
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                return "adapter header truncated"
-            if n > MAX_ST_HEADER:
-                return f"adapter header implausibly large ({n} bytes)"
-            raw = os.pread(fd, n, 8)
-        finally:
-            os.close(fd)
-        try:
-            header = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            return "adapter header is not valid JSON"
-        return None if isinstance(header, dict) else "adapter header is not a JSON object"
-    try:
-        st = os.stat("adapter_model.bin", dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return _check_fsdp_shards(dir_fd)
-    if not stat.S_ISREG(st.st_mode):
-        return "adapter_model.bin is not a regular file"
-    return None if st.st_size > 0 else "adapter_model.bin is empty"
-
-
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_BIN = "adapter_model.bin"
 FSDP_MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate's SHARDED_STATE_DICT folder (FSDP_MODEL_NAME_0)
 
 
-def _check_fsdp_shards(dir_fd: int) -> str | None:
+def _check_safetensors(dir_fd: int, st: os.stat_result) -> str | None:
+    """None if the safetensors header is intact JSON, else why not."""
+    if stat.S_ISLNK(st.st_mode):
+        return f"{ADAPTER_FILE} is a symlink"
+    try:
+        fd = os.open(ADAPTER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        return _why(e, ADAPTER_FILE)
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            return "adapter header truncated"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return "adapter header truncated"
+        if n > MAX_ST_HEADER:
+            return f"adapter header implausibly large ({n} bytes)"
+        raw = os.pread(fd, n, 8)
+    finally:
+        os.close(fd)
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return "adapter header is not valid JSON"
+    return None if isinstance(header, dict) else "adapter header is not a JSON object"
+
+
+def _check_bin(dir_fd: int, st: os.stat_result) -> str | None:
+    """None if adapter_model.bin is a non-empty regular file."""
+    if not stat.S_ISREG(st.st_mode):
+        return f"{ADAPTER_BIN} is not a regular file"
+    return None if st.st_size > 0 else f"{ADAPTER_BIN} is empty"
+
+
+def _check_fsdp_shards(dir_fd: int, st: os.stat_result) -> str | None:
     """A multi-GPU (FSDP, SHARDED_STATE_DICT) checkpoint holds no adapter file: the weights are
     torch.distributed.checkpoint shards, whose `.metadata` the coordinator writes after every
     rank's shard is on disk. None when that folder and its non-empty .metadata are there."""
-    try:
-        st = os.stat(FSDP_MODEL_DIR, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return "adapter_model.safetensors missing"
     if not stat.S_ISDIR(st.st_mode):
         return f"{FSDP_MODEL_DIR} is not a folder"
     try:
@@ -156,15 +149,21 @@ def _check_fsdp_shards(dir_fd: int) -> str | None:
     return None
 
 
-def _fd_tree_size(dir_fd: int) -> int:
-    total = 0
-    for _root, _dirs, files, rfd in os.fwalk(".", dir_fd=dir_fd, follow_symlinks=False):
-        for f in files:
-            try:
-                total += os.stat(f, dir_fd=rfd, follow_symlinks=False).st_size
-            except OSError:
-                pass  # raced with a delete: a size is informational
-    return total
+# The weights, in the order looked for: the first one present decides.
+_WEIGHTS = ((ADAPTER_FILE, _check_safetensors), (ADAPTER_BIN, _check_bin),
+            (FSDP_MODEL_DIR, _check_fsdp_shards))
+
+
+def _check_weights(dir_fd: int) -> str | None:
+    """None if the adapter weights (safetensors, else .bin, else FSDP shards) look intact,
+    else why not."""
+    for name, check in _WEIGHTS:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        return check(dir_fd, st)
+    return f"{ADAPTER_FILE} missing"
 
 
 def dir_size(path: str | os.PathLike[str]) -> int:
@@ -177,7 +176,7 @@ def dir_size(path: str | os.PathLike[str]) -> int:
         except OSError:
             return 0
     try:
-        return _fd_tree_size(fd)
+        return tree_size(fd)
     finally:
         os.close(fd)
 
@@ -211,7 +210,7 @@ def checkpoint_status(path: str | os.PathLike[str]) -> CheckpointInfo:
         info.reason = _why(e, name)
         return info
     try:
-        info.size_bytes = _fd_tree_size(dfd)
+        info.size_bytes = tree_size(dfd)
         info.run_id = _marker_run_id(dfd)
         info.reason = _completeness(dfd, step, info)
     finally:
@@ -251,7 +250,7 @@ def _completeness(dfd: int, step: int, info: CheckpointInfo) -> str | None:
     info.best_metric = float(bm) if isinstance(bm, (int, float)) and not isinstance(bm, bool) else None
     bmc = state.get("best_model_checkpoint")
     info.best_checkpoint = os.path.basename(str(bmc).rstrip("/")) if bmc else None
-    return _check_adapter(dfd)
+    return _check_weights(dfd)
 
 
 _CACHE: dict[str, tuple[tuple[Any, ...], CheckpointInfo]] = {}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import launcher, notify
+from supervisor import protocol as proto
 from supervisor.attempts import AttemptRunner
 from supervisor.recipe import Recipe, recipe_from_json
 from supervisor.records import Event, Sample, Step, step_from_dict, to_dict
@@ -95,7 +96,7 @@ class Supervisor:
         self.state.pop("state_error", None)  # set again below if this write fails too
         if not self.store.write_state(self.state):
             self.state["state_error"] = self.store.state_error
-        self.broadcast({"type": "state", "state": self.state})
+        self.broadcast(proto.state(self.state))
 
     @property
     def run_state(self) -> RunState:
@@ -113,8 +114,8 @@ class Supervisor:
             log.warning("event not stored: %s", e)
         self.tb.add_event(ev)
         log.info("%s: %s", kind, message)
-        self.broadcast({"type": "event", "event": to_dict(ev)})
-        self.attempts.notify_event(ev)
+        self.broadcast(proto.event(to_dict(ev)))
+        self.notifier.maybe_send(ev)
         return ev
 
     def broadcast(self, msg: dict[str, Any]) -> None:
@@ -133,8 +134,6 @@ class Supervisor:
         }
 
     async def handle_command(self, cmd: str, args: dict[str, Any], peer: Any = None) -> dict[str, Any]:
-        if cmd == "ping":
-            return {"pong": True, "pid": os.getpid()}
         if cmd == "status":
             return {"state": self.state}
         if cmd in ("stop", "stop_now"):
@@ -143,7 +142,7 @@ class Supervisor:
         if cmd == "ack":
             ids = args.get("event_ids")
             n = self.store.ack_events(list(ids) if ids is not None else None)
-            self.broadcast({"type": "acked", "event_ids": ids})
+            self.broadcast(proto.acked(ids))
             return {"acked": n}
         raise ValueError(f"unknown command {cmd!r}")
 
@@ -166,7 +165,7 @@ class Supervisor:
                     await asyncio.wait_for(self._stop_event.wait(), TICK_S)
             await self.tick()  # last events and log lines
         finally:
-            self.broadcast({"type": "bye", "reason": f"run {self.state.get('state')}"})
+            self.broadcast(proto.bye(f"run {self.state.get('state')}"))
             await asyncio.sleep(0.05)
             if self.server is not None:
                 with contextlib.suppress(Exception):
@@ -220,8 +219,8 @@ class Supervisor:
                 log.warning("steps not stored: %s", e)
             for st in new_steps:
                 self.recent_steps.append(st)
-                self.broadcast({"type": "step", "step": {**to_dict(st), "lineage": self.state.get("lineage") or 1}})
-            self.recent_steps = self.recent_steps[-2000:]
+                self.broadcast(proto.step({**to_dict(st), "lineage": self.state.get("lineage") or 1}))
+            del self.recent_steps[:-2000]
             self.attempts.on_steps(new_steps)
 
     def _follow_log(self) -> None:
@@ -229,7 +228,7 @@ class Supervisor:
         if lines:
             self.log_ring.extend(lines)
             del self.log_ring[:-LOG_RING]
-            self.broadcast({"type": "log", "lines": lines[-LOG_RING:]})
+            self.broadcast(proto.log(lines[-LOG_RING:]))
 
     async def _maybe_sample(self) -> None:
         if self.sampler is None or self._sampling:
@@ -241,7 +240,7 @@ class Supervisor:
         self._sampling = True
         try:
             sample = await asyncio.to_thread(
-                self.sampler.sample, self.attempts.wrapper_pid(), self.attempts.output_dir_str()
+                self.sampler.sample, self.attempts.wrapper_pid(), str(self.attempts.output_dir())
             )
         except Exception as e:  # noqa: BLE001 - telemetry never stops supervision
             log.warning("sample failed: %s", e)
@@ -249,13 +248,13 @@ class Supervisor:
         finally:
             self._sampling = False
         self.recent_samples.append(sample)
-        self.recent_samples = self.recent_samples[-3600:]
+        del self.recent_samples[:-3600]
         try:
             self.store.add_samples([sample])
         except Exception as e:  # noqa: BLE001
             log.warning("sample not stored: %s", e)
         self.tb.add_sample(sample, self.state.get("step"))
-        self.broadcast({"type": "sample", "sample": to_dict(sample)})
+        self.broadcast(proto.sample(to_dict(sample)))
 
 
 def _to_step(obj: dict[str, Any], attempt: int) -> Step | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import subprocess
@@ -37,9 +38,15 @@ def become_subreaper() -> bool:
 
 def boot_id() -> str:
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return _read_boot_id()
     except OSError:
         return "unknown"
+
+
+@functools.cache
+def _read_boot_id() -> str:
+    """Fixed for the life of the process; a failed read raises and so is not cached."""
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
 @dataclass
@@ -164,17 +171,6 @@ def group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
-
-
-def group_members(pgid: int) -> list[int]:
-    out = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(p.pid) == pgid:
-                out.append(p.pid)
-        except (ProcessLookupError, PermissionError, OSError):
-            continue
-    return out
 
 
 def signal_group(pgid: int, sig: int) -> bool:

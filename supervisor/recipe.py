@@ -427,7 +427,6 @@ def parse_toml_text(text_bytes: bytes, source: str) -> tuple[dict[str, Any], str
         if m:
             msg = msg[: m.start()].strip()
             raise RecipeError(f"{source}:{m.group(1)}:{m.group(2)}: invalid TOML: {msg}") from None
-        m = re.search(r"\(at end of document\)", msg)
         line = text.count("\n") + 1
         raise RecipeError(f"{source}:{line}:1: invalid TOML: {msg}") from None
     return data, text
@@ -461,6 +460,12 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     cur[path[-1]] = value
 
 
+def apply_overrides(data: dict[str, Any], items: list[str]) -> None:
+    """Apply `--set KEY=VALUE` items to a recipe's raw dict, in order (parse_override each)."""
+    for item in items:
+        apply_override(data, *parse_override(item))
+
+
 def validate(data: dict[str, Any], source: str = "<recipe>", text: str | None = None) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
@@ -488,9 +493,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except OSError as e:
         raise RecipeError(f"{source}: cannot read: {e.strerror}") from None
     data, text = parse_toml_text(raw, source)
-    for item in overrides or []:
-        keypath, value = parse_override(item)
-        apply_override(data, keypath, value)
+    apply_overrides(data, overrides or [])
     recipe = validate(data, source, text)
     return resolve_paths(recipe, p.resolve().parent)
 

@@ -112,20 +112,6 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
-def sample_from_dict(d: dict[str, Any]) -> Sample:
-    return Sample(
-        t=d["t"],
-        gpus=[GpuSample(**g) for g in d.get("gpus", [])],
-        host=HostSample(**d.get("host", {})),
-        nvml=d.get("nvml", "ok"),
-    )
-
-
 def step_from_dict(d: dict[str, Any]) -> Step:
     known = {f.name for f in dataclasses.fields(Step)}
     return Step(**{k: v for k, v in d.items() if k in known})
-
-
-def event_from_dict(d: dict[str, Any]) -> Event:
-    known = {f.name for f in dataclasses.fields(Event)}
-    return Event(**{k: v for k, v in d.items() if k in known})

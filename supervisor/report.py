@@ -9,7 +9,6 @@ redone after resuming from an older checkpoint) and to throttling.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 
 from supervisor.records import Event
 from supervisor.store import RunStore, read_json
-from supervisor.tbwriter import throttle_reasons
+from supervisor.tbwriter import finite, throttle_reasons
 
 # Recipe keys shown for every attempt (all keys that differ between attempts are shown too).
 KEY_FIELDS = (
@@ -93,9 +92,6 @@ class RunData:
         ts += [max(e.t for e in self.events)] if self.events else []
         ts += [a.exited_t for a in self.attempts if a.exited_t]
         return max(ts) if ts else self.t0
-
-    def has_gpu(self) -> bool:
-        return any(s.get("gpus") for s in self.samples)
 
 
 def _first_t(rows: list[dict[str, Any]]) -> float | None:
@@ -183,17 +179,6 @@ def load_run(run_dir: Path) -> RunData:
 # ------------------------------------------------------------------------------ numbers
 
 
-def finite(x: Any) -> float | None:
-    """x as a finite float, else None (NaN, inf, None, garbage)."""
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def ema(values: list[float | None], beta: float = 0.9) -> list[float | None]:
     """Debiased exponential moving average (TensorBoard's smoothing); non-finite values are skipped."""
     out: list[float | None] = []
@@ -227,13 +212,18 @@ def sample_intervals(samples: list[dict[str, Any]]) -> list[float]:
     return [min(max(b - a, 0.0), cap) for a, b in zip(ts, ts[1:], strict=False)] + [0.0]
 
 
+def sample_throttle_kind(sample: dict[str, Any]) -> str | None:
+    """'thermal', 'power' or None for one sample: thermal when any GPU (not lost) is thermal."""
+    kinds = {throttle_kind(g) for g in sample.get("gpus") or [] if not g.get("lost")} - {None}
+    return "thermal" if "thermal" in kinds else ("power" if kinds else None)
+
+
 def throttle_periods(samples: list[dict[str, Any]]) -> list[tuple[float, float, str]]:
     """(start, end, kind) of runs of samples where some GPU was throttled; thermal wins over power."""
     periods: list[tuple[float, float, str]] = []
     dts = sample_intervals(samples)
     for s, dt in zip(samples, dts, strict=False):
-        kinds = {throttle_kind(g) for g in s.get("gpus") or [] if not g.get("lost")} - {None}
-        kind = "thermal" if "thermal" in kinds else ("power" if kinds else None)
+        kind = sample_throttle_kind(s)
         if kind is None:
             continue
         end = s["t"] + max(dt, 1e-3)
@@ -279,9 +269,9 @@ def summarize(run: RunData) -> dict[str, Any]:
     dts = sample_intervals(run.samples)
     throttled = {"thermal": 0.0, "power": 0.0}
     for s, dt in zip(run.samples, dts, strict=False):
-        kinds = {throttle_kind(g) for g in s.get("gpus") or [] if not g.get("lost")} - {None}
-        if kinds:
-            throttled["thermal" if "thermal" in kinds else "power"] += dt
+        kind = sample_throttle_kind(s)
+        if kind is not None:
+            throttled[kind] += dt
     losses_r = relaunch_losses(run.attempts)
     vram = [finite(g.get("mem_used_mib")) for s in run.samples for g in s.get("gpus") or []]
     temps = [finite(g.get("temp_c")) for s in run.samples for g in s.get("gpus") or []]

@@ -15,6 +15,7 @@ from typing import Any
 
 from supervisor.report import RunData, marked_events, recipe_diffs, recipe_table, summarize
 from supervisor.report_plots import make_plots, plot_compare
+from supervisor.states import TERMINAL_VALUES
 
 MAX_EVENT_ROWS = 2000
 PLOT_FILES = ("loss.png", "optim.png", "throughput.png", "gpu_util.png", "temps.png", "memory.png", "compare.png")
@@ -107,7 +108,7 @@ def summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _state_badge(state: str) -> str:
-    cls = state if state in ("completed", "failed", "diverged", "lost", "stopped") else "live"
+    cls = state if state in TERMINAL_VALUES else "live"
     return f'<span class="state {cls}">{escape(state)}</span>'
 
 

@@ -14,10 +14,8 @@ from typing import Any
 
 from supervisor import paths
 from supervisor.recipe import Recipe, recipe_to_json
-from supervisor.states import RunState
+from supervisor.states import TERMINAL_VALUES, RunState
 from supervisor.store import RunStore, atomic_write, create_run, list_runs
-
-TERMINAL_VALUES = {s.value for s in RunState if s.terminal}
 
 
 class StartError(Exception):

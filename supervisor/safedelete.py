@@ -49,6 +49,27 @@ def _ts() -> int:
     return time.time_ns() // 1000
 
 
+def tree_size(dir_fd: int, name: str = ".") -> int:
+    """Bytes of the files under `name` (relative to dir_fd), symlinks not followed; 0 when
+    the folder cannot be walked. A size is informational: a file raced away is skipped."""
+    total = 0
+    try:
+        for _r, _d, files, rfd in os.fwalk(name, dir_fd=dir_fd, follow_symlinks=False):
+            for f in files:
+                try:
+                    total += os.stat(f, dir_fd=rfd, follow_symlinks=False).st_size
+                except OSError:
+                    pass
+    except OSError:
+        pass
+    return total
+
+
+def _failed(names: Iterable[str], error: str) -> list[DeleteResult]:
+    """The same refusal for every name."""
+    return [DeleteResult(n, False, error, step_of(n)) for n in names]
+
+
 def _err(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno is not None:
         code = errno.errorcode.get(e.errno, str(e.errno))
@@ -115,19 +136,6 @@ class SafeDir:
             raise PermissionError(errno.EPERM, f"owned by uid {st.st_uid}, not {os.geteuid()}", name)
         return st
 
-    def _size(self, name: str) -> int:
-        total = 0
-        try:
-            for _r, _d, files, rfd in os.fwalk(name, dir_fd=self.fd, follow_symlinks=False):
-                for f in files:
-                    try:
-                        total += os.stat(f, dir_fd=rfd, follow_symlinks=False).st_size
-                    except OSError:
-                        pass
-        except OSError:
-            pass
-        return total
-
     def _rmtree(self, name: str) -> str | None:
         """Phase 2. None on success, else the first error."""
         errors: list[str] = []
@@ -152,7 +160,7 @@ class SafeDir:
         try:
             self.verify()
         except UnsafeDirError as e:
-            return [DeleteResult(n, False, str(e), step_of(n)) for n in names]
+            return _failed(names, str(e))
         results = []
         for name in names:
             res = self._delete_one(name, DELETABLE_RE.match)
@@ -169,7 +177,7 @@ class SafeDir:
                 os.unlink(name, dir_fd=self.fd)  # the link only; its target is not ours
                 res.deleted, res.unlinked_symlink = True, True
                 return res
-            res.size_bytes = self._size(name)
+            res.size_bytes = tree_size(self.fd, name)
             target = name
             if not PENDING_DELETE_RE.match(name):
                 target = f"{name}.deleting-{_ts()}"
@@ -241,29 +249,35 @@ def _audit(path: str | os.PathLike[str] | None, res: DeleteResult, reason: str) 
         res.audit_error = _err(e)  # the deletion result stands; the core reports the miss
 
 
+def _open(output_dir: str | os.PathLike[str]) -> SafeDir | str:
+    """The output dir held open, or why it could not be opened."""
+    try:
+        return SafeDir.open(output_dir)
+    except OSError as e:
+        return f"cannot open output dir: {_err(e)}"
+
+
 def safe_delete(output_dir: str | os.PathLike[str], names: Iterable[str],
                 audit_log_path: str | os.PathLike[str] | None, reason: str = "retention",
                 expect: tuple[int, int] | None = None) -> list[DeleteResult]:
     """Open output_dir safely and delete names; expect=(st_dev, st_ino) recorded at run start."""
     names = list(names)
-    try:
-        sd = SafeDir.open(output_dir)
-    except OSError as e:
-        return [DeleteResult(n, False, f"cannot open output dir: {_err(e)}", step_of(n)) for n in names]
+    sd = _open(output_dir)
+    if isinstance(sd, str):
+        return _failed(names, sd)
     with sd:
         if expect is not None and expect != (sd.dev, sd.ino):
             msg = f"{output_dir}: output dir is not the one this run opened; deletion refused"
-            return [DeleteResult(n, False, msg, step_of(n)) for n in names]
+            return _failed(names, msg)
         return sd.delete(names, audit_log_path, reason)
 
 
 def finish_pending_deletes(output_dir: str | os.PathLike[str],
                            audit_log_path: str | os.PathLike[str] | None = None) -> list[DeleteResult]:
     """Complete leftover `.deleting-<ts>` folders in output_dir (call at supervisor start)."""
-    try:
-        sd = SafeDir.open(output_dir)
-    except OSError as e:
-        return [DeleteResult("*.deleting-*", False, f"cannot open output dir: {_err(e)}")]
+    sd = _open(output_dir)
+    if isinstance(sd, str):
+        return [DeleteResult("*.deleting-*", False, sd)]
     with sd:
         return sd.finish_pending_deletes(audit_log_path)
 
@@ -271,9 +285,8 @@ def finish_pending_deletes(output_dir: str | os.PathLike[str],
 def quarantine(output_dir: str | os.PathLike[str], names: Iterable[str]) -> list[DeleteResult]:
     """Rename incomplete checkpoints aside (call while no trainer runs, before a relaunch)."""
     names = list(names)
-    try:
-        sd = SafeDir.open(output_dir)
-    except OSError as e:
-        return [DeleteResult(n, False, f"cannot open output dir: {_err(e)}", step_of(n)) for n in names]
+    sd = _open(output_dir)
+    if isinstance(sd, str):
+        return _failed(names, sd)
     with sd:
         return sd.quarantine(names)

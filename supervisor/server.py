@@ -132,10 +132,6 @@ class ControlServer:
     def client_count(self) -> int:
         return len(self._clients)
 
-    @property
-    def attached_count(self) -> int:
-        return sum(1 for c in self._clients if c.attached)
-
     # -------------------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:

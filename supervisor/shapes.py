@@ -125,12 +125,16 @@ BUILTIN_SHAPES: dict[str, ModelShape] = {
 }
 
 
+def _target_names(recipe: Any) -> list[str]:
+    """Short names of the LoRA target modules, in recipe order ("all-linear" expanded)."""
+    tm = recipe.lora.target_modules
+    return list(ALL_LINEAR) if tm == "all-linear" else [t.split(".")[-1] for t in tm]
+
+
 def lora_tensors(shape: ModelShape, recipe: Any) -> tuple[list[tuple[int, int]], list[str]]:
     """[(numel, count)] of LoRA A/B tensors, and target names preflight does not know."""
-    tm = recipe.lora.target_modules
-    names = list(ALL_LINEAR) if tm == "all-linear" else [t.split(".")[-1] for t in tm]
     r, dims, out, unknown = recipe.lora.r, shape.module_dims(), [], []
-    for name in dict.fromkeys(names):
+    for name in dict.fromkeys(_target_names(recipe)):
         if name in dims:
             fin, fout = dims[name]
             n = shape.layers * (shape.experts if name in MLP_MODULES else 1)
@@ -144,8 +148,7 @@ def lora_tensors(shape: ModelShape, recipe: Any) -> tuple[list[tuple[int, int]],
 
 def targeted(recipe: Any) -> set[str]:
     """Short names of the LoRA target modules ("all-linear" expanded)."""
-    tm = recipe.lora.target_modules
-    return set(ALL_LINEAR) if tm == "all-linear" else {t.split(".")[-1] for t in tm}
+    return set(_target_names(recipe))
 
 
 def _norm(s: str) -> str:

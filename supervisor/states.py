@@ -38,3 +38,5 @@ class RunState(str, Enum):
 
 
 TERMINAL = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.STOPPED, RunState.DIVERGED, RunState.LOST})
+# The same as plain strings, for code that reads state.json (the CLI, the dashboard, the benches).
+TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)

@@ -240,13 +240,17 @@ class RunStore:
         """All samples, or at most about `limit`: the last `recent_full` at full resolution and
         the rest evenly thinned in SQL (a 24 h run at 1 Hz is 86,400 rows; a chart is 200 wide)."""
         db = self.db()
-        if not limit:
+
+        def every() -> list[dict[str, Any]]:
             return [json.loads(r[0]) for r in db.execute("SELECT data FROM samples ORDER BY rowid")]
+
+        if not limit:
+            return every()  # no COUNT needed
         lo, hi, n = db.execute("SELECT MIN(rowid), MAX(rowid), COUNT(*) FROM samples").fetchone()
         if not n:
             return []
         if n <= limit:
-            return [json.loads(r[0]) for r in db.execute("SELECT data FROM samples ORDER BY rowid")]
+            return every()
         cut = hi - recent_full
         stride = max(1, (cut - lo) // max(1, limit - recent_full))
         rows = db.execute(
@@ -277,12 +281,17 @@ class RunStore:
         return out
 
     def events(self, limit: int | None = None) -> list[Event]:
-        q = "SELECT id, t, kind, level, message, guard, evidence, attempt, acked FROM events ORDER BY id"
-        out = []
-        for r in self.db().execute(q):
-            out.append(Event(id=r[0], t=r[1], kind=r[2], level=r[3], message=r[4], guard=r[5],
-                             evidence=json.loads(r[6] or "{}"), attempt=r[7], acked=bool(r[8])))
-        return out[-limit:] if limit else out
+        """All events in order, or only the last `limit` of them."""
+        q = "SELECT id, t, kind, level, message, guard, evidence, attempt, acked FROM events"
+        if limit is not None and limit > 0:
+            rows = self.db().execute(q + " ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+            rows.reverse()
+        else:
+            rows = self.db().execute(q + " ORDER BY id")
+        out = [Event(id=r[0], t=r[1], kind=r[2], level=r[3], message=r[4], guard=r[5],
+                     evidence=json.loads(r[6] or "{}"), attempt=r[7], acked=bool(r[8]))
+               for r in rows]
+        return out[-limit:] if limit and limit < 0 else out  # as before: all but the first -limit
 
     def log_tail(self, n: int = 200) -> list[str]:
         """The last n lines of the trainer's log (the current file only)."""

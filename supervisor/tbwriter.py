@@ -50,7 +50,8 @@ def throttle_reasons(g: GpuSample | dict[str, Any]) -> list[str]:
     return keep
 
 
-def _num(v: Any) -> float | None:
+def finite(v: Any) -> float | None:
+    """v as a finite float, else None (NaN, inf, None, bools, garbage)."""
     if v is None or isinstance(v, bool):
         return None
     try:
@@ -67,7 +68,7 @@ def sample_scalars(sample: Sample) -> dict[str, float]:
         if g.lost:
             continue
         p = f"system/gpu{g.index}/"
-        mem = _num(g.mem_used_mib)
+        mem = finite(g.mem_used_mib)
         values = {
             "temp_c": g.temp_c, "hotspot_c": g.hotspot_c, "mem_temp_c": g.mem_temp_c,
             "util_pct": g.util_pct, "power_w": g.power_w,
@@ -75,7 +76,7 @@ def sample_scalars(sample: Sample) -> dict[str, float]:
             "sm_clock_mhz": g.sm_clock_mhz,
         }
         for k, v in values.items():
-            f = _num(v)
+            f = finite(v)
             if f is not None:
                 out[p + k] = f
         if g.throttle_mask is not None or g.throttle_reasons:
@@ -83,10 +84,10 @@ def sample_scalars(sample: Sample) -> dict[str, float]:
     h = sample.host
     for k, v in (("mem_available_gib", h.mem_available_mib), ("swap_used_gib", h.swap_used_mib),
                  ("trainer_rss_gib", h.trainer_rss_mib)):
-        f = _num(v)
+        f = finite(v)
         if f is not None:
             out["host/" + k] = f * GIB_PER_MIB
-    disk = _num(h.disk_free_gib)
+    disk = finite(h.disk_free_gib)
     if disk is not None:
         out["host/disk_free_gib"] = disk
     return out

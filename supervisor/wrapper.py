@@ -170,12 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 emit(splitter.feed(_drain(fd)))  # what is buffered now; later output is the workers'
                 break
     emit(splitter.flush())
-    while True:
-        try:
-            rc = proc.wait()
-            break
-        except InterruptedError:
-            continue
+    rc = proc.wait()  # PEP 475: the handlers above return, so waitpid() retries on EINTR
     sig = -rc if rc < 0 else None
     _write_exit(args.exit_file, {
         "returncode": rc, "signal": sig, "pid": proc.pid, "started_at": started,

@@ -194,7 +194,6 @@ def wait_for(pred: Callable[[], Any], timeout: float = 30, interval: float = 0.0
 
 
 def read_state(home: Path, run_id: str) -> dict[str, Any]:
-    try:
-        return json.loads((home / "runs" / run_id / "state.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    from supervisor.store import read_json
+
+    return read_json(home / "runs" / run_id / "state.json") or {}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Iterable, Union
 
 from supervisor.prune import CheckpointInfo, as_infos
 from supervisor.records import Sample, Step
@@ -167,9 +167,3 @@ def gib(n: float | None) -> str:
 def num(x: float) -> str:
     """5900.4 -> '5,900'."""
     return f"{x:,.0f}"
-
-
-def field_of(obj: Any, key: str, default: Any = None) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(key, default)
-    return getattr(obj, key, default)

@@ -9,6 +9,7 @@ watched too because a NaN step can log loss 0.0.
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Any
 
 from supervisor.guards.base import Action, StopRun, Window, finite, median
@@ -66,17 +67,17 @@ def check(window: Window, cfg: DivergenceGuard) -> list[Action]:
         else:
             run = []
 
-    for i, s in enumerate(steps):
+    recent: deque[float] = deque(maxlen=cfg.spike_window)  # previous finite losses, newest last
+    for s in steps:
         if not finite(s.loss):
             continue
-        prev = [p.loss for p in steps[:i] if finite(p.loss)][-cfg.spike_window:]
-        if len(prev) < cfg.spike_window:
-            continue  # not enough history to call anything a spike
-        med = median(prev)  # type: ignore[arg-type]
-        if med is not None and med > 0 and s.loss > cfg.spike_factor * med:  # type: ignore[operator]
-            detail = (f"loss spiked to {s.loss:.4g} at step {s.step} ({s.loss / med:.1f}x the median "  # type: ignore[operator]
-                      f"{med:.4g} of the previous {len(prev)} logged steps)")
-            ev = {"step": s.step, "loss": s.loss, "median": med, "factor": s.loss / med,  # type: ignore[operator]
-                  "spike_factor": cfg.spike_factor, "spike_window": cfg.spike_window}
-            return _stop(window, s.step, "spike", detail, ev)
+        if len(recent) == cfg.spike_window:  # else not enough history to call anything a spike
+            med = median(recent)
+            if med is not None and med > 0 and s.loss > cfg.spike_factor * med:  # type: ignore[operator]
+                detail = (f"loss spiked to {s.loss:.4g} at step {s.step} ({s.loss / med:.1f}x the median "  # type: ignore[operator]
+                          f"{med:.4g} of the previous {len(recent)} logged steps)")
+                ev = {"step": s.step, "loss": s.loss, "median": med, "factor": s.loss / med,  # type: ignore[operator]
+                      "spike_factor": cfg.spike_factor, "spike_window": cfg.spike_window}
+                return _stop(window, s.step, "spike", detail, ev)
+        recent.append(s.loss)  # type: ignore[arg-type]
     return []

@@ -57,10 +57,15 @@ def _check_str(record: dict[str, Any], key: str) -> str:
     return value
 
 
-def normalise(record: Any, fmt: Format) -> dict[str, Any]:
-    """The record reduced to the columns trl expects for `fmt`; ValueError when it does not fit."""
+def _check_object(record: Any) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise ValueError(f"a record must be a JSON object (got {type(record).__name__})")
+    return record
+
+
+def normalise(record: Any, fmt: Format) -> dict[str, Any]:
+    """The record reduced to the columns trl expects for `fmt`; ValueError when it does not fit."""
+    record = _check_object(record)
     if fmt == "messages":
         return {"messages": _check_messages(record.get("messages"))}
     if fmt == "text":
@@ -97,9 +102,7 @@ def load_records(
                     raise DataError(f"{p}:{lineno}:{e.colno}: invalid JSON: {e.msg}") from None
                 try:
                     if chosen is None:
-                        if not isinstance(obj, dict):
-                            raise ValueError(f"a record must be a JSON object (got {type(obj).__name__})")
-                        chosen = detect_format(obj)
+                        chosen = detect_format(_check_object(obj))
                     records.append(normalise(obj, chosen))
                 except ValueError as e:
                     raise DataError(f"{p}:{lineno}: {e} (format {chosen or 'auto'})") from None

@@ -78,7 +78,7 @@ def load_context(ns: argparse.Namespace, env: dict[str, str] | None = None) -> C
 
 def read_recipe(path: str, overrides: list[str]) -> Recipe:
     """A resolved JSON recipe (what the supervisor passes) or a TOML one (by hand), plus --set."""
-    from supervisor.recipe import apply_override, load_recipe, parse_override, validate
+    from supervisor.recipe import apply_overrides, load_recipe, validate
 
     if path.endswith(".toml"):
         return load_recipe(path, overrides)
@@ -86,8 +86,7 @@ def read_recipe(path: str, overrides: list[str]) -> Recipe:
     if not overrides:
         return recipe
     data = recipe.model_dump(mode="python")
-    for item in overrides:
-        apply_override(data, *parse_override(item))
+    apply_overrides(data, overrides)
     return validate(data, path)
 
 

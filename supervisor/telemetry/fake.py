@@ -159,6 +159,10 @@ class FakeNVML:
 
     # ------------------------------------------------------------------ plumbing
 
+    def _failure(self, name: str | int, device: int | None, default: int | None = None) -> int | None:
+        """The error code injected for this call (or field id) on this device, else on every one."""
+        return self._fail.get((name, device), self._fail.get((name, None), default))
+
     def _enter(self, name: str, handle: Any = None, index: int | None = None) -> FakeDevice | None:
         self.calls += 1
         seconds = self._hang.get(name, self._hang.get("*"))
@@ -168,7 +172,7 @@ class FakeNVML:
         d = self.devices[dev_index] if dev_index is not None else None
         if d is not None and d.lost_at is not None and self.clock() >= d.lost_at:
             raise _error(ERROR_GPU_IS_LOST)
-        code = self._fail.get((name, dev_index), self._fail.get((name, None)))
+        code = self._failure(name, dev_index)
         if code is not None:
             raise _error(code)
         return d
@@ -220,8 +224,7 @@ class FakeNVML:
         """pynvml's call: without `version` the v1 struct (reserved memory counted as used),
         with nvmlMemory_v2 the v2 struct (reserved apart), as nvidia-smi shows it."""
         if version:  # fail("nvmlDeviceGetMemoryInfo_v2"): a driver without the v2 struct
-            code = self._fail.get(("nvmlDeviceGetMemoryInfo_v2", h.index),
-                                  self._fail.get(("nvmlDeviceGetMemoryInfo_v2", None)))
+            code = self._failure("nvmlDeviceGetMemoryInfo_v2", h.index)
             if code is not None:
                 raise _error(code)
         d = self._enter("nvmlDeviceGetMemoryInfo", h)
@@ -268,7 +271,7 @@ class FakeNVML:
         assert d is not None
         out = []
         for fid in field_ids:
-            ret = self._fail.get((fid, h.index), self._fail.get((fid, None), 0))
+            ret = self._failure(fid, h.index, 0)
             if fid == 82:
                 v, vt = d.mem_temp_c, 1  # unsigned int
                 ret = ret or (ERROR_NOT_SUPPORTED if v is None else 0)

@@ -141,6 +141,14 @@ def _num(v: Any, scale: float = 1.0) -> float | None:
     return None if v is None else float(v) / scale
 
 
+def _held_mib(procs: list[Any] | None, pids: set[int]) -> float | None:
+    """MiB that NVML attributes to `pids` among `procs`; None when the process list is unknown."""
+    if procs is None:
+        return None
+    # usedGpuMemory is None where the driver cannot attribute it (WDDM, some MIG setups)
+    return sum(p.usedGpuMemory or 0 for p in procs if p.pid in pids) / MIB
+
+
 def _field_value(fv: Any) -> int | float | None:
     """The number in an nvmlFieldValue_t, by its valueType; None when its own return failed."""
     ret = getattr(fv, "nvmlReturn", 0)
@@ -164,6 +172,7 @@ class Nvml:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.lib = lib if lib is not None else pynvml
+        self._mem_v2 = getattr(self.lib, "nvmlMemory_v2", 0x02000028)  # nvmlMemory_v2_t's version
         self.slow_interval_s = slow_interval_s  # 0: every sample (~3.6 ms CPU per GPU, 40 ms wall)
         self.clock = clock
         self.status = "unavailable: not opened"
@@ -265,17 +274,14 @@ class Nvml:
         """Memory info as nvidia-smi reports it. The v1 call counts the driver's reserved memory
         as used (on the H200, 1276 MiB "used" on an idle card where nvidia-smi says 661 MiB);
         the v2 call separates it. v1 where the driver or library lacks v2."""
-        if (d.index, "mem_v2") not in self._unsupported:
-            fn = self._fn("nvmlDeviceGetMemoryInfo")
-            version = getattr(self.lib, "nvmlMemory_v2", 0x02000028)
-            try:
-                value, err = call(fn, d.handle, version)  # GPU_IS_LOST raises GpuLost
-            except TypeError:  # a binding whose call takes no version argument
-                value, err = None, NVMLError(ERROR_NOT_SUPPORTED)
-            if err is None and value is not None:
+        try:
+            value, err = self._qe(d, "mem_v2", ("nvmlDeviceGetMemoryInfo",), self._mem_v2)
+        except TypeError:  # a binding whose call takes no version argument
+            value, err = None, None
+        if err is None:
+            if value is not None:
                 return value
-            if err is None or _code(err) in PERMANENT_CODES:
-                self._unsupported.add((d.index, "mem_v2"))
+            self._unsupported.add((d.index, "mem_v2"))  # no v2 here: v1 from now on
         return self._q(d, "mem", "nvmlDeviceGetMemoryInfo")
 
     def sample_gpus(self, trainer_pids: Iterable[int] = ()) -> list[GpuSample]:
@@ -355,13 +361,7 @@ class Nvml:
         return self._q(d, "procs", "nvmlDeviceGetComputeRunningProcesses")
 
     def _proc_mem(self, d: _Device, pids: set[int]) -> float | None:
-        procs = self._processes(d)
-        # usedGpuMemory is None where the driver cannot attribute it (WDDM, some MIG setups)
-        return (
-            None
-            if procs is None
-            else sum(p.usedGpuMemory or 0 for p in procs if p.pid in pids) / MIB
-        )
+        return _held_mib(self._processes(d), pids)
 
     # ------------------------------------------------------------------ relaunch checks
 
@@ -394,12 +394,7 @@ class Nvml:
         Managed (paged) memory is never attributed to a process (FIELD_NOTES 5): also check
         `device_memory_used_mib` against a baseline before a relaunch.
         """
-        wanted, procs = set(pids), self._all_processes()
-        return (
-            None
-            if procs is None
-            else sum(p.usedGpuMemory or 0 for p in procs if p.pid in wanted) / MIB
-        )
+        return _held_mib(self._all_processes(), set(pids))
 
     def device_memory_used_mib(self, index: int) -> float | None:
         """Device-level used memory of GPU `index` (counts managed memory); None if unknown."""

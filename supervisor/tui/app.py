@@ -29,6 +29,7 @@ from .training import TrainingPanel
 
 CSS_FILE = Path(__file__).with_name("app.tcss")  # absolute: subclasses elsewhere find it too
 REFRESH_HZ = 4.0  # widgets redraw at most this often, however fast messages arrive
+REFRESH_KEEP = 1000  # redraw timings kept (a list, trimmed back to this once it doubles)
 
 
 class WatchApp(App[str]):
@@ -69,7 +70,8 @@ class WatchApp(App[str]):
         if run_id:
             self.model.run["run_id"] = run_id
         self.first_frame_at: float | None = None  # perf_counter once every panel shows data
-        # (perf_counter at the end, live messages applied, seconds spent) per redraw: the bench reads it
+        # (perf_counter at the end, live messages applied, seconds spent) per redraw: the bench reads
+        # it. A list (the bench slices it), bounded: at 4 Hz a day of redraws would be 345,600.
         self.refreshes: list[tuple[float, int, float]] = []
         self._closed = False
         self._last_second = -1
@@ -174,6 +176,8 @@ class WatchApp(App[str]):
                 self.screen.query_one(LogTail).update_from()
         end = time.perf_counter()
         self.refreshes.append((end, self.model.applied, end - start))
+        if len(self.refreshes) > 2 * REFRESH_KEEP:  # amortised: cut once it has doubled
+            del self.refreshes[:-REFRESH_KEEP]
 
     # ------------------------------------------------------------------ actions
 

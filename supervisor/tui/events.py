@@ -14,7 +14,7 @@ from textual.widget import Widget
 from textual.widgets import DataTable, Footer, Static
 
 from .fmt import LEVEL_STYLES, UNSEEN_STYLES, fmt_clock
-from .model import WARN_LEVELS, RunModel
+from .model import RunModel, is_unseen
 from .sanitize import sanitize
 
 LEVEL_TAGS = {"info": "INFO", "warning": "WARN", "error": "ERR"}
@@ -28,11 +28,6 @@ def evidence_text(evidence: Any) -> str:
     for k, v in evidence.items():
         parts.append(f"{k}={v if isinstance(v, (int, float, str)) else json.dumps(v)}")
     return sanitize(" ".join(parts))
-
-
-def is_unseen(ev: dict[str, Any]) -> bool:
-    """A warning or error nobody acknowledged."""
-    return ev.get("level") in WARN_LEVELS and not ev.get("acked")
 
 
 def event_line(ev: dict[str, Any], tz: tzinfo | None) -> Text:

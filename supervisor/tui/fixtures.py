@@ -26,7 +26,6 @@ __all__ = ["SCENARIOS", "Plan", "build", "plan_for", "write_all"]
 
 
 def _event(
-    eid: int,
     t: float,
     kind: str,
     message: str,
@@ -45,7 +44,6 @@ def _event(
             guard=guard,
             evidence=evidence,
             attempt=attempt,
-            id=eid,
             acked=acked,
         )
     )
@@ -54,23 +52,20 @@ def _event(
 def _events(plan: Plan, now: float, out_dir: str) -> list[dict[str, Any]]:
     """The events so far for the scenario."""
     ev = [
-        _event(1, T0 + 2, "phase", "loading_model"),
-        _event(2, T0 + 9, "notice", "flash-attn not installed; using sdpa"),
-        _event(3, T0 + LOAD_S, "phase", "training"),
+        _event(T0 + 2, "phase", "loading_model"),
+        _event(T0 + 9, "notice", "flash-attn not installed; using sdpa"),
+        _event(T0 + LOAD_S, "phase", "training"),
     ]
-    eid = 4
     if plan.scenario == "oom_relaunch":
         t_oom = T0 + LOAD_S + 437 * plan.step_time_s
         ev += [
             _event(
-                4,
                 T0 + LOAD_S + 400 * plan.step_time_s,
                 "checkpoint_saved",
                 "checkpoint-400 saved (0.5 GiB)",
                 step=400,
             ),
             _event(
-                5,
                 t_oom,
                 "trainer_exited",
                 "CUDA out of memory at step 437 (tried to allocate 2.00 GiB)",
@@ -80,7 +75,6 @@ def _events(plan: Plan, now: float, out_dir: str) -> list[dict[str, Any]]:
                 classified="cuda_oom",
             ),
             _event(
-                6,
                 t_oom + 5,
                 "relaunch",
                 f"relaunching attempt 2 from checkpoint-400: {RUNG_DESC}",
@@ -90,17 +84,15 @@ def _events(plan: Plan, now: float, out_dir: str) -> list[dict[str, Any]]:
                 resume=f"{out_dir}/checkpoint-400",
             ),
         ]
-        return ev
+        return _numbered(ev)
     for n in range(1000, plan.step + 1, 1000):
         t = (
             T0 + LOAD_S + n * plan.step_time_s + 20 if n < plan.step else now - 95
         )  # the last: before "finished"
-        ev.append(_event(eid, t, "checkpoint_saved", f"checkpoint-{n} saved (0.5 GiB)", step=n))
-        eid += 1
+        ev.append(_event(t, "checkpoint_saved", f"checkpoint-{n} saved (0.5 GiB)", step=n))
     if plan.scenario == "throttling":
         ev.append(
             _event(
-                eid,
                 now - 30,
                 "guard",
                 "GPU 0 thermal throttling for 120 s: SM 1410/1980 MHz, tokens/s -27%",
@@ -116,7 +108,6 @@ def _events(plan: Plan, now: float, out_dir: str) -> list[dict[str, Any]]:
     if plan.scenario == "completed":
         ev.append(
             _event(
-                eid,
                 T0 + 3 * 3600,
                 "guard",
                 "host RAM headroom below 10% for 60 s",
@@ -129,15 +120,18 @@ def _events(plan: Plan, now: float, out_dir: str) -> list[dict[str, Any]]:
         )
         ev.append(
             _event(
-                eid + 1,
                 now - 90,
                 "finished",
                 f"training finished: adapter at {out_dir}/adapter",
                 step=plan.step,
             )
         )
-        ev.append(_event(eid + 2, now - 88, "phase", "finished"))
-    # The store numbers events as they happen: ids in time order.
+        ev.append(_event(now - 88, "phase", "finished"))
+    return _numbered(ev)
+
+
+def _numbered(ev: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The store numbers events as they happen: ids 1..n in time order."""
     ev.sort(key=lambda e: e["t"])
     for i, e in enumerate(ev, 1):
         e["id"] = i

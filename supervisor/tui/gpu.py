@@ -138,9 +138,9 @@ class GpuCard(Widget):
         self.query_one(".vram-spark", PinnedSparkline).set_history(mem_hist[-SPARK_WINDOW:])
         compact = self.size.width < COMPACT_BELOW
         self.query_one(".thermals", Static).update(thermals(g, compact))
-        why = self.query_one(".hotspot-why", Static)
-        why.display = not compact and bool(hotspot_why(g))
-        why.update(hotspot_why(g))
+        why, why_text = self.query_one(".hotspot-why", Static), hotspot_why(g)
+        why.display = not compact and bool(why_text)
+        why.update(why_text)
         self.query_one(".power", Static).update(power_clocks(g))
         self.query_one(".throttle", Static).update(throttle(g))
 

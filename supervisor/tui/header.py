@@ -11,11 +11,11 @@ from rich.text import Text
 from textual.app import RenderResult
 from textual.widget import Widget
 
+from supervisor.states import TERMINAL_VALUES
+
 from .fmt import NA, STATE_STYLES, bar, finite, fmt_duration, fmt_loss, fmt_num
 from .model import RunModel
 from .sanitize import sanitize
-
-TERMINAL = {"completed", "failed", "stopped", "diverged", "lost"}
 
 
 def _row(left: Text, right: Text) -> Table:
@@ -70,7 +70,7 @@ class RunHeader(Widget):
             right2.append(" ")
         started = finite(st.get("started_at"))
         if started is not None:
-            end = finite(st.get("updated_at")) if state in TERMINAL else None
+            end = finite(st.get("updated_at")) if state in TERMINAL_VALUES else None
             right2.append(("ran " if end else "up ") + fmt_duration((end or self.now()) - started))
 
         progress = self._progress(width)
@@ -93,7 +93,7 @@ class RunHeader(Widget):
         tail.append(fmt_loss(st.get("last_loss")), "bold")
         tail.append(f"  {fmt_num(st.get('tokens_per_s'))} tok/s")
         eta = finite(st.get("eta_s"))
-        if eta is not None and str(st.get("state")) not in TERMINAL:
+        if eta is not None and str(st.get("state")) not in TERMINAL_VALUES:
             tail.append("  ETA ")
             tail.append(fmt_duration(eta), "bold")
         room = width - len(left) - len(tail)

@@ -124,9 +124,9 @@ class HostPanel(Vertical):
             cpu_line(h, compact),
         ]
         self.query_one("#host-lines", Static).update(Text("\n").join(lines))
-        window = m.host_avail[-SPARK_WINDOW:]
-        self.query_one(".spark-avail", PinnedSparkline).hi = finite(h.get("mem_total_mib"))
-        self.query_one(".spark-avail", PinnedSparkline).set_history(window)
+        avail = self.query_one(".spark-avail", PinnedSparkline)
+        avail.hi = finite(h.get("mem_total_mib"))
+        avail.set_history(m.host_avail[-SPARK_WINDOW:])
         self.query_one(".spark-rss", PinnedSparkline).set_history(m.host_rss[-SPARK_WINDOW:])
 
     def on_resize(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any
 
 from rich.text import Text
@@ -29,7 +30,8 @@ class LogTail(RichLog):
         new = min(m.log_total - self.written, len(m.log), self.max_lines or len(m.log))
         if new <= 0:
             return
-        lines = list(m.log)[-new:]
+        # Only the newest `new` lines are copied, not the whole deque.
+        lines = list(islice(m.log, len(m.log) - new, None))
         self.written = m.log_total
         for line in lines:
             # Text, not str: RichLog would otherwise be free to interpret the string.

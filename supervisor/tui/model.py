@@ -32,6 +32,18 @@ def _pct(used: Any, total: Any) -> float:
     return 100.0 * u / t if u is not None and t else 0.0
 
 
+def _ema_next(prev: float, loss: float) -> float:
+    """The loss EMA after `loss`: a non-finite loss leaves it as it was, the first finite one starts it."""
+    if not math.isfinite(loss):
+        return prev
+    return loss if math.isnan(prev) else prev + EMA_ALPHA * (loss - prev)
+
+
+def is_unseen(ev: dict[str, Any]) -> bool:
+    """A warning or error nobody acknowledged."""
+    return ev.get("level") in WARN_LEVELS and not ev.get("acked")
+
+
 def _trim(series: list[float]) -> None:
     # Amortised: cut back to SAMPLE_KEEP only once the list has doubled.
     if len(series) > 2 * SAMPLE_KEEP:
@@ -142,8 +154,7 @@ class RunModel:
         loss = [math.nan if x is None else x for x in loss]
         ema, prev = [], self.ema[-1] if self.ema else math.nan
         for x in loss:
-            if math.isfinite(x):
-                prev = x if math.isnan(prev) else prev + EMA_ALPHA * (x - prev)
+            prev = _ema_next(prev, x)
             ema.append(prev)
         self.step_x += xs  # type: ignore[arg-type]
         self.loss += loss
@@ -172,16 +183,9 @@ class RunModel:
                 del series[cut:]
         loss = num(st.get("loss"))
         loss = math.nan if loss is None else loss
-        prev = self.ema[-1] if self.ema else math.nan
-        if not math.isfinite(loss):
-            ema = prev
-        elif math.isnan(prev):
-            ema = loss
-        else:
-            ema = prev + EMA_ALPHA * (loss - prev)
         self.step_x.append(x)
         self.loss.append(loss)
-        self.ema.append(ema)
+        self.ema.append(_ema_next(self.ema[-1] if self.ema else math.nan, loss))
         self.lr.append(_f0(st.get("lr")))
         self.grad_norm.append(_f0(st.get("grad_norm")))
         self.tokens_per_s.append(_f0(st.get("tokens_per_s")))
@@ -214,7 +218,7 @@ class RunModel:
 
     def unseen(self) -> list[dict[str, Any]]:
         """Warnings and errors nobody has acknowledged yet."""
-        return [e for e in self.events if e.get("level") in WARN_LEVELS and not e.get("acked")]
+        return [e for e in self.events if is_unseen(e)]
 
     def mark_acked(self, ids: list[int] | None) -> None:
         """Mark events acknowledged locally (all unseen when `ids` is None)."""
