@@ -92,3 +92,11 @@ def test_rank_config_error_and_rank_crash_under_accelerate() -> None:
     tail = [x.split(": ", 1)[1] if x.startswith("[rank") else x for x in _accelerate_failure(
         {0: ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.75 GiB."]})]
     assert classify_exit(returncode=1, signal=None, stderr_tail=tail).kind == "cuda_oom"
+
+
+def test_torchrun_tee_prefix_is_read_like_the_rank_prefix() -> None:
+    """torchrun's --tee prints '[default0]:' where torch's excepthook prints '[rank0]:'."""
+    tail = [x.replace("[rank0]:", "[default0]:") for x in _accelerate_failure(
+        {0: ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.75 GiB."]})]
+    assert any(x.startswith("[default0]:") for x in tail)
+    assert classify_exit(returncode=1, signal=None, stderr_tail=tail).kind == "cuda_oom"

@@ -75,30 +75,50 @@ def final_traceback(lines: list[str]) -> list[str]:
     return []
 
 
-_RANK = re.compile(r"^\[(?:default)?rank(?P<rank>\d+)\]:[ ]?")
+def _tracebacks(lines: list[str]) -> list[list[str]]:
+    """Every traceback in lines, oldest first, each up to the next header (or the end)."""
+    starts = [i for i, x in enumerate(lines) if x.strip().startswith(_TB_HEAD)]
+    return [lines[a:b] for a, b in zip(starts, [*starts[1:], len(lines)], strict=False)]
+
+
+# torch prefixes a rank's lines with '[rank0]:', torchrun's --tee with '[default0]:' (its role)
+_RANK = re.compile(r"^\[(?:rank|default)(?P<rank>\d+)\]:[ ]?")
 _LAUNCHER_EXC = ("ChildFailedError", "CalledProcessError")
 
 
-def rank_traceback(lines: list[str]) -> list[str]:
-    """Under `accelerate launch` / torchrun the final traceback is the launcher's own
-    (ChildFailedError, then CalledProcessError); the cause is in the ranks' tracebacks, printed
-    before it as '[rank0]: ...' lines. The first rank traceback that shows a CUDA OOM, else the
-    first rank's, with the prefixes stripped ([] if there are none)."""
+def _is_launcher(tb: list[str]) -> bool:
+    exc, _ = _exception_line(tb)
+    return exc is not None and exc.endswith(_LAUNCHER_EXC)
+
+
+def cause_traceback(lines: list[str], failed: bool = True) -> list[str]:
+    """The traceback that explains the exit ([] if none): the final one, except that
+
+    - a deep traceback (gradient checkpointing + peft: 150+ lines) can push its header out of
+      the tail; Python still ends it with 'pkg.SomeError: message', so for a failed exit that
+      last line stands alone (seen on the H200: a torch.OutOfMemoryError taken for a crash);
+    - under `accelerate launch` / torchrun the final one is the launcher's own
+      (ChildFailedError, then CalledProcessError) and the cause is in the ranks' tracebacks,
+      printed before it: with '[rankN]:' / '[defaultN]:' prefixes, the first rank traceback
+      that shows a CUDA OOM, else the first rank's, prefixes stripped; without prefixes, the
+      last traceback that is not the launcher's."""
+    tbs = _tracebacks(lines)
+    if tbs:
+        tb = tbs[-1]
+    else:
+        final = [x for x in lines if x.strip()][-1:]
+        tb = final if failed and final and _EXC.match(final[0].strip()) else []
+    if not _is_launcher(tb):
+        return tb
     by_rank: dict[str, list[str]] = {}
     for line in lines:
         m = _RANK.match(line)
         if m:
             by_rank.setdefault(m.group("rank"), []).append(line[m.end():])
-    tbs = [tb for tb in (final_traceback(v) for v in by_rank.values()) if tb]
-    if tbs:
-        return next((tb for tb in tbs if _OOM.search("\n".join(tb))), tbs[0])
-    rest = lines  # unprefixed ranks: the last traceback before the launcher's own ones
-    while tb := final_traceback(rest):
-        exc, _ = _exception_line(tb)
-        if not (exc and exc.endswith(_LAUNCHER_EXC)):
-            return tb
-        rest = rest[: len(rest) - len(tb)]
-    return []
+    ranks = [r for r in map(final_traceback, by_rank.values()) if r]
+    if ranks:
+        return next((r for r in ranks if _OOM.search("\n".join(r))), ranks[0])
+    return next((t for t in reversed(tbs) if not _is_launcher(t)), tb)
 
 
 def _exception_line(tb: list[str]) -> tuple[str | None, str | None]:
@@ -149,18 +169,8 @@ def classify_exit(
     if returncode is None and sig is None:
         return out(CRASH, "exit status unknown")
 
-    tb = final_traceback(tail)
-    if not tb and returncode not in (0, None):
-        # A deep traceback (gradient checkpointing + peft: 150+ lines) can push its header out
-        # of the tail; Python still ends it with 'pkg.SomeError: message' as the last line.
-        # Seen on the H200: a real torch.OutOfMemoryError classified as a plain crash.
-        final = [x for x in tail if x.strip()][-1:]
-        if final and _EXC.match(final[0].strip()):
-            tb = final
+    tb = cause_traceback(tail, failed=returncode not in (0, None))
     exc, exc_line = _exception_line(tb)
-    if exc and exc.endswith(_LAUNCHER_EXC):  # several GPUs: classify what the ranks raised
-        tb = rank_traceback(tail) or tb
-        exc, exc_line = _exception_line(tb)
     tb_text = "\n".join(tb)
     # bnb's native error has no traceback; only a line at the very end counts.
     last = [x for x in tail if x.strip()][-5:]
