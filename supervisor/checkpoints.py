@@ -61,12 +61,27 @@ class OutputDirError(Exception):
 # ---------------------------------------------------------------------------- reading
 
 
-def _read_at(dir_fd: int, name: str, limit: int) -> bytes:
-    """Read a regular file in dir_fd without following a symlink; at most `limit` bytes."""
+class NotRegularFileError(OSError):
+    """A name inside a checkpoint is a folder, FIFO, socket or device, not a file."""
+
+
+def _open_regular(dir_fd: int, name: str) -> int:
+    """An fd of the regular file `name` in dir_fd. Raises OSError: ELOOP for a symlink (not
+    followed), NotRegularFileError for anything else; O_NONBLOCK so a FIFO cannot hang us."""
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", name)
+            raise NotRegularFileError(errno.EINVAL, "not a regular file", name)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_at(dir_fd: int, name: str, limit: int) -> bytes:
+    """Read a regular file in dir_fd without following a symlink; at most `limit` bytes."""
+    fd = _open_regular(dir_fd, name)
+    try:
         chunks, total = [], 0
         while total < limit:
             chunk = os.read(fd, min(1 << 20, limit - total))
@@ -80,6 +95,8 @@ def _read_at(dir_fd: int, name: str, limit: int) -> bytes:
 
 
 def _why(e: OSError, name: str) -> str:
+    if isinstance(e, NotRegularFileError):
+        return f"{name} is not a regular file"
     if e.errno == errno.ENOENT:
         return f"{name} missing"
     if e.errno == errno.ELOOP:
@@ -97,7 +114,7 @@ def _check_safetensors(dir_fd: int, st: os.stat_result) -> str | None:
     if stat.S_ISLNK(st.st_mode):
         return f"{ADAPTER_FILE} is a symlink"
     try:
-        fd = os.open(ADAPTER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = _open_regular(dir_fd, ADAPTER_FILE)
     except OSError as e:
         return _why(e, ADAPTER_FILE)
     try:

@@ -466,3 +466,21 @@ def test_prune_plan_invariants(data, keep, run_id):
     garbage = [i for i in ours if (not i.complete or i.quarantined) and i.name not in guarded
                and not in_progress(i, newest)]
     assert sorted(g.name for g in garbage) == sorted(p.name for p in plan if not p.complete)
+
+
+def test_adapter_named_folder_is_incomplete_not_an_error(tmp_path):
+    d = make_ckpt(tmp_path, 7, adapter=None)
+    (d / "adapter_model.safetensors").mkdir()
+    info = checkpoint_status(d)
+    assert info.complete is False
+    assert info.reason == "adapter_model.safetensors is not a regular file"
+    assert [i.name for i in scan(tmp_path) if not i.complete] == ["checkpoint-7"]
+
+
+@pytest.mark.timeout(20)
+def test_adapter_named_fifo_does_not_hang(tmp_path):
+    d = make_ckpt(tmp_path, 8, adapter=None)
+    os.mkfifo(d / "adapter_model.safetensors")
+    info = checkpoint_status(d)  # a blocking open would wait here for a writer forever
+    assert info.complete is False
+    assert info.reason == "adapter_model.safetensors is not a regular file"
