@@ -27,6 +27,7 @@ from supervisor.redact import redact_argv
 from supervisor.states import RunState
 from supervisor.store import read_json
 from supervisor.tail import JsonlFollower
+from supervisor.telemetry.host import oom_kills
 
 if TYPE_CHECKING:
     from supervisor.core import Supervisor
@@ -230,6 +231,7 @@ class AttemptRunner:
         argv = launcher.trainer_argv(recipe)
         self._follow_attempt(attempt)
         self.child_rc = None
+        oom_kills_before = oom_kills()  # the kernel's count: a SIGKILL exit is checked against it
         try:
             self.proc = launcher.spawn(
                 argv, env=env, cwd=Path(self.sup.run_info.get("cwd") or os.getcwd()),
@@ -248,7 +250,7 @@ class AttemptRunner:
             output_dir_id=[out_st.st_dev, out_st.st_ino],  # deletion refuses a swapped folder
             wrapper=ident.to_dict() if ident else {"pid": self.proc.pid}, exited=False,
             resume_from=resume, events_offset=0, phase=None, phase_since=launched,
-            launched_at=launched, max_steps=None,
+            launched_at=launched, max_steps=None, oom_kills_at_launch=oom_kills_before,
             effective={"max_seq_len": recipe.train.max_seq_len, "r": recipe.lora.r,
                        "target_modules": recipe.lora.target_modules,
                        "per_device_batch": recipe.train.per_device_batch,
@@ -308,9 +310,10 @@ class AttemptRunner:
         self.sup.set_state(exited=True, exit_code=rc, exit_signal=sig, ended_at=time.time())
         self.sup._follow_events()  # the last events before exit (checkpoint, finished)
         self._prune()
-        host = getattr(self.sup, "oom_kill_delta", lambda: None)()
+        before, now = self.st.get("oom_kills_at_launch"), oom_kills()
         cls = guardlib.classify_exit(
-            returncode=rc, signal=sig, stderr_tail=tail, oom_kill_delta=host,
+            returncode=rc, signal=sig, stderr_tail=tail,
+            oom_kill_delta=now - before if isinstance(before, int) and now is not None else None,
             gpu_lost=any(g.lost for s in self.sup.recent_samples[-3:] for g in s.gpus),
             spawn_error=info.get("spawn_error"), stop_requested=self.stop_reason is not None,
         )

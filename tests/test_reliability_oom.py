@@ -7,13 +7,15 @@ A14 (config error), C10 (disk full) and F2 (GPU lost) here.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import fake_recipe, qlw, read_state
+from tests.conftest import fake_recipe, qlw, read_state, wait_for
 from tests.rel_helpers import (
     create_run,
     events,
@@ -56,6 +58,30 @@ def test_b1_oom_ladder_keeps_the_effective_batch_and_resumes(qlw_home: Path, tmp
     status = json.loads(qlw("status", run_id, "--json", check=True).stdout)
     assert any(e["kind"] == "relaunch" for e in status["events"])
     assert "relaunch: CUDA OOM" in (run_dir(qlw_home, run_id) / "supervisor.log").read_text()
+
+
+def test_b3_sigkill_with_the_kernel_oom_counter_risen_is_a_confirmed_host_oom_kill(
+        proc_guard, tmp_path: Path) -> None:
+    """The kernel's oom_kill count is taken at launch and at exit: a SIGKILL in between with the
+    count risen is the OOM killer's, said so in the event (the count stands in /proc/vmstat)."""
+    rec, counter = tmp_path / "rec.jsonl", tmp_path / "oom_kills"
+    counter.write_text("7")
+    recipe = fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.02", "--record", str(rec)])
+    store = create_run(recipe)
+    sup = spawn_patched(store, {"oom_kills_file": str(counter)})
+    try:
+        wait_for(lambda: (read_state(proc_guard.home, store.run_id).get("step") or 0) > 3, what="steps")
+        assert read_state(proc_guard.home, store.run_id)["oom_kills_at_launch"] == 7
+        counter.write_text("8")
+        os.kill(launches(rec)[0]["pid"], signal.SIGKILL)
+        wait_for(lambda: len(launches(rec)) == 2, timeout=30, what="a relaunch")
+        exited = [e["message"] for e in events(proc_guard.home, store.run_id) if e["kind"] == "trainer_exited"]
+        assert "killed by the kernel OOM killer (oom_kill +1)" in exited[0], exited
+        qlw("stop", store.run_id, "--now", check=True)
+        assert reap(sup) == 0
+    finally:
+        kill_run_processes(store.run_id)
+        reap(sup)
 
 
 def test_b5_oom_text_in_a_successful_run_is_not_an_oom(qlw_home: Path, tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ It runs exactly what `qlora-watch _supervise RUN_DIR` runs, after patching a few
 - "server_limits": {...}  ServerLimits overrides (small queues for slow-client tests)
 - "state_to_dev_full_while": PATH  while PATH exists, state.json writes go to /dev/full
                                    (the kernel's ENOSPC), as on a full state disk
+- "oom_kills_file": PATH  the kernel's oom_kill counter (/proc/vmstat) is read from PATH, an
+                          integer the test raises to stand for the OOM killer's victim
 - "die_after_spawn": true  SIGKILL itself right after the trainer is spawned, before the
                           state file records it (the worst moment for a supervisor crash)
 - "emfile_on_spawn": true  RLIMIT_NOFILE is lowered to the open fd count while the trainer
@@ -173,6 +175,12 @@ def main() -> int:
             orig_atomic_write(path, text, mode)
 
         store.atomic_write = atomic_write
+
+    if sc.get("oom_kills_file"):
+        from supervisor import attempts
+
+        counter = Path(sc["oom_kills_file"])
+        attempts.oom_kills = lambda *a: int(counter.read_text())  # type: ignore[assignment]
 
     if sc.get("die_after_spawn"):
         orig_spawn2 = launcher.spawn
