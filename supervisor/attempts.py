@@ -21,7 +21,7 @@ import psutil
 from supervisor import checkpoints, foreign, handoff, launcher
 from supervisor import guards as guardlib
 from supervisor.prune import newest_complete_of, prune_plan
-from supervisor.recipe import Recipe, apply_rung, describe_rung, recipe_to_json
+from supervisor.recipe import Recipe, describe_rung, recipe_to_json
 from supervisor.records import Step
 from supervisor.redact import redact_argv
 from supervisor.states import RunState
@@ -98,13 +98,11 @@ class AttemptRunner:
         return self._reach[0]
 
     def effective_recipe(self, rung: int | None) -> Recipe:
-        """The base recipe with ladder rungs 0..rung applied cumulatively."""
-        r = self.recipe
-        if rung is None:
-            return r
-        for i in range(rung + 1):
-            r = apply_rung(r, self.recipe.oom_ladder[i])
-        return r
+        """The base recipe with ladder rungs 0..rung applied cumulatively, then the --set of
+        every `qlora-watch resume` (resume.effective)."""
+        from supervisor.resume import effective
+
+        return effective(self.recipe, rung, list(self.st.get("overrides") or []))
 
     # -- start ------------------------------------------------------------------------
     def mark_time(self, wall: float) -> None:

@@ -346,7 +346,7 @@ class Recipe(_Strict):
             if tr.get(key) is not None:
                 train.setdefault(key, tr[key])
         if tr.get("given") is None:  # the first validation: remember what was set by the user
-            set_keys = [f"train.{k}" for k in train if k not in ("output_dir",)]
+            set_keys = [f"train.{k}" for k in train if k not in ("output_dir", "save_total_limit")]
             lora = data.get("lora")
             set_keys += [f"lora.{k}" for k in (lora if isinstance(lora, dict) else {})]
             data = {**data, "trainer": {**tr, "given": sorted(set_keys)}}
@@ -601,6 +601,21 @@ def apply_rung(recipe: Recipe, rung: Rung) -> Recipe:
         raise RecipeError(format_validation_error(e, "ladder rung")) from None
     out.oom_ladder = recipe.oom_ladder
     return out
+
+
+def apply_sets(recipe: Recipe, items: list[str], source: str = "--set") -> Recipe:
+    """A copy of a validated recipe with `--set KEY=VALUE` items applied and validated again
+    (`resume --set`); for a foreign trainer the keys join trainer.given (it gets them)."""
+    if not items:
+        return recipe
+    data = recipe.model_dump(mode="python")
+    apply_overrides(data, items)
+    if recipe.foreign:
+        keys = {parse_override(i)[0] for i in items}
+        given = set(data["trainer"].get("given") or [])
+        given |= {".".join(k) for k in keys if k[0] in ("train", "lora")}
+        data["trainer"]["given"] = sorted(given)
+    return validate(data, source)
 
 
 def rung_changes_adapter_shape(rung: Rung) -> bool:

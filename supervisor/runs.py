@@ -60,6 +60,27 @@ def create(recipe_path: str | None, recipe: Recipe, report: Any, start_rung: int
     return store
 
 
+def resume_run(store: RunStore, from_ckpt: str | None = None, overrides: Any = ()) -> Any:
+    """`qlora-watch resume` as a function (also for a requeued Slurm job): see resume.py."""
+    from supervisor.resume import resume_run as _resume
+
+    return _resume(store, from_ckpt=from_ckpt, overrides=overrides)
+
+
+def start_failure(store: RunStore, settle_s: float = 1.5) -> str | None:
+    """The reason, when a just-started run ended at once (a refused output folder, a command
+    that cannot start): `start --detach` must not print a run id and exit 0 for it."""
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        st = store.read_state()
+        if st.get("state") in (RunState.FAILED.value, RunState.LOST.value):
+            return st.get("message") or st.get("state")
+        if st.get("state") not in (None, RunState.STARTING.value):
+            return None
+        time.sleep(0.05)
+    return None
+
+
 def spawn_supervisor(store: RunStore) -> subprocess.Popen:
     """The detached supervisor: new session, no terminal, stdin from /dev/null."""
     out = os.fdopen(os.open(store.path / "supervisor.out", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
