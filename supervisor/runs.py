@@ -68,15 +68,18 @@ def resume_run(store: RunStore, from_ckpt: str | None = None, overrides: Any = (
 
 
 def start_failure(store: RunStore, settle_s: float = 1.5) -> str | None:
-    """The reason, when a just-started run ended at once (a refused output folder, a command
-    that cannot start): `start --detach` must not print a run id and exit 0 for it."""
+    """The reason, when the supervisor refused a just-started run before any trainer ran (an
+    output folder it may not use, a command it cannot launch): `start --detach` must not print
+    a run id and exit 0 for it. A trainer that ran and crashed is the run's own story."""
     deadline = time.monotonic() + settle_s
     while time.monotonic() < deadline:
         st = store.read_state()
+        msg = str(st.get("message") or st.get("state"))
         if st.get("state") in (RunState.FAILED.value, RunState.LOST.value):
-            return st.get("message") or st.get("state")
+            refused = not st.get("wrapper") or msg.startswith("config_error: could not start")
+            return msg if refused else None
         if st.get("state") not in (None, RunState.STARTING.value):
-            return None
+            return None  # the trainer runs: from here on it speaks through status and events
         time.sleep(0.05)
     return None
 

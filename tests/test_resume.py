@@ -35,8 +35,8 @@ def test_tiny_recipe_stop_then_resume_is_one_run(qlw_home: Path, tmp_path: Path)
     """The real trainer: stop after a checkpoint, resume; same id, steps follow on, completes."""
     out = tmp_path / "tiny-out"
     run_id = qlw("start", "recipes/tiny.toml", "--detach", "--set", f'train.output_dir="{out}"',
-                 "--set", "train.max_steps=30", "--set", "train.save_steps=10",
-                 "--set", "train.logging_steps=1", "--set", "debug.step_sleep_s=0.3",
+                 "--set", "train.max_steps=20", "--set", "train.save_steps=10",
+                 "--set", "train.logging_steps=1", "--set", "debug.step_sleep_s=0.25",
                  check=True).stdout.strip().splitlines()[-1]
     st = _stop_after_checkpoint(qlw_home, run_id, 10, timeout=120)
     assert st["state"] == "stopped" and f"qlora-watch resume {run_id}" in st["message"]
@@ -48,7 +48,7 @@ def test_tiny_recipe_stop_then_resume_is_one_run(qlw_home: Path, tmp_path: Path)
     assert f"from {ckpt.name}" in res.stderr
     assert wait_end(run_id, timeout=240) == 0, qlw("logs", run_id).stdout
     st = read_state(qlw_home, run_id)
-    assert st["state"] == "completed" and st["attempt"] == 2 and st["step"] == 30
+    assert st["state"] == "completed" and st["attempt"] == 2 and st["step"] == 20
     assert st["resume_from"] == str(ckpt)
     rows = _steps(qlw_home, run_id)
     second = [s for a, s in rows if a == 2]
@@ -61,7 +61,7 @@ def test_tiny_recipe_stop_then_resume_is_one_run(qlw_home: Path, tmp_path: Path)
     from supervisor.report import load_run, summarize
 
     summary = summarize(load_run(qlw_home / "runs" / run_id))
-    assert summary["attempts"] == 2 and summary["step"] == 30
+    assert summary["attempts"] == 2 and summary["step"] == 20
     assert summary["relaunch_gap_s"] > 0  # the time between the attempts is a gap, not training
 
 

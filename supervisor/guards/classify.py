@@ -83,15 +83,16 @@ def _signame(n: int) -> str:
 def final_traceback(lines: list[str]) -> list[str]:
     """Lines from the last 'Traceback (most recent call last):' to the end ([] if none)."""
     for i in range(len(lines) - 1, -1, -1):
-        if lines[i].strip().startswith(_TB_HEAD):
-            return lines[i:]
+        if _TB_HEAD in lines[i]:
+            return [_TB_HEAD, *lines[i + 1:]]
     return []
 
 
 def _tracebacks(lines: list[str]) -> list[list[str]]:
     """Every traceback in lines, oldest first, each up to the next header (or the end)."""
-    starts = [i for i, x in enumerate(lines) if x.strip().startswith(_TB_HEAD)]
-    return [lines[a:b] for a, b in zip(starts, [*starts[1:], len(lines)], strict=False)]
+    # `in`, not startswith: a tqdm bar has no newline, so the header often ends its line
+    starts = [i for i, x in enumerate(lines) if _TB_HEAD in x]
+    return [[_TB_HEAD, *lines[a + 1:b]] for a, b in zip(starts, [*starts[1:], len(lines)], strict=False)]
 
 
 # torch prefixes a rank's lines with '[rank0]:', torchrun's --tee with '[default0]:' (its role)
