@@ -235,3 +235,32 @@ def test_effective_settings_helper_reads_the_env() -> None:
     assert s["max_seq_len"] == 768 and s["lora_r"] is None and s["target_modules"] == ["q_proj", "v_proj"]
     assert (s["resume_from"], s["attempt"], s["rung"]) == ("/o/checkpoint-5", 2, 1)
     assert effective_settings({})["resume_from"] is None
+
+
+def test_callback_and_settings_need_only_transformers(tmp_path: Path) -> None:
+    """In a user's script: importing the callback and the settings helper pulls in none of the
+    supervisor's own dependencies (pydantic, psutil, textual...), only transformers."""
+    code = textwrap.dedent("""
+        import importlib.abc, sys
+        BANNED = ("textual", "pynvml", "apprise", "platformdirs")  # ours, not transformers' deps
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in BANNED:
+                    raise ImportError(f"{name} is not installed here")
+        sys.meta_path.insert(0, Block())
+        from supervisor.runner import QloraWatchCallback, effective_settings
+        cb = QloraWatchCallback(events_path=sys.argv[1])
+        s = effective_settings()
+        cb.writer.phase("training")
+        print("ok", s["attempt"], sorted(m for m in sys.modules if m.split(".")[0] == "supervisor"))
+    """)
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ev.jsonl")], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split(" ", 2)[:2] == ["ok", "1"], res.stdout
+    loaded = json.loads(res.stdout.split(" ", 2)[2].replace("'", '"'))
+    assert set(loaded) <= {"supervisor", "supervisor.runner", "supervisor.runner.callback",
+                           "supervisor.runner.settings"}  # none of the core (pydantic, psutil users)
+    assert json.loads((tmp_path / "ev.jsonl").read_text().splitlines()[0])["phase"] == "training"
