@@ -48,7 +48,7 @@ def test_garbage_jsonl_fails_after_exactly_one_attempt(qlw_home: Path, tmp_path:
     assert wait_end(run_id, timeout=200) == 1
     st = read_state(qlw_home, run_id)
     assert st["state"] == "failed" and st["attempt"] == 1
-    assert f"garbage.jsonl:201:" in st["message"] and "invalid JSON" in st["message"]
+    assert "garbage.jsonl:201:" in st["message"] and "invalid JSON" in st["message"]
     assert "not retryable" in st["message"]
     kinds = [e["kind"] for e in events(qlw_home, run_id)]
     assert kinds.count("launch") == 1 and "relaunch" not in kinds
