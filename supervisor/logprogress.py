@@ -21,21 +21,9 @@ FIELDS = {"loss": "loss", "grad_norm": "grad_norm", "learning_rate": "lr", "epoc
 PENDING_S = 2.0  # a dict with no bar line after it is taken at the last bar step after this
 
 
-def _number(v: Any) -> float | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return None
-    return None
-
-
-def parse_dict(line: str) -> dict[str, float | None] | None:
-    """A HF log dict's numbers ({'loss': ..}), or None for any other line."""
+def parse_dict(line: str) -> dict[str, Any] | None:
+    """A HF log dict's values under our names ({'lr': '1e-04', ...}), or None for any other line.
+    Values stay as printed: core._to_step turns them into numbers, as for every step source."""
     m = _DICT.match(line)
     if not m:
         return None
@@ -45,7 +33,7 @@ def parse_dict(line: str) -> dict[str, float | None] | None:
         return None
     if not isinstance(d, dict) or "loss" not in d:  # train_loss: the end-of-training summary
         return None
-    return {ours: _number(d.get(theirs)) for theirs, ours in FIELDS.items()}
+    return {ours: d.get(theirs) for theirs, ours in FIELDS.items()}
 
 
 def parse_bar(line: str) -> tuple[int, int] | None:
@@ -62,7 +50,7 @@ class LogProgress:
 
     def __init__(self) -> None:
         self.bar: tuple[int, int] | None = None  # the newest (step, total)
-        self.pending: tuple[float, dict[str, float | None]] | None = None
+        self.pending: tuple[float, dict[str, Any]] | None = None
         self.seen_dict = False
 
     def feed(self, lines: list[str], now: float | None = None) -> list[dict[str, Any]]:
