@@ -46,6 +46,10 @@ def _find(ref: str | None):
 
 def cmd_preflight(args: argparse.Namespace) -> int:
     recipe = _load(args.recipe, args.set)
+    if recipe.model is None:
+        print(f"qlora-watch: {args.recipe}: preflight needs [model] (a [trainer]-only recipe runs a "
+              "command whose model qlora-watch does not know)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from supervisor.preflight import run_preflight
 
     text, code = run_preflight(recipe, args.gpu_mem, args.host_ram, args.json)
