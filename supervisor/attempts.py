@@ -125,8 +125,11 @@ class AttemptRunner:
             return  # serve history only
         request = st.get("resume_request")
         if request is not None:  # `qlora-watch resume` (resume.py): a new attempt in this run
-            self.sup.set_state(resume_request=None)
+            # The last attempt's wrapper is history now: any process of it still alive (a LOST
+            # run's trainer) is a stray, and two trainers must not share the output folder.
+            self.sup.set_state(resume_request=None, wrapper=None)
             self._finish_pending_deletes()
+            await self._stop_strays()
             await self.launch(resume=request.get("from"), rung=st.get("rung"),
                               fresh=bool(request.get("fresh")))
             return
@@ -419,8 +422,8 @@ class AttemptRunner:
 
     def discover_checkpoints(self) -> None:
         """A command that sends no checkpoint events: find its saves by scanning (foreign.py)."""
-        if not self.recipe.trainer.command:
-            return
+        if not self.recipe.trainer.command or self.st.get("speaks_events"):
+            return  # a trainer that sends `checkpoint` events says itself which saves are its own
         new, no_adapter = foreign.discover(self.output_dir(), self.sup.store.run_id)
         for info in new:
             self._accepted(info)

@@ -417,10 +417,10 @@ def check_output_dir(output_dir: str | os.PathLike[str], run_id: str | None) -> 
     if found:
         whose = f"run {owner}" if owner else "no qlora-watch run (no manifest)"
         shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-        then = f"continue it with `qlora-watch resume {owner}`" if owner else "resume that run"
+        then = f", continue that run with `qlora-watch resume {owner}`," if owner else ""
         raise OutputDirError(
             f"{p}: holds {shown} from {whose}; refusing to mix runs (retention would "
-            f"delete them and resume could pick them). Use another output_dir, {then}, "
+            f"delete them and resume could pick them). Use another output_dir{then} "
             "or move them away."
         )
 

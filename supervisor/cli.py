@@ -62,15 +62,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if recipe.data is None:
         print(f"{args.recipe}: ok ({recipe.name}, your command: {' '.join(recipe.trainer.command or [])})")
         return 0
-    from supervisor.runner.data import DataError, load_records
+    from supervisor.runner.data import DataError, check_records
 
-    try:  # every line: JSON, and the format's fields (cheap: no tokenizer, no model)
-        records, fmt = load_records(recipe.data.path, recipe.data.format)
+    try:  # every line: JSON, and the format's fields (streamed: no tokenizer, no model)
+        n, fmt = check_records(recipe.data.path, recipe.data.format)
     except DataError as e:
         print(f"qlora-watch: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"{args.recipe}: ok ({recipe.name}, {recipe.model.name if recipe.model else '?'}; "
-          f"{len(records)} records, format {fmt})")
+          f"{n} records, format {fmt})")
     return 0
 
 

@@ -216,6 +216,8 @@ class Supervisor:
             return
         steps: list[dict[str, Any]] = []
         for obj in f.read():
+            if obj.get("event") != "settings":
+                self.state["speaks_events"] = True  # kept in state.json: a re-adopting supervisor knows
             if obj.get("event") == "step":
                 steps.append(obj)
             else:
@@ -225,6 +227,7 @@ class Supervisor:
     def new_attempt(self) -> None:
         """A launch: step sources start over."""
         self.step_source = None
+        self.state["speaks_events"] = False
         self.log_progress = LogProgress()
 
     def take_steps(self, objs: list[dict[str, Any]], source: str) -> None:

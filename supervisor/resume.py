@@ -122,11 +122,10 @@ def plan_resume(store: RunStore, from_ckpt: str | None = None,
                       overrides=overrides, recipe=recipe)
 
 
-def resume_run(store: RunStore, from_ckpt: str | None = None, overrides: Iterable[str] = (),
-               wait_s: float = 20.0) -> ResumePlan:
-    """Plan, record and start the next attempt under a new supervisor; raises ResumeError."""
-    from supervisor import runs
-
+def request_resume(store: RunStore, from_ckpt: str | None = None,
+                   overrides: Iterable[str] = ()) -> ResumePlan:
+    """Plan and record the next attempt; the next supervisor of the run launches it (a job
+    that runs `_supervise` itself calls this, then supervises). Raises ResumeError."""
     plan = plan_resume(store, from_ckpt, overrides)
     atomic_write(store.path / "recipe.json", recipe_to_json(plan.recipe))  # the settings from now on
     st = store.read_state()
@@ -142,6 +141,15 @@ def resume_run(store: RunStore, from_ckpt: str | None = None, overrides: Iterabl
                           attempt=st.get("attempt"),
                           evidence={"from": plan.from_path, "fresh": plan.fresh, "overrides": plan.overrides}))
     store.close()
+    return plan
+
+
+def resume_run(store: RunStore, from_ckpt: str | None = None, overrides: Iterable[str] = (),
+               wait_s: float = 20.0) -> ResumePlan:
+    """Plan, record and start the next attempt under a new supervisor; raises ResumeError."""
+    from supervisor import runs
+
+    plan = request_resume(store, from_ckpt, overrides)
     runs.spawn_supervisor(store)
     if not runs.wait_started(store, timeout=wait_s):
         raise ResumeError(f"the supervisor did not start; see {store.path / 'supervisor.out'}")

@@ -90,6 +90,10 @@ def test_resume_from_a_named_checkpoint_keeps_the_rung_and_takes_set(qlw_home: P
     assert res.returncode == 2
     assert "completed at step 60" in res.stderr and "--set train.max_steps=N" in res.stderr
     assert "new run" in res.stderr
+    assert qlw("resume", run_id, "--set", "train.max_steps=50").returncode == 2  # not more steps
+    res = qlw("resume", run_id, "--set", "train.max_steps=80", "--detach")  # more steps: continues
+    assert res.returncode == 0 and "from checkpoint-60" in res.stderr
+    assert wait_end(run_id, timeout=60) == 0 and launches(rec)[-1]["resume"].endswith("/checkpoint-60")
 
 
 def test_resume_with_a_new_rank_is_a_fresh_attempt(qlw_home: Path, tmp_path: Path) -> None:
