@@ -80,6 +80,24 @@ def _pick(out: Path, run_id: str, from_ckpt: str | None) -> checkpoints.Checkpoi
     return hit
 
 
+def _wait_while_stopping(store: RunStore) -> None:
+    """`qlora-watch stop && qlora-watch resume`: the stop is still saving, or the supervisor of
+    the ended run is still closing; let them finish (bounded) instead of refusing."""
+    from supervisor import runs
+
+    try:
+        grace = recipe_from_json((store.path / "recipe.json").read_text()).supervisor.stop_grace_s
+    except (OSError, ValueError):
+        grace = 120.0
+    deadline = time.monotonic() + grace + 30
+    while store.read_state().get("state") == RunState.STOPPING.value and time.monotonic() < deadline:
+        time.sleep(0.2)
+    deadline = time.monotonic() + 15
+    while (not runs.is_live(store) and runs.supervisor_running(store)
+           and time.monotonic() < deadline):
+        time.sleep(0.1)
+
+
 def plan_resume(store: RunStore, from_ckpt: str | None = None,
                 overrides: Iterable[str] = ()) -> ResumePlan:
     """Check that the run can be resumed as asked; raises ResumeError saying why not."""
@@ -126,6 +144,7 @@ def request_resume(store: RunStore, from_ckpt: str | None = None,
                    overrides: Iterable[str] = ()) -> ResumePlan:
     """Plan and record the next attempt; the next supervisor of the run launches it (a job
     that runs `_supervise` itself calls this, then supervises). Raises ResumeError."""
+    _wait_while_stopping(store)
     plan = plan_resume(store, from_ckpt, overrides)
     atomic_write(store.path / "recipe.json", recipe_to_json(plan.recipe))  # the settings from now on
     st = store.read_state()

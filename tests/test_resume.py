@@ -71,7 +71,7 @@ def test_resume_from_a_named_checkpoint_keeps_the_rung_and_takes_set(qlw_home: P
     rec = tmp_path / "record.jsonl"
     recipe = fake_recipe(tmp_path, ["--steps", "60", "--save-every", "5", "--step-time", "0.1",
                                     "--oom-at", "8", "--oom-above-seq", "768", "--record", str(rec)])
-    run_id = start(recipe)
+    run_id = start(recipe, "--set", "train.save_total_limit=20")  # checkpoint-10 stays, however late the stop
     wait_for(lambda: read_state(qlw_home, run_id).get("rung") == 0, timeout=30, what="rung 0")
     st = _stop_after_checkpoint(qlw_home, run_id, 15)
     assert st["rung"] == 0
@@ -133,6 +133,19 @@ def test_resume_of_a_live_run_or_unknown_checkpoint_says_why(qlw_home: Path, tmp
     res = qlw("resume", run_id, "--from", "checkpoint-999")
     assert res.returncode == 2 and "no such checkpoint" in res.stderr
     assert "complete ones of this run: checkpoint-" in res.stderr
+
+
+def test_stop_then_resume_at_once_waits_for_the_save(qlw_home: Path, tmp_path: Path) -> None:
+    """`qlora-watch stop && qlora-watch resume`: resume waits while the stop is saving."""
+    recipe = fake_recipe(tmp_path, ["--steps", "30", "--save-every", "5", "--step-time", "0.05",
+                                    "--save-slowly", "0.3"])
+    run_id = start(recipe)
+    wait_for(lambda: (read_state(qlw_home, run_id).get("last_checkpoint_step") or 0) >= 5, timeout=30,
+             what="checkpoint-5")
+    qlw("stop", run_id, check=True)
+    res = qlw("resume", run_id, "--detach")
+    assert res.returncode == 0, res.stderr
+    assert wait_end(run_id, timeout=60) == 0 and read_state(qlw_home, run_id)["attempt"] == 2
 
 
 def test_resume_run_is_callable_without_the_cli(qlw_home: Path, tmp_path: Path) -> None:
