@@ -66,7 +66,7 @@ def _pick(out: Path, run_id: str, from_ckpt: str | None) -> checkpoints.Checkpoi
     infos = checkpoints.scan(out)
     if from_ckpt is None:
         return checkpoints.newest_complete(out, run_id=run_id)
-    name = Path(from_ckpt).name
+    name = f"checkpoint-{from_ckpt}" if from_ckpt.isdigit() else Path(from_ckpt).name  # 20, a path
     if step_of(name) is None:
         raise ResumeError(f"--from {from_ckpt}: expected a checkpoint-N name")
     hit = next((i for i in infos if i.name == name), None)
