@@ -62,6 +62,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     recipe = _load(args.recipe, args.set)
     from supervisor import runs
+    from supervisor.extras import require
+
+    if recipe.trainer.command is None:  # the built-in trainer; your own script brings its own stack
+        require("train", "start (the built-in trainer)")
+    if recipe.notify.urls:
+        require("notify", "[notify] urls")
     from supervisor.preflight import estimate, render_table
 
     if not Path(recipe.data.path).is_file():
@@ -120,13 +126,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not rows:
         print("no runs yet: start one with `qlora-watch start RECIPE`")
         return 0
-    print(f"{'RUN':<22} {'RECIPE':<18} {'STATE':<10} {'STEP':>11} {'LOSS':>8} {'WALL':>9}  STARTED")
+    print(f"{'RUN':<22} {'RECIPE':<18} {'STATE':<10} {'STEP':>11} {'LOSS':>8} {'RUNG':<7} "
+          f"{'CHECKPOINT':<16} {'WALL':>9}  STARTED")
     for r in rows:
         step = f"{r.get('step') or 0}/{r.get('max_steps') or '?'}"
         loss = r.get("last_loss")
         loss_s = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
+        ckpt = Path(r["last_checkpoint"]).name if r.get("last_checkpoint") else "-"
         print(f"{r['run_id']:<22} {str(r.get('recipe'))[:18]:<18} {r.get('state') or '?':<10} "
-              f"{step:>11} {loss_s:>8} {runs.fmt_duration(r.get('wall_s')):>9}  {r.get('started')}")
+              f"{step:>11} {loss_s:>8} {runs.rung_label(r.get('rung')):<7} {ckpt[:16]:<16} "
+              f"{runs.fmt_duration(r.get('wall_s')):>9}  {r.get('started')}")
     return 0
 
 
@@ -222,6 +231,9 @@ def cmd_socket(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from supervisor.extras import require
+
+    require("report", "report (its plots)")
     from supervisor.report import ReportError, generate_report
 
     store = _find(args.run)
@@ -262,6 +274,9 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from supervisor.extras import require
+
+    require("train", "merge")
     from supervisor.merge import MergeError, find_adapter, merge_adapter
 
     src = Path(args.run)
@@ -392,8 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "fn", None):
         ap.print_help()
         return 0
+    from supervisor.extras import MissingExtra
+
     try:
         return int(args.fn(args) or 0)
+    except MissingExtra as e:
+        print(f"qlora-watch: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

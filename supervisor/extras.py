@@ -1,0 +1,45 @@
+"""Optional parts of the install: which extra brings which modules, and a one-line refusal
+when a command needs one that is missing (the base install only watches runs)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "train": ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
+              "tokenizers"),
+    "gpu": ("liger_kernel",),
+    "report": ("matplotlib",),
+    "notify": ("apprise",),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+}
+
+
+class MissingExtra(Exception):
+    """A command needs an extra that is not installed; the message says which (exit 2)."""
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (find_spec reads no torch)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken parent package, or a module with no spec
+        return False
+
+
+def missing(extra: str) -> list[str]:
+    """The modules of `extra` that are not installed."""
+    return [m for m in EXTRAS[extra] if not installed(m)]
+
+
+def install_hint(extra: str) -> str:
+    return f"pip install 'qlora-watch[{extra}]'"
+
+
+def require(extra: str, what: str) -> None:
+    """Raise MissingExtra naming the extra when any of its modules is missing."""
+    gone = missing(extra)
+    if gone:
+        raise MissingExtra(f"{what} needs {', '.join(gone)}, which the base install leaves out: "
+                           f"{install_hint(extra)}")
