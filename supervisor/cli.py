@@ -16,10 +16,11 @@ EXIT_DOES_NOT_FIT = 3
 
 
 def _load(recipe: str, sets: list[str] | None):
+    from supervisor.catalog import resolve
     from supervisor.recipe import RecipeError, load_recipe
 
     try:
-        return load_recipe(recipe, sets or [])
+        return load_recipe(resolve(recipe), sets or [])
     except RecipeError as e:
         print(f"qlora-watch: {e}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
@@ -62,6 +63,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     recipe = _load(args.recipe, args.set)
     from supervisor import runs
+    from supervisor.catalog import resolve
     from supervisor.extras import require
 
     if recipe.trainer.command is None:  # the built-in trainer; your own script brings its own stack
@@ -90,7 +92,7 @@ def cmd_start(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_DOES_NOT_FIT
     try:
-        store = runs.create(args.recipe, recipe, report, start_rung=start_rung)
+        store = runs.create(resolve(args.recipe), recipe, report, start_rung=start_rung)
     except runs.StartError as e:
         print(f"qlora-watch: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -105,6 +107,25 @@ def cmd_start(args: argparse.Namespace) -> int:
         return 0
     print(f"run {store.run_id} started; detach with d, the run goes on")
     return _attach(store, args)
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from supervisor import catalog
+
+    try:
+        if args.action == "cp":
+            out = catalog.copy(args.name, args.dest, force=args.force)
+            print(f"copied {args.name} to {out}; edit it, then `qlora-watch start {out}`")
+        elif args.action == "schema":
+            sys.stdout.write(catalog.schema_text())
+        else:
+            entries = [catalog.entry(catalog.find(n)) for n in catalog.names()]
+            print(json.dumps([e.to_dict() for e in entries], indent=1) if args.json
+                  else catalog.render(entries))
+    except catalog.CatalogError as e:
+        print(f"qlora-watch: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
 
 
 def cmd_supervise(args: argparse.Namespace) -> int:
@@ -339,6 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate", cmd_validate, "validate a recipe (exit 2 with file:line:col if it is bad)")
     p.add_argument("recipe")
     sets(p)
+
+    p = add("recipes", cmd_recipes, "the shipped recipes: list them, copy one to edit, the schema")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(action=None)
+    rsub = p.add_subparsers(dest="action", metavar="ACTION")
+    cp = rsub.add_parser("cp", help="copy a shipped recipe to edit", description="copy a shipped recipe to edit")
+    cp.add_argument("name", help="a shipped recipe, e.g. 8b")
+    cp.add_argument("dest", help="file (or folder) to write")
+    cp.add_argument("--force", action="store_true", help="overwrite an existing file")
+    rsub.add_parser("schema", help="print the recipe's JSON Schema",
+                    description="print the recipe's JSON Schema (docs/recipe.schema.json)")
 
     p = add("ls", cmd_ls, "list runs")
     p.add_argument("--json", action="store_true")
