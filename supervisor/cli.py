@@ -224,8 +224,9 @@ def _attach(store: Any, args: argparse.Namespace) -> int:
         print(f"(dashboard unavailable: {e}); following progress, Ctrl-C to detach")
         return runs.follow_plain(store)
     result = make_app(client, run_id=store.run_id).run()
-    if result == "detached":
-        print(f"detached from {store.run_id}; the run goes on. `qlora-watch attach {store.run_id}`")
+    if result in ("detached", "quit") and runs.is_live(store):  # q, d and ctrl+c: never the run
+        how = "detached from" if result == "detached" else "left the dashboard of"
+        print(f"{how} {store.run_id}; the run goes on. `qlora-watch attach {store.run_id}`")
     return 0
 
 
