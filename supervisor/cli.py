@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from supervisor import __version__
+try:
+    from supervisor import __version__
+except ImportError:  # another package's supervisor/__init__.py (supervisord): main() says so
+    __version__ = ""
 
 EXIT_BAD_INPUT = 2
 EXIT_DOES_NOT_FIT = 3
@@ -125,6 +128,19 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     except catalog.CatalogError as e:
         print(f"qlora-watch: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from supervisor import doctor
+
+    return doctor.main(args.json)
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from supervisor import catalog, completion
+
+    sys.stdout.write(completion.script(args.shell, build_parser(), catalog.names()))
     return 0
 
 
@@ -327,16 +343,19 @@ def cmd_tui_client(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    from supervisor.cli_help import Parser, epilog
+
+    ap = Parser(
         prog="qlora-watch",
         description="Supervise and watch long QLoRA fine-tuning runs.",
-        epilog="Quick start: qlora-watch start recipes/tiny.toml",
+        epilog="Quick start: qlora-watch start recipes/tiny.toml (each command's --help has examples)",
     )
     ap.add_argument("--version", action="version", version=f"qlora-watch {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, fn: Any, help: str, **kw: Any) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, **kw)
+        p = sub.add_parser(name, help=help, description=help, epilog=epilog(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
         p.set_defaults(fn=fn)
         return p
 
@@ -417,6 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=int, metavar="N", help="merge checkpoint-N instead of the final adapter")
     p.add_argument("--out", required=True, metavar="DIR")
 
+    p = add("doctor", cmd_doctor, "check the box: driver, CUDA build, bitsandbytes, disk, HF token, "
+            "lingering; exit 1 on a fail")
+    p.add_argument("--json", action="store_true")
+
+    p = add("completion", cmd_completion, "print a shell completion script (static: tab never starts Python)")
+    p.add_argument("shell", choices=("bash", "zsh", "fish"))
+
     p = sub.add_parser("_supervise", help=argparse.SUPPRESS)
     p.add_argument("run_dir")
     p.add_argument("--no-telemetry", action="store_true")
@@ -435,6 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if not __version__ and args_in[:1] != ["doctor"]:
+        from supervisor.doctor import SEPARATE_VENV
+
+        print("qlora-watch: the `supervisor` package here is not qlora-watch's (the PyPI package "
+              f"supervisor, supervisord, uses the same name); use a separate venv: {SEPARATE_VENV}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     ap = build_parser()
     args = ap.parse_args(argv)
     if not getattr(args, "fn", None):
