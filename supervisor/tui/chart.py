@@ -148,7 +148,7 @@ def x_axis(x_lo: float, x_hi: float, gutter: int, plot_w: int) -> Text:
     """The bottom line: a corner, then round step numbers at their columns."""
     line = [" "] * (gutter + 1 + plot_w)
     line[gutter] = "└"
-    ticks = nice_ticks(x_lo, x_hi, max(2, min(5, plot_w // 12)))
+    ticks = nice_ticks(x_lo, x_hi, max(3, min(6, plot_w // 10)))  # overlapping labels are skipped
     step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
     span = (x_hi - x_lo) or 1.0
     taken = gutter  # labels never overlap: each starts after the previous one ends
