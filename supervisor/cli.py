@@ -73,6 +73,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         require("train", "start (the built-in trainer)")
     if recipe.notify.urls:
         require("notify", "[notify] urls")
+    for tracker in set(recipe.train.report_to) - {"tensorboard"}:  # tensorboard: with [train]
+        require(tracker, f'train.report_to "{tracker}"')
     from supervisor.preflight import estimate, render_table
 
     if not Path(recipe.data.path).is_file():

@@ -13,6 +13,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "notify": ("apprise",),
     "wandb": ("wandb",),
     "mlflow": ("mlflow",),
+    "trackio": ("trackio",),
 }
 
 
