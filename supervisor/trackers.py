@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 
+from supervisor.bgqueue import close_worker
 from supervisor.extras import installed
 from supervisor.records import Event, Sample, Step
 from supervisor.store import atomic_write, read_json
@@ -211,13 +212,7 @@ class TrackerSink:
 
     def close(self, timeout: float = 30.0) -> None:
         """Flush what is queued and close the tracker run (bounded: a dead server cannot hang us)."""
-        if not self._thread.is_alive():
-            return
-        try:
-            self.q.put(None, timeout=timeout)
-        except queue.Full:
-            return
-        self._thread.join(timeout)
+        close_worker(self.q, self._thread, timeout)
 
     def _worker(self) -> None:
         try:

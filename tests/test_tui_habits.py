@@ -13,29 +13,14 @@ from supervisor.tui.search import find_matches
 from tests.test_tui import make, ready, run_async
 
 
-class Recorder:
-    """Wraps a client's send_command to see that leaving sends nothing to the run."""
-
-    def __init__(self, client: Any) -> None:
-        self.sent: list[str] = []
-        real = client.send_command
-
-        async def send(cmd: str, **kw: Any) -> Any:
-            self.sent.append(cmd)
-            return await real(cmd, **kw)
-
-        client.send_command = send
-
-
 @run_async
 async def test_ctrl_c_quits_the_dashboard_and_sends_nothing() -> None:
     app, client = make("training")
-    rec = Recorder(client)
     async with app.run_test() as pilot:
         await ready(pilot)
         await pilot.press("ctrl+c")
         await pilot.pause()
-    assert app.return_value == "quit" and rec.sent == []  # no stop: the run goes on
+    assert app.return_value == "quit" and client.commands == []  # no stop: the run goes on
 
 
 @run_async
@@ -56,11 +41,7 @@ async def test_h_opens_help_and_h_closes_it() -> None:
 async def test_slash_searches_the_log_and_n_N_step_through_matches() -> None:
     app, _ = make("oom_relaunch")
     async with app.run_test(size=(120, 30)) as pilot:
-        await ready(pilot)
-        await pilot.press("l")
-        await pilot.pause()
-        screen = app.screen
-        assert isinstance(screen, LogScreen)
+        screen = await open_view(pilot, "l", LogScreen)
         texts = screen.search_texts()
         hits = [i for i, t in enumerate(texts) if "loss" in t.lower()]
         assert len(hits) >= 3
@@ -90,10 +71,7 @@ async def test_slash_searches_the_log_and_n_N_step_through_matches() -> None:
 async def test_slash_searches_the_events_view() -> None:
     app, _ = make("oom_relaunch")
     async with app.run_test(size=(120, 30)) as pilot:
-        await ready(pilot)
-        await pilot.press("e")
-        await pilot.pause()
-        assert isinstance(app.screen, EventsScreen)
+        await open_view(pilot, "e", EventsScreen)
         await pilot.press("slash", *"out of memory", "enter")
         await pilot.pause()
         table = app.screen.query_one(DataTable)
@@ -103,6 +81,15 @@ async def test_slash_searches_the_events_view() -> None:
         await pilot.press("slash", *"checkpoint", "enter", "N")  # saved, and relaunched from
         await pilot.pause()
         assert "match 1 of 2" in str(app.screen.query_one("#search-status").render())
+
+
+async def open_view(pilot: Any, key: str, screen: type) -> Any:
+    """Wait for the dashboard, press `key`, return the view it opened."""
+    await ready(pilot)
+    await pilot.press(key)
+    await pilot.pause()
+    assert isinstance(pilot.app.screen, screen)
+    return pilot.app.screen
 
 
 def test_find_matches_smart_case() -> None:
