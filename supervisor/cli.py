@@ -67,14 +67,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     recipe = _load(args.recipe, args.set)
     from supervisor import runs
     from supervisor.catalog import resolve
-    from supervisor.extras import require
+    from supervisor.extras import require_for_run
 
-    if recipe.trainer.command is None:  # the built-in trainer; your own script brings its own stack
-        require("train", "start (the built-in trainer)")
-    if recipe.notify.urls:
-        require("notify", "[notify] urls")
-    for tracker in set(recipe.train.report_to) - {"tensorboard"}:  # tensorboard: with [train]
-        require(tracker, f'train.report_to "{tracker}"')
+    require_for_run(recipe)
     from supervisor.preflight import estimate, render_table
 
     if not Path(recipe.data.path).is_file():

@@ -4,6 +4,7 @@ when a command needs one that is missing (the base install only watches runs).""
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 EXTRAS: dict[str, tuple[str, ...]] = {
     "train": ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
@@ -44,3 +45,14 @@ def require(extra: str, what: str) -> None:
     if gone:
         raise MissingExtra(f"{what} needs {', '.join(gone)}, which the base install leaves out: "
                            f"{install_hint(extra)}")
+
+
+def require_for_run(recipe: Any) -> None:
+    """What starting `recipe` needs: the trainer stack for the built-in trainer (a script of
+    your own brings its own), apprise for [notify] urls, each tracker in train.report_to."""
+    if recipe.trainer.command is None:
+        require("train", "start (the built-in trainer)")
+    if recipe.notify.urls:
+        require("notify", "[notify] urls")
+    for tracker in sorted(set(recipe.train.report_to) - {"tensorboard"}):  # tensorboard: [train]
+        require(tracker, f'train.report_to "{tracker}"')
