@@ -25,8 +25,8 @@ HEAVY = ("torch", "transformers", "peft", "trl", "bitsandbytes", "tensorboard", 
          "apprise", "plotext", "textual_plotext")
 
 
-def build_wheel(dest: Path) -> Path:
-    """A wheel of this tree, built from a copy (the build must not write into the checkout)."""
+def copy_tree(dest: Path) -> Path:
+    """The files a build reads, copied (a build must not write into the checkout)."""
     src = dest / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -34,14 +34,21 @@ def build_wheel(dest: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "supervisor", src / "supervisor", ignore=ignore)
     shutil.copytree(ROOT / "recipes", src / "recipes", ignore=ignore)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(dest / "dist"), str(src)], check=True, capture_output=True, timeout=120)
-    return next((dest / "dist").glob("qlora_watch-*.whl"))
+    return src
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_wheel(tmp_path_factory.mktemp("wheel"))
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_tree(tmp_path_factory.mktemp("tree"))
+
+
+@pytest.fixture(scope="module")
+def wheel(tree: Path) -> Path:
+    """A wheel of this tree."""
+    dist = tree.parent / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(dist), str(tree)], check=True, capture_output=True, timeout=120)
+    return next(dist.glob("qlora_watch-*.whl"))
 
 
 def test_wheel_ships_the_recipes_and_their_data(wheel: Path) -> None:
@@ -133,12 +140,12 @@ def light_env(home: Path, venv: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_base_install_alone_watches_a_live_run(wheel: Path, qlw_home: Path, tmp_path: Path) -> None:
+def test_base_install_alone_watches_a_live_run(tree: Path, qlw_home: Path, tmp_path: Path) -> None:
     pexpect = pytest.importorskip("pexpect")
     venv = tmp_path / "light"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    # pip's own wheel cache (~/.cache/pip) makes a second run of this a local install.
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, timeout=300,
+    # `pip install .`, no extras; pip's wheel cache (~/.cache/pip) keeps a second run local.
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(tree)], check=True, timeout=300,
                    capture_output=True)
     have = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.util as u; print("
                            f"[m for m in {HEAVY!r} if u.find_spec(m)])"],
@@ -147,6 +154,9 @@ def test_base_install_alone_watches_a_live_run(wheel: Path, qlw_home: Path, tmp_
     env = light_env(qlw_home, venv)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import supervisor; print(supervisor.__file__)"],
+                           capture_output=True, text=True, check=True, cwd=elsewhere, env=env).stdout
+    assert "site-packages" in where  # the installed wheel, not the checkout
 
     def light(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(venv / "bin" / "qlora-watch"), *args], capture_output=True,
