@@ -255,6 +255,14 @@ def stop(store: RunStore, now: bool) -> int:
     return 0
 
 
+FLUSH_WAIT_S = 60.0  # how long `wait` lets an ended run's supervisor finish its writes
+
+
+def remaining(deadline: float | None) -> float:
+    """Seconds to a monotonic deadline (infinite when there is none)."""
+    return float("inf") if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def wait(store: RunStore, timeout: float | None) -> int:
     """Exit 0 when completed, 1 for another terminal state, 124 on timeout."""
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -262,6 +270,11 @@ def wait(store: RunStore, timeout: float | None) -> int:
     while True:
         st = store.read_state().get("state")
         if st in TERMINAL_VALUES:
+            # Its supervisor still flushes the trackers (W&B, MLflow) and closes the store: a
+            # script that goes on to `wandb sync` or `report` must see it all. Bounded.
+            flush_until = time.monotonic() + min(FLUSH_WAIT_S, remaining(deadline))
+            while supervisor_running(store) and time.monotonic() < flush_until:
+                time.sleep(0.1)
             print(f"{store.run_id}: {st}")
             return 0 if st == RunState.COMPLETED.value else 1
         if time.monotonic() - checked > 5:  # a dead supervisor is restarted (re-adoption)

@@ -3,7 +3,7 @@
 TensorBoard: the trainer logs its steps (transformers' callback) and tbwriter.py adds the
 supervisor's telemetry beside them. W&B and MLflow: the supervisor is the one writer of the
 run. It already reads every attempt's steps, so an OOM relaunch or a resume continues ONE
-tracker run (W&B run id = the run id, resume="allow"; MLflow: one run id kept in state.json),
+tracker run (W&B run id = the run id, resume="allow"; MLflow: one run id kept in trackers.json),
 and telemetry lands in the same run. wandb and mlflow are imported only when configured, and
 in a worker thread: a slow tracker never stalls supervision, and a broken one turns itself off.
 """
@@ -24,6 +24,7 @@ import psutil
 from supervisor.bgqueue import close_worker
 from supervisor.extras import installed
 from supervisor.records import Event, Sample, Step
+from supervisor.redact import redact, redact_argv
 from supervisor.store import atomic_write, read_json
 from supervisor.tbwriter import TelemetryTB, finite, sample_scalars, system_logdir
 
@@ -49,6 +50,17 @@ def trainer_env(report_to: list[str], run_id: str, run_dir: Path) -> dict[str, s
     if "mlflow" in report_to and known:
         env["MLFLOW_RUN_ID"] = str(known)
     return env
+
+
+def tracker_config(recipe: Any) -> dict[str, Any]:
+    """The recipe as the tracker's run config, secrets out: apprise URLs carry tokens (only
+    their number is logged) and a trainer command's arguments are redacted."""
+    cfg = recipe.model_dump(mode="json")
+    cfg["notify"]["urls"] = len(cfg["notify"]["urls"])
+    if cfg["trainer"].get("command"):
+        cfg["trainer"]["command"] = redact_argv(cfg["trainer"]["command"])
+    cfg["env"] = {k: redact(v) for k, v in cfg["env"].items()}
+    return cfg
 
 
 def step_metrics(st: Step) -> dict[str, float]:
@@ -201,7 +213,8 @@ class TrackerSink:
     def add_event(self, event: Event) -> None:
         """The event as text, and relaunches and guard actions as a 1 (as tbwriter does)."""
         att = f" attempt {event.attempt}" if event.attempt is not None else ""
-        self._put(("text", f"[{event.level}] {event.kind}{att}: {event.message}", self.last_step, event.t))
+        line = redact(f"[{event.level}] {event.kind}{att}: {event.message}")  # messages quote the trainer
+        self._put(("text", line, self.last_step, event.t))
         marks = {}
         if event.kind == "relaunch":
             marks["events/relaunch"] = 1.0
@@ -301,7 +314,7 @@ def from_recipe(recipe: Any, run_id: str, output_dir: str, run_dir: Path) -> Tra
     so that a restarted supervisor continues the same tracker run)."""
     report_to = list(recipe.train.report_to)
     out = Path(output_dir)
-    config = recipe.model_dump(mode="json")
+    config = tracker_config(recipe)
     sinks: list[Any] = []
     if "tensorboard" in report_to and installed("tensorboard"):  # a light install may lack it
         sinks.append(TelemetryTB(system_logdir(out)))

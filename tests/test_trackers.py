@@ -94,6 +94,16 @@ def test_step_metrics_use_the_trainer_callbacks_names() -> None:
                  "train/learning_rate": 1e-4}  # NaN grad norm left out, not logged
 
 
+def test_the_tracker_config_keeps_secrets_out(tmp_path: Path) -> None:
+    from supervisor.recipe import load_recipe
+
+    recipe = fake_recipe(tmp_path, ["--token", "hf_abcdefghijklmnopqrstuvwxyz0123"],
+                         extra='[notify]\nurls = ["ntfy://secret-topic-xyz"]\n')
+    cfg = json.dumps(trackers.tracker_config(load_recipe(recipe)))
+    assert "secret-topic-xyz" not in cfg and "hf_abcdefghijklmnopqrstuvwxyz0123" not in cfg
+    assert '"urls": 1' in cfg
+
+
 def test_trainer_env_maps_the_run_id(tmp_path: Path) -> None:
     assert trackers.trainer_env(["tensorboard"], "amber", tmp_path) == {}
     env = trackers.trainer_env(["wandb", "mlflow"], "amber", tmp_path)
