@@ -16,12 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from supervisor.extras import install_hint  # stdlib-only too
+
 OK, WARN, FAIL = "ok", "warn", "fail"
 GIB = 1024**3
 HF_CACHE_WARN_GIB = 40.0  # an 8B base in bf16 is 16 GB; a 70B one 140 GB
 RUNS_WARN_GIB, RUNS_FAIL_GIB = 10.0, 1.0
 SEPARATE_VENV = ("python3 -m venv ~/.venvs/qlora-watch && ~/.venvs/qlora-watch/bin/pip install "
-                 "qlora-watch (then ~/.venvs/qlora-watch/bin/qlora-watch)")
+                 "<qlora-watch's checkout or wheel>, then run ~/.venvs/qlora-watch/bin/qlora-watch")
 
 # Runs in a child: what the training stack says about itself, as one JSON line.
 PROBE = r"""
@@ -136,7 +138,7 @@ def check_torch(stack: dict[str, Any], driver_cuda: int | None, gpus: int) -> Ch
         return Check("torch", FAIL, stack["error"], "reinstall torch: pip install --force-reinstall torch")
     if t is None:
         return Check("torch", WARN, "not installed: this install can watch runs but not train",
-                     "pip install 'qlora-watch[train]' (with your CUDA build of torch on a GPU box)")
+                     install_hint("train") + "; on a GPU box with your CUDA build of torch")
     if "error" in t:
         return Check("torch", FAIL, f"import fails: {t['error']}", "pip install --force-reinstall torch")
     build = t.get("cuda")
@@ -162,7 +164,7 @@ def check_torch(stack: dict[str, Any], driver_cuda: int | None, gpus: int) -> Ch
 def check_bitsandbytes(stack: dict[str, Any], gpus: int) -> Check:
     b = stack.get("bitsandbytes")
     if "error" in stack or b is None:
-        return Check("bitsandbytes", WARN, "not installed (NF4 needs it)", "pip install 'qlora-watch[train]'")
+        return Check("bitsandbytes", WARN, "not installed (NF4 needs it)", install_hint("train"))
     if "error" in b:
         return Check("bitsandbytes", FAIL, f"import fails: {b['error']}",
                      "pip install --force-reinstall bitsandbytes")
@@ -178,7 +180,7 @@ def check_bitsandbytes(stack: dict[str, Any], gpus: int) -> Check:
 
 def check_optional(stack: dict[str, Any], gpus: int) -> list[Check]:
     """liger-kernel, Unsloth, flash-attn: each speeds up a GPU run; none is required."""
-    fixes = {"liger-kernel": "pip install 'qlora-watch[gpu]'", "unsloth": "pip install 'qlora-watch[unsloth]'",
+    fixes = {"liger-kernel": install_hint("gpu"), "unsloth": install_hint("unsloth"),
              "flash-attn": "pip install flash-attn --no-build-isolation"}
     out = []
     for name, fix in fixes.items():

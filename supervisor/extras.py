@@ -36,7 +36,7 @@ def missing(extra: str) -> list[str]:
 
 
 def install_hint(extra: str) -> str:
-    return f"pip install 'qlora-watch[{extra}]'"
+    return f"pip install 'qlora-watch[{extra}]' (in a checkout: pip install -e '.[{extra}]')"
 
 
 def require(extra: str, what: str) -> None:

@@ -126,7 +126,7 @@ def test_a_missing_extra_is_named_in_one_line(monkeypatch: pytest.MonkeyPatch,
     assert main(["report", "whatever"]) == 2
     err = capsys.readouterr().err
     assert err == ("qlora-watch: report (its plots) needs matplotlib, which the base install leaves "
-                   "out: pip install 'qlora-watch[report]'\n")
+                   "out: pip install 'qlora-watch[report]' (in a checkout: pip install -e '.[report]')\n")
 
 
 # ------------------------------------------------------------------------------ a fresh venv
@@ -168,7 +168,7 @@ def test_base_install_alone_watches_a_live_run(tree: Path, qlw_home: Path, tmp_p
     assert "llama-3.1-8b" in (elsewhere / "my-8b.toml").read_text()
     start = light("start", "tiny")
     assert start.returncode == 2
-    assert start.stderr.strip().endswith("pip install 'qlora-watch[train]'")
+    assert "pip install 'qlora-watch[train]'" in start.stderr
     assert start.stderr.count("\n") == 1 and "Traceback" not in start.stderr
 
     # A live run started by the full install, watched by the light one.
