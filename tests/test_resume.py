@@ -69,7 +69,7 @@ def test_resume_from_a_named_checkpoint_keeps_the_rung_and_takes_set(qlw_home: P
     """OOM -> rung 0 (768); stop; `resume --from checkpoint-10 --set train.grad_accum=2`: the
     rung is kept, the --set applies (effective batch changes: the user asked), rows kept."""
     rec = tmp_path / "record.jsonl"
-    recipe = fake_recipe(tmp_path, ["--steps", "60", "--save-every", "5", "--step-time", "0.1",
+    recipe = fake_recipe(tmp_path, ["--steps", "40", "--save-every", "5", "--step-time", "0.1",
                                     "--oom-at", "8", "--oom-above-seq", "768", "--record", str(rec)])
     run_id = start(recipe, "--set", "train.save_total_limit=20")  # checkpoint-10 stays, however late the stop
     wait_for(lambda: read_state(qlw_home, run_id).get("rung") == 0, timeout=30, what="rung 0")
@@ -88,12 +88,12 @@ def test_resume_from_a_named_checkpoint_keeps_the_rung_and_takes_set(qlw_home: P
     # a completed run: says so, and what to do instead
     res = qlw("resume", run_id)
     assert res.returncode == 2
-    assert "completed at step 60" in res.stderr and "--set train.max_steps=N" in res.stderr
+    assert "completed at step 40" in res.stderr and "--set train.max_steps=N" in res.stderr
     assert "new run" in res.stderr
-    assert qlw("resume", run_id, "--set", "train.max_steps=50").returncode == 2  # not more steps
+    assert qlw("resume", run_id, "--set", "train.max_steps=30").returncode == 2  # not more steps
     res = qlw("resume", run_id, "--set", "train.max_steps=80", "--detach")  # more steps: continues
-    assert res.returncode == 0 and "from checkpoint-60" in res.stderr
-    assert wait_end(run_id, timeout=60) == 0 and launches(rec)[-1]["resume"].endswith("/checkpoint-60")
+    assert res.returncode == 0 and "from checkpoint-40" in res.stderr
+    assert wait_end(run_id, timeout=60) == 0 and launches(rec)[-1]["resume"].endswith("/checkpoint-40")
 
 
 def test_resume_with_a_new_rank_is_a_fresh_attempt(qlw_home: Path, tmp_path: Path) -> None:
@@ -137,8 +137,8 @@ def test_resume_of_a_live_run_or_unknown_checkpoint_says_why(qlw_home: Path, tmp
 
 def test_stop_then_resume_at_once_waits_for_the_save(qlw_home: Path, tmp_path: Path) -> None:
     """`qlora-watch stop && qlora-watch resume`: resume waits while the stop is saving."""
-    recipe = fake_recipe(tmp_path, ["--steps", "30", "--save-every", "5", "--step-time", "0.05",
-                                    "--save-slowly", "0.3"])
+    recipe = fake_recipe(tmp_path, ["--steps", "15", "--save-every", "5", "--step-time", "0.05",
+                                    "--save-slowly", "0.2"])
     run_id = start(recipe)
     wait_for(lambda: (read_state(qlw_home, run_id).get("last_checkpoint_step") or 0) >= 5, timeout=30,
              what="checkpoint-5")
