@@ -1,0 +1,90 @@
+"""The ballast helper: hold all of a GPU but one card's capacity, until the trainer is gone.
+
+    python -m supervisor.runner.ballast --device 0 --leave-bytes N --parent PID
+
+The trainer starts it before touching CUDA. It allocates with plain cudaMalloc (torch's caching
+allocator, expandable segments off), prints one JSON line when the GPU's free memory is the
+card's total, and then waits. It dies with the trainer: SIGKILL when its parent exits
+(PR_SET_PDEATHSIG), a poll of the parent as a second net, and it sits in the trainer's process
+group, so the supervisor's killpg takes it too. --no-cuda skips the allocation (CPU tests of the
+lifecycle; the CUDA part is checked on the GPU machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from supervisor.emulation import MIB, ballast_bytes
+
+PR_SET_PDEATHSIG = 1
+POLL_S = 0.5
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent exits (a no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def hold(device: int, leave: int) -> tuple[list[Any], dict[str, int]]:
+    """Allocate until `leave` bytes (within 2 MiB) are free on `device`; (tensors, what it found)."""
+    import torch
+
+    torch.cuda.set_device(device)
+    torch.cuda.init()
+    free0, total = torch.cuda.mem_get_info(device)  # after this process's own context
+    held = []
+    for _ in range(4):  # the first block takes nearly all; the rest trims the allocator's rounding
+        free, _ = torch.cuda.mem_get_info(device)
+        n = ballast_bytes(free, leave)
+        if n == 0:
+            break
+        held.append(torch.empty(n, dtype=torch.uint8, device=device))
+        torch.cuda.synchronize(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    return held, {"device_total": total, "free_before": free0, "free_after": free,
+                  "ballast_bytes": sum(t.numel() for t in held)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="supervisor.runner.ballast")
+    ap.add_argument("--device", type=int, default=0)
+    ap.add_argument("--leave-bytes", type=int, required=True)
+    ap.add_argument("--parent", type=int, required=True)
+    ap.add_argument("--no-cuda", action="store_true")
+    ns = ap.parse_args(argv)
+    die_with_parent()
+    if os.getppid() != ns.parent:  # the parent died before prctl took effect
+        return 0
+    try:
+        held, info = ([], {"ballast_bytes": 0}) if ns.no_cuda else hold(ns.device, ns.leave_bytes)
+    except Exception as e:  # noqa: BLE001 - the trainer reads the reason from this line
+        print(json.dumps({"ready": False, "error": f"{type(e).__name__}: {e}"}), flush=True)
+        return 1
+    print(json.dumps({"ready": True, "pid": os.getpid(), **info}), flush=True)
+    while os.getppid() == ns.parent:
+        time.sleep(POLL_S)
+    del held
+    return 0
+
+
+def describe(info: dict[str, Any], leave: int) -> str:
+    """'ballast pid 12 holds 117.4 GiB; 24,564 MiB free (card 24,564 MiB)' for the notice."""
+    free = info.get("free_after")
+    seen = f"{free / MIB:,.0f} MiB free" if free is not None else "free memory not read"
+    return (f"ballast pid {info.get('pid')} holds {info.get('ballast_bytes', 0) / 2**30:.1f} GiB; "
+            f"{seen} (card {leave / MIB:,.0f} MiB)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The faithful 24 GB rehearsal: card totals, ballast sizing, the recipe, telemetry, lifecycle.
+
+The helper's CUDA allocation is checked on the GPU machine (bench/calibrate_full_depth.py,
+docs/benchmarks.md); here the real helper process runs with --no-cuda.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from supervisor.emulation import (
+    MIB,
+    EmulationError,
+    ballast_bytes,
+    card_total_bytes,
+    card_total_mib,
+    fraction_for,
+)
+from supervisor.recipe import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1 << 30
+
+
+def test_card_total_is_what_nvidia_smi_shows() -> None:
+    assert card_total_mib(24) == 24_564  # an RTX 4090, not 24 x 1024
+    assert card_total_bytes(24.0) == 24_564 * MIB
+    assert card_total_mib(48) == 49_140
+    assert card_total_mib(23.5) == 23.5 * 1024  # anything else: literally GiB
+
+
+def test_ballast_leaves_exactly_the_card_free() -> None:
+    card = card_total_bytes(24)
+    free = 142_000 * MIB + 12_345  # what cudaMemGetInfo says after the helper's own context
+    n = ballast_bytes(free, card)
+    assert n % (2 * MIB) == 0  # the allocator's granule: no rounding up past the card
+    assert card <= free - n < card + 2 * MIB
+    assert ballast_bytes(card, card) == 0
+    with pytest.raises(EmulationError, match="only 20,000 MiB of this GPU are free"):
+        ballast_bytes(20_000 * MIB, card)
+
+
+def test_fraction_mode_takes_the_measured_context_out_of_the_card() -> None:
+    card, ctx, device = card_total_bytes(24), 520 * MIB, 143_771 * MIB
+    assert fraction_for(card, ctx, device) * device == pytest.approx(card - ctx)
+    with pytest.raises(EmulationError, match="smaller than the CUDA context"):
+        fraction_for(100 * MIB, ctx, device)
+
+
+def _recipe(tmp_path: Path, hardware: str) -> Path:
+    p = tmp_path / "r.toml"
+    p.write_text(textwrap.dedent(f"""
+        [model]
+        name = "x"
+        shape = "llama-3.1-8b"
+        [data]
+        path = "d.jsonl"
+        [train]
+        output_dir = "{tmp_path / 'out'}"
+        [hardware]
+        {hardware}
+    """))
+    return p
+
+
+def test_recipe_mode_defaults_to_ballast_and_rejects_others(tmp_path: Path) -> None:
+    r = load_recipe(_recipe(tmp_path, "emulate_vram_gib = 24"))
+    assert r.hardware.emulate_mode == "ballast"
+    assert load_recipe(_recipe(tmp_path, 'emulate_mode = "fraction"')).hardware.emulate_mode == "fraction"
+    with pytest.raises(RecipeError, match="emulate_mode"):
+        load_recipe(_recipe(tmp_path, 'emulate_vram_gib = 24\nemulate_mode = "balast"'))
+
+
+# A stand-in trainer: starts the real helper (no CUDA here), says its pid, then waits or exits.
+TRAINER = """
+import sys, time
+from supervisor.runner.emulate import start_ballast
+proc, info = start_ballast(0, 24_564 << 20, timeout=30, no_cuda=True)
+print(info["pid"], flush=True)
+time.sleep(float(sys.argv[1]))
+"""
+
+
+def _trainer(wait_s: float) -> tuple[subprocess.Popen, int]:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    p = subprocess.Popen([sys.executable, "-c", TRAINER, str(wait_s)], stdout=subprocess.PIPE,
+                         text=True, env=env, start_new_session=True)  # as the launcher does
+    line = p.stdout.readline()  # type: ignore[union-attr]
+    assert line.strip().isdigit(), f"no ballast pid from the trainer: {line!r}"
+    return p, int(line)
+
+
+def _gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_ballast_sits_in_the_trainer_group_and_dies_with_it() -> None:
+    trainer, ballast = _trainer(60)
+    try:
+        assert os.getpgid(ballast) == trainer.pid  # the supervisor's killpg reaches it
+        assert psutil.Process(ballast).ppid() == trainer.pid
+        os.killpg(trainer.pid, signal.SIGKILL)
+        assert _gone(ballast), "the ballast outlived a killed trainer group"
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
+def test_ballast_exits_when_the_trainer_exits_on_its_own() -> None:
+    trainer, ballast = _trainer(0.2)
+    assert trainer.wait(timeout=30) == 0
+    assert _gone(ballast), "the ballast outlived its trainer"
+
+
+def test_emulated_card_reaches_the_samples(tmp_path: Path) -> None:
+    """FakeNVML: an H200 with a 118 GB ballast and a 14 GB trainer reads as a 24 GB card
+    holding the trainer; the ballast is neither used memory nor the trainer's."""
+    from supervisor.telemetry.fake import FakeNVML
+    from supervisor.telemetry.sampler import Sampler
+
+    trainer, ballast = _trainer(60)
+    try:
+        nv = FakeNVML(1)
+        nv.hold([ballast], 118_700)
+        nv.hold([trainer.pid], 14_000)
+        s = Sampler(nv)
+        plain = s.sample(trainer.pid, None).gpus[0]
+        assert plain.mem_total_mib == 143_771 and plain.proc_mem_mib == 132_700
+        s.emulate(card_total_mib(24))
+        g = s.sample(trainer.pid, None).gpus[0]
+        assert g.mem_total_mib == 24_564
+        assert g.proc_mem_mib == 14_000
+        assert g.mem_used_mib == 512 + 14_000  # the driver's own + the trainer, as on the card
+        from supervisor.tui.fmt import fmt_gib
+
+        assert fmt_gib(g.mem_total_mib, 1) == "24.0 GiB"
+    finally:
+        os.killpg(trainer.pid, signal.SIGKILL)
+        trainer.wait()
