@@ -36,12 +36,29 @@ def die_with_parent() -> None:
         pass
 
 
-def hold(device: int, leave: int) -> tuple[list[Any], dict[str, int]]:
-    """Allocate until `leave` bytes (within 2 MiB) are free on `device`; (tensors, what it found)."""
+def held_by(pid: int, device: int) -> int:
+    """Bytes NVML attributes to `pid` on `device` (0 when it cannot tell)."""
+    try:
+        import pynvml
+        import torch
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(device))
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(h)
+        return sum(p.usedGpuMemory or 0 for p in procs if p.pid == pid)
+    except Exception:  # noqa: BLE001 - no NVML: the trainer has no context yet by design
+        return 0
+
+
+def hold(device: int, leave: int, parent: int) -> tuple[list[Any], dict[str, int]]:
+    """Allocate until `leave` bytes (within 2 MiB), less what the trainer already holds, are free
+    on `device`; (tensors, what it found)."""
     import torch
 
     torch.cuda.set_device(device)
     torch.cuda.init()
+    early = held_by(parent, device)  # a context the trainer made before us counts in the card
+    leave -= early
     free0, total = torch.cuda.mem_get_info(device)  # after this process's own context
     held = []
     for _ in range(4):  # the first block takes nearly all; the rest trims the allocator's rounding
@@ -53,7 +70,7 @@ def hold(device: int, leave: int) -> tuple[list[Any], dict[str, int]]:
         torch.cuda.synchronize(device)
     free, _ = torch.cuda.mem_get_info(device)
     return held, {"device_total": total, "free_before": free0, "free_after": free,
-                  "ballast_bytes": sum(t.numel() for t in held)}
+                  "trainer_held_before": early, "ballast_bytes": sum(t.numel() for t in held)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() != ns.parent:  # the parent died before prctl took effect
         return 0
     try:
-        held, info = ([], {"ballast_bytes": 0}) if ns.no_cuda else hold(ns.device, ns.leave_bytes)
+        held, info = ([], {"ballast_bytes": 0}) if ns.no_cuda else hold(ns.device, ns.leave_bytes, ns.parent)
     except Exception as e:  # noqa: BLE001 - the trainer reads the reason from this line
         print(json.dumps({"ready": False, "error": f"{type(e).__name__}: {e}"}), flush=True)
         return 1
