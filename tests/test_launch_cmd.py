@@ -57,6 +57,27 @@ def test_auto_fit_starts_at_the_first_rung_that_fits(qlw_home: Path, tmp_path: P
     assert read_state(qlw_home, run_id)["rung"] == 0
 
 
+def test_a_tight_estimate_starts_with_the_margin_said(qlw_home: Path, tmp_path: Path) -> None:
+    """The article's 8B batch 8 x 2 x 4096 on a 24 GB card: tight, started (exit 0), not refused."""
+    recipe = fake_recipe(tmp_path, ["--steps", "3"], extra="""
+        [hardware]
+        gpu_mem_gib = 24
+    """)
+    text = recipe.read_text().replace('name = "fake-model"', 'name = "fake-model"\nshape = "llama-3.1-8b"')
+    text = text.replace("[model.tiny]\nhidden_size = 32\nnum_layers = 1\nnum_heads = 2\nnum_kv_heads = 1\n"
+                        "intermediate_size = 64\n", "")
+    text = text.replace("max_seq_len = 1024\nper_device_batch = 2\ngrad_accum = 4",
+                        "max_seq_len = 4096\nper_device_batch = 8\ngrad_accum = 2\nuse_liger_kernel = true")
+    recipe.write_text(text + '\n[env]\nPYTORCH_CUDA_ALLOC_CONF = "expandable_segments:True"\n')
+    pre = qlw("preflight", str(recipe))
+    assert pre.returncode == 0 and "Verdict: TIGHT" in pre.stdout
+    res = qlw("start", str(recipe), "--detach", check=True)
+    assert "qlora-watch: note: the estimate is tight (" in res.stderr and "measured error of 3 %" in res.stderr
+    assert "per_device_batch 4 x grad_accum 4" in res.stderr
+    run_id = res.stdout.strip().splitlines()[-1]
+    assert qlw("wait", run_id, "--timeout", "60").returncode == 0
+
+
 def test_report_and_rm_from_the_cli(qlw_home: Path, tmp_path: Path) -> None:
     recipe = fake_recipe(tmp_path, ["--steps", "20", "--save-every", "5"])
     run_id = qlw("start", str(recipe), "--detach", check=True).stdout.strip().splitlines()[-1]
