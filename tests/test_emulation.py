@@ -49,6 +49,16 @@ def test_ballast_leaves_exactly_the_card_free() -> None:
         ballast_bytes(20_000 * MIB, card)
 
 
+def test_ballast_tops_up_what_others_give_back() -> None:
+    from supervisor.runner.ballast import top_up_bytes
+
+    card = card_total_bytes(24)
+    assert top_up_bytes(card - 9_000 * MIB, 9_000 * MIB, card) == 0  # trainer + free == card
+    # another process released 48 MiB after the start: the ballast takes it, not the trainer
+    assert top_up_bytes(card - 9_000 * MIB + 48 * MIB + 5, 9_000 * MIB, card) == 48 * MIB
+    assert top_up_bytes(1 * MIB, 9_000 * MIB, card) == 0  # never gives back
+
+
 def test_fraction_mode_takes_the_measured_context_out_of_the_card() -> None:
     card, ctx, device = card_total_bytes(24), 520 * MIB, 143_771 * MIB
     assert fraction_for(card, ctx, device) * device == pytest.approx(card - ctx)

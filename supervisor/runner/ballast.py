@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from supervisor.emulation import MIB, ballast_bytes
+from supervisor.emulation import BALLAST_GRANULE, MIB, ballast_bytes
 
 PR_SET_PDEATHSIG = 1
 POLL_S = 0.5
@@ -36,18 +37,46 @@ def die_with_parent() -> None:
         pass
 
 
+@functools.cache
+def _nvml_handle(device: int) -> Any:
+    """NVML's handle for this CUDA device (initialised once; CUDA_VISIBLE_DEVICES honoured)."""
+    import pynvml
+    import torch
+
+    pynvml.nvmlInit()
+    return pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(device))
+
+
 def held_by(pid: int, device: int) -> int:
     """Bytes NVML attributes to `pid` on `device` (0 when it cannot tell)."""
     try:
         import pynvml
-        import torch
 
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(device))
-        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(h)
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(_nvml_handle(device))
         return sum(p.usedGpuMemory or 0 for p in procs if p.pid == pid)
     except Exception:  # noqa: BLE001 - no NVML: the trainer has no context yet by design
         return 0
+
+
+def top_up_bytes(free: int, trainer_used: int, card: int, granule: int = BALLAST_GRANULE) -> int:
+    """Bytes to add so that the trainer's memory plus what is free stays within the card: memory
+    another process gives back after the start must not become the trainer's (the first H200
+    run saw 48 MiB more than the card that way)."""
+    excess = free + trainer_used - card
+    return max(0, excess // granule * granule)
+
+
+def keep_topped_up(held: list[Any], device: int, card: int, parent: int) -> None:
+    """One check of the card's invariant; allocates the excess, if any (never raises)."""
+    try:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        n = top_up_bytes(free, held_by(parent, device), card)
+        if n:
+            held.append(torch.empty(n, dtype=torch.uint8, device=device))
+    except Exception:  # noqa: BLE001 - the trainer took it first (OOM here): try next time
+        pass
 
 
 def hold(device: int, leave: int, parent: int) -> tuple[list[Any], dict[str, int]]:
@@ -91,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"ready": True, "pid": os.getpid(), **info}), flush=True)
     while os.getppid() == ns.parent:
         time.sleep(POLL_S)
+        if not ns.no_cuda:
+            keep_topped_up(held, ns.device, ns.leave_bytes, ns.parent)
     del held
     return 0
 
