@@ -66,17 +66,26 @@ def top_up_bytes(free: int, trainer_used: int, card: int, granule: int = BALLAST
     return max(0, excess // granule * granule)
 
 
-def keep_topped_up(held: list[Any], device: int, card: int, parent: int) -> None:
-    """One check of the card's invariant; allocates the excess, if any (never raises)."""
+def keep_topped_up(held: list[Any], device: int, card: int, parent: int, seen: list[int]) -> None:
+    """One check of the card's invariant (never raises). The trainer allocating between the two
+    reads would look like an excess, so a reading counts only when the trainer's figure did not
+    move across it, and the ballast acts only on an excess seen twice in a row (`seen`)."""
     try:
         import torch
 
+        before = held_by(parent, device)
         free, _ = torch.cuda.mem_get_info(device)
-        n = top_up_bytes(free, held_by(parent, device), card)
+        if held_by(parent, device) != before:
+            seen.clear()
+            return
+        seen.append(top_up_bytes(free, before, card))
+        del seen[:-2]
+        n = min(seen) if len(seen) == 2 else 0
         if n:
             held.append(torch.empty(n, dtype=torch.uint8, device=device))
+            seen.clear()
     except Exception:  # noqa: BLE001 - the trainer took it first (OOM here): try next time
-        pass
+        seen.clear()
 
 
 def hold(device: int, leave: int, parent: int) -> tuple[list[Any], dict[str, int]]:
@@ -118,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"ready": False, "error": f"{type(e).__name__}: {e}"}), flush=True)
         return 1
     print(json.dumps({"ready": True, "pid": os.getpid(), **info}), flush=True)
+    seen: list[int] = []
     while os.getppid() == ns.parent:
         time.sleep(POLL_S)
         if not ns.no_cuda:
-            keep_topped_up(held, ns.device, ns.leave_bytes, ns.parent)
+            keep_topped_up(held, ns.device, ns.leave_bytes, ns.parent, seen)
     del held
     return 0
 
