@@ -147,6 +147,9 @@ def test_emulated_card_reaches_the_samples(tmp_path: Path) -> None:
 
     trainer, ballast = _trainer(60)
     try:
+        idle = Sampler(FakeNVML(2))
+        idle.emulate(card_total_mib(24))  # two GPUs, nothing held yet: neither is the run's
+        assert [g.mem_total_mib for g in idle.sample(trainer.pid, None).gpus] == [143_771] * 2
         nv = FakeNVML(1)
         nv.hold([ballast], 118_700)
         nv.hold([trainer.pid], 14_000)
@@ -164,3 +167,24 @@ def test_emulated_card_reaches_the_samples(tmp_path: Path) -> None:
     finally:
         os.killpg(trainer.pid, signal.SIGKILL)
         trainer.wait()
+
+
+def test_the_supervisor_tells_its_sampler_the_rehearsed_card(qlw_home: Path, tmp_path: Path) -> None:
+    """A run whose recipe rehearses 24 GB: the supervisor's sampler reports that card."""
+    from supervisor import runs
+    from supervisor.core import Supervisor
+    from supervisor.preflight import estimate
+    from supervisor.telemetry.fake import FakeNVML
+    from supervisor.telemetry.sampler import make_sampler
+    from tests.conftest import fake_recipe
+
+    path = fake_recipe(tmp_path, ["--steps", "1"], extra="[hardware]\nemulate_vram_gib = 24\n")
+    recipe = load_recipe(path)
+    store = runs.create(str(path), recipe, estimate(recipe, gpu_mem_gib=141))
+    sampler = make_sampler(nvml=FakeNVML(1))
+    try:
+        Supervisor(store, sampler=sampler)
+        assert sampler.sampler.emulated_total_mib == 24_564
+        assert sampler.sample(None, None).gpus[0].mem_total_mib == 24_564
+    finally:
+        sampler.close()

@@ -338,7 +338,7 @@ class Nvml:
         ballast = _held_mib(self._processes(d), hidden) if hidden else 0.0
         if ballast and g.mem_used_mib is not None:
             g.mem_used_mib = max(0.0, g.mem_used_mib - ballast)
-        if ballast or g.proc_mem_mib:
+        if ballast or g.proc_mem_mib or len(self._devices) == 1:  # one GPU: it is the run's
             g.mem_total_mib = total_mib
 
     def _hotspot(self, d: _Device) -> tuple[float | None, str | None]:
