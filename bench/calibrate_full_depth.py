@@ -287,21 +287,29 @@ def summarise(job: Job, rc: int | None, wall: float, events: Path, stderr: str,
 
 def run_free(group: Group, peaks: ProcPeaks, budget: float) -> list[dict[str, Any]]:
     """All jobs of the group at once on the whole GPU (each one's peak is its own process's)."""
-    started = [(job, *launch_direct(job), time.monotonic()) for job in group.jobs]
+    started = [(job, launch_direct(job), time.monotonic()) for job in group.jobs]
     rows = []
-    for job, p, rdir, events, sets, t in started:
-        try:
-            rc = p.wait(timeout=max(10, left(budget) - 5))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            rc = p.wait()
-        err = (rdir / "stderr.txt").read_text(errors="replace")
-        row = summarise(job, rc, time.monotonic() - t, events, err, peaks.of({p.pid}), sets)
-        first = step_events(events)[:1]
-        row["proc_peak_step1_mib"] = peaks.until(p.pid, first[0]["t"]) if first else None
+    for job, launched, t in started:
+        row = finish_direct(job, launched, t, peaks, budget)
+        first = step_events(launched[2])[:1]
+        row["proc_peak_step1_mib"] = peaks.until(launched[0].pid, first[0]["t"]) if first else None
         rows.append(row)
-        shutil.rmtree(rdir / "out", ignore_errors=True)  # the adapter: disk is short there
     return rows
+
+
+def finish_direct(job: Job, launched: tuple[subprocess.Popen, Path, Path, list[str]], t: float,
+                  peaks: ProcPeaks, budget: float) -> dict[str, Any]:
+    """Wait for a directly launched trainer (killed at the budget) and summarise its run."""
+    p, rdir, events, sets = launched
+    try:
+        rc = p.wait(timeout=max(10, left(budget) - 5))
+    except subprocess.TimeoutExpired:
+        p.kill()
+        rc = p.wait()
+    err = (rdir / "stderr.txt").read_text(errors="replace")
+    row = summarise(job, rc, time.monotonic() - t, events, err, peaks.of({p.pid}), sets)
+    shutil.rmtree(rdir / "out", ignore_errors=True)  # the adapter: disk is short there
+    return row
 
 
 def run_card(job: Job, peaks: ProcPeaks, budget: float) -> dict[str, Any]:
@@ -309,16 +317,8 @@ def run_card(job: Job, peaks: ProcPeaks, budget: float) -> dict[str, Any]:
     seen = set(peaks.peak)
     t = time.monotonic()
     if not job.via_start:
-        p, rdir, events, sets = launch_direct(job)
-        try:
-            rc = p.wait(timeout=max(10, left(budget) - 5))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            rc = p.wait()
-        err = (rdir / "stderr.txt").read_text(errors="replace")
-        row = summarise(job, rc, time.monotonic() - t, events, err, peaks.of({p.pid}), sets)
+        row = finish_direct(job, launch_direct(job), t, peaks, budget)
         row["ballast_peak_mib"] = peaks.matching("supervisor.runner.ballast", seen)
-        shutil.rmtree(rdir / "out", ignore_errors=True)
         return row
     return run_started(job, peaks, budget, seen, t)
 
