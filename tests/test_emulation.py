@@ -161,9 +161,10 @@ def test_emulated_card_reaches_the_samples(tmp_path: Path) -> None:
         assert g.mem_total_mib == 24_564
         assert g.proc_mem_mib == 14_000
         assert g.mem_used_mib == 512 + 14_000  # the driver's own + the trainer, as on the card
-        from supervisor.tui.fmt import fmt_gib
+        from supervisor.tui.gpu import vram_value
 
-        assert fmt_gib(g.mem_total_mib, 1) == "24.0 GiB"
+        assert vram_value(g.mem_used_mib, g.mem_total_mib) == "14.2/24.0 GiB"  # the GPU panel
+        assert vram_value(plain.mem_used_mib, plain.mem_total_mib) == "130/140 GiB"
     finally:
         os.killpg(trainer.pid, signal.SIGKILL)
         trainer.wait()
