@@ -49,6 +49,16 @@ def test_ballast_leaves_exactly_the_card_free() -> None:
         ballast_bytes(20_000 * MIB, card)
 
 
+def test_the_trainer_notice_says_what_the_ballast_left() -> None:
+    from supervisor.runner.ballast import describe
+
+    info = {"pid": 1029, "ballast_bytes": 118_000 * MIB, "free_after": 24_565 * MIB,
+            "driver_reserve": 616 * MIB}  # the H200's, 2026-12-02
+    assert describe(info, card_total_bytes(24)) == (
+        "ballast pid 1029 holds 115.2 GiB; 24,565 MiB free (card 24,564 MiB); "
+        "this GPU's driver reserve 616 MiB is outside it")
+
+
 def test_ballast_tops_up_what_others_give_back() -> None:
     from supervisor.runner.ballast import top_up_bytes
 

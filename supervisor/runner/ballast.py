@@ -108,7 +108,18 @@ def hold(device: int, leave: int, parent: int) -> tuple[list[Any], dict[str, int
         torch.cuda.synchronize(device)
     free, _ = torch.cuda.mem_get_info(device)
     return held, {"device_total": total, "free_before": free0, "free_after": free,
-                  "trainer_held_before": early, "ballast_bytes": sum(t.numel() for t in held)}
+                  "trainer_held_before": early, "ballast_bytes": sum(t.numel() for t in held),
+                  "driver_reserve": driver_reserve(device)}
+
+
+def driver_reserve(device: int) -> int | None:
+    """The driver's reserved memory on this GPU (NVML v2; nvidia-smi's "Reserved"), or None."""
+    try:
+        import pynvml
+
+        return int(pynvml.nvmlDeviceGetMemoryInfo(_nvml_handle(device), pynvml.nvmlMemory_v2).reserved)
+    except Exception:  # noqa: BLE001 - a driver without the v2 struct
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,8 +151,11 @@ def describe(info: dict[str, Any], leave: int) -> str:
     """'ballast pid 12 holds 117.4 GiB; 24,564 MiB free (card 24,564 MiB)' for the notice."""
     free = info.get("free_after")
     seen = f"{free / MIB:,.0f} MiB free" if free is not None else "free memory not read"
-    return (f"ballast pid {info.get('pid')} holds {info.get('ballast_bytes', 0) / 2**30:.1f} GiB; "
+    text = (f"ballast pid {info.get('pid')} holds {info.get('ballast_bytes', 0) / 2**30:.1f} GiB; "
             f"{seen} (card {leave / MIB:,.0f} MiB)")
+    if info.get("driver_reserve") is not None:  # a real card keeps its own: not emulated
+        text += f"; this GPU's driver reserve {info['driver_reserve'] / MIB:,.0f} MiB is outside it"
+    return text
 
 
 if __name__ == "__main__":

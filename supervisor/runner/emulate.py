@@ -69,6 +69,20 @@ def context_bytes(device: int) -> int:
     return max(0, used - torch.cuda.memory_reserved(device))
 
 
+def usable_after_context(device: int, card: int) -> str:
+    """What this process's allocator has of the card once its CUDA context exists, measured."""
+    import torch
+
+    try:
+        torch.ones(8, 8, device=device) @ torch.ones(8, 8, device=device)  # context + cuBLAS
+        torch.cuda.synchronize(device)
+        free, _ = torch.cuda.mem_get_info(device)
+    except Exception as e:  # noqa: BLE001 - the notice says so; training goes on
+        return f"the context was not measured ({type(e).__name__})"
+    return (f"after this process's CUDA context ({(card - free) / MIB:,.0f} MiB, measured) the "
+            f"allocator has {free / MIB:,.0f} MiB, as on the real card")
+
+
 def emulate_card(recipe: Recipe, writer: Any, select_device: Any) -> subprocess.Popen | None:
     """Apply hardware.emulate_vram_gib (then select the device); the ballast helper or None."""
     gib = recipe.hardware.emulate_vram_gib
@@ -87,8 +101,7 @@ def emulate_card(recipe: Recipe, writer: Any, select_device: Any) -> subprocess.
         select_device()
         from supervisor.runner.ballast import describe
 
-        writer.notice(f"{what}: {describe(info, card)}; this process's context and allocator "
-                      "share it, as on the real card")
+        writer.notice(f"{what}: {describe(info, card)}; {usable_after_context(device, card)}")
         return proc
     select_device()
     total = torch.cuda.get_device_properties(device).total_memory
