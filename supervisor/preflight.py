@@ -6,6 +6,7 @@ Every number is arithmetic on the shape and the recipe; every tunable constant i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -677,6 +678,10 @@ def _notes(shape: ModelShape, recipe: Recipe, cal: Calibration, vb: Budget) -> l
     _, unknown = lora_tensors(shape, recipe)
     if unknown:
         notes.append(f"target modules preflight does not know (not counted): {', '.join(unknown)}")
+    if recipe.train.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        more = _vram_need(shape, apply_rung(recipe, {"train.use_liger_kernel": False}), cal) - vb.need
+        notes.append(f"estimated with liger-kernel, which is not installed here: without it the "
+                     f"trainer needs {_gib(more)} more (pip install 'qlora-watch[gpu]')")
     if shape.experts > 1:
         notes.append(f"MoE, {shape.experts} experts: every expert's weights counted, "
                      "activations as for a dense model")

@@ -407,3 +407,15 @@ def test_tight_band_is_the_estimate_error_either_side_of_the_card():
 def test_preflight_imports_no_torch():
     code = "import sys, supervisor.preflight; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_liger_missing_is_said_with_its_cost(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    rep = estimate(recipe("8b"), gpu_mem_gib=24, **ROOMY)
+    note = next(n for n in rep.notes if "liger-kernel, which is not installed here" in n)
+    # without liger: fp32 norm inputs, SiLU output kept, MLP gradients apart (8B, 4 x 4096)
+    assert "needs 1.2 GiB more" in note  # session 2 measured 1.6 GB between the two (NVML)
