@@ -105,3 +105,13 @@ def test_recipe_estimates_are_stable(recipe: str, gib: float | None, verdict: st
         assert rep["exit_code"] == 0
     else:
         assert 35 <= rep["weights_gb"] <= 45 and rep["exit_code"] == 3
+
+
+def test_recipes_catalog_names_the_card_with_the_same_tight_band() -> None:
+    from supervisor.catalog import smallest_card
+
+    mib = 2**20
+    assert smallest_card(15_923 * mib, 0.03) == "24 GiB card (tight on 16)"  # 8B as shipped
+    assert smallest_card(24_677 * mib, 0.03) == "48 GiB card (tight on 24)"  # 14B as shipped
+    assert smallest_card(20_000 * mib, 0.03) == "24 GiB card"
+    assert smallest_card(143_000 * mib, 0.03) == "140 GiB card, tight"
