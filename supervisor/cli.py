@@ -70,7 +70,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     from supervisor.extras import require_for_run
 
     require_for_run(recipe)
-    from supervisor.preflight import estimate, render_table
+    from supervisor.preflight import estimate, margin_line, render_table
 
     if not Path(recipe.data.path).is_file():
         print(f"qlora-watch: {args.recipe}: data.path {recipe.data.path} does not exist "
@@ -91,6 +91,9 @@ def cmd_start(args: argparse.Namespace) -> int:
             print("\nqlora-watch: not started: the estimate does not fit (use --force to try anyway)",
                   file=sys.stderr)
             return EXIT_DOES_NOT_FIT
+    elif report.tight:  # started: a tight fit may well run, and the OOM ladder backs it
+        print(f"qlora-watch: note: the estimate is tight ({margin_line(report)}); "
+              + "; ".join(x.removeprefix("- ") for x in report.suggestions[1:]), file=sys.stderr)
     try:
         store = runs.create(resolve(args.recipe), recipe, report, start_rung=start_rung)
     except runs.StartError as e:

@@ -157,7 +157,14 @@ class TrainSection(_Strict):
 
 class HardwareSection(_Strict):
     emulate_vram_gib: float | None = Field(
-        None, gt=0.0, le=4096, description="cap the CUDA allocator to rehearse a smaller card"
+        None, gt=0.0, le=4096,
+        description="rehearse a smaller card: its total as nvidia-smi shows it (24: 24,564 MiB)",
+    )
+    # ballast (default): a helper holds the rest of the GPU, so the context and the allocator
+    # share the card's total as on the real card. fraction: only the allocator is capped (card
+    # minus the context measured at start); for a GPU other processes also use.
+    emulate_mode: Literal["ballast", "fraction"] = Field(
+        "ballast", description="how to rehearse: ballast (faithful) or fraction (allocator cap)"
     )
     gpus: int = Field(1, ge=1, le=64, description=">1: FSDP-QLoRA through accelerate launch")
     fsdp_cpu_offload: bool = Field(True, description="with gpus > 1: offload shards to host RAM")

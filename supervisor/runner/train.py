@@ -105,25 +105,12 @@ def local_device() -> int:
     return index
 
 
-def cap_vram(recipe: Recipe, writer: Any) -> None:
-    """[hardware] emulate_vram_gib: cap the CUDA caching allocator (same as
-    PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction:F); a notice-only no-op without CUDA."""
-    gib = recipe.hardware.emulate_vram_gib
-    if gib is None:
-        return
-    import torch
+def cap_vram(recipe: Recipe, writer: Any) -> Any:
+    """[hardware] emulate_vram_gib (runner/emulate.py), then select this process's device.
+    Returns the ballast helper's Popen (it dies with this process) or None."""
+    from supervisor.runner.emulate import emulate_card
 
-    if not torch.cuda.is_available():
-        writer.notice(f"emulate_vram_gib={gib:g}: no CUDA device; nothing to cap")
-        return
-    device = local_device()
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    fraction = min(1.0, gib / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
-    writer.notice(
-        f"emulating a {gib:g} GiB card: allocator capped at {fraction:.4g} of {total:.1f} GiB "
-        f"(= PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction:{fraction:.4g})"
-    )
+    return emulate_card(recipe, writer, local_device)
 
 
 def pick_attention(requested: str, writer: Any) -> str:
@@ -384,8 +371,7 @@ def run(ctx: Context, pinned_gpu: str | None = None) -> int:
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         # transformers 5 dropped TrainingArguments.logging_dir; the TensorBoard callback reads this.
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(ctx.output_dir / "tensorboard"))
-        local_device()
-        cap_vram(recipe, writer)
+        ballast = cap_vram(recipe, writer)  # noqa: F841 - held until this process exits
         attn = pick_attention(recipe.model.attn_implementation, writer)
         path = resolve_model_path(ctx, writer)
         model, tokenizer = load_model(ctx, path, attn)
