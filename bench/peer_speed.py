@@ -107,8 +107,7 @@ def command(name: str, a: argparse.Namespace, mdir: Path, data: Path, rdir: Path
     sets = [f"model.name={mdir}", f"data.path={data}", "data.format=text",
             f"train.max_steps={a.steps}", "train.logging_steps=1", "train.save_steps=100000",
             f"train.max_seq_len={a.seq}", f"train.per_device_batch={a.batch}",
-            f"train.grad_accum={a.accum}", f"lora.r={a.r}", f"lora.alpha={2 * a.r}",
-            "lora.dropout=0.0"]
+            f"train.grad_accum={a.accum}", f"lora.r={a.r}", f"lora.alpha={2 * a.r}"]
     if name != "auto":
         sets.append(f"model.backend={name}")
     return [sys.executable, "-m", "supervisor.runner.train", "--recipe",
