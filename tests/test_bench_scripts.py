@@ -65,3 +65,27 @@ def test_article_port_trains_the_tiny_model(tmp_path: Path) -> None:
     steps = [json.loads(x) for x in events.read_text().splitlines() if '"step"' in x]
     assert [s["step"] for s in steps if s["event"] == "step"] == [1, 2]
     assert all(s["tokens"] > 0 for s in steps if s["event"] == "step")
+
+
+def test_peer_speed_refuses_an_unknown_variant(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "peer_speed.py"), "--out", str(tmp_path),
+                        "--order", "hf,unsloth_scrip"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "unknown variant(s) ['unsloth_scrip']" in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_peer_speed_rehearses_on_the_tiny_model(tmp_path: Path) -> None:
+    """bench/peer_speed.py --tiny: the recipe's HF row trains; an Unsloth row is skipped with its
+    reason where Unsloth is not installed (it ran on the H200 after this passed)."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "peer_speed.py"), "--tiny", "--out",
+                        str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--seq", "64",
+                        "--batch", "2", "--accum", "1", "--steps", "3", "--order", "hf,unsloth_script"],
+                       capture_output=True, text=True, timeout=220, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "peer_results.json").read_text())["rows"]
+    hf = rows[0]
+    assert hf["rc"] == 0 and hf["backend"] == "hf" and hf["tokens_per_s"] > 0 and len(hf["loss"]) == 3
+    if "skipped" in rows[1]:
+        assert rows[1]["skipped"] == "unsloth is not installed here"
+    assert "run variant" in p.stdout
