@@ -259,6 +259,10 @@ def main() -> int:
         except Exception as e:  # the speed rows still run
             results["supervised"] = {"error": repr(e)}
         save()
+    if not order:  # --supervised alone
+        save()
+        print_table(results)
+        return 0
     peak = matmul_tflops()
     results["bf16_matmul_tflops"] = round(peak, 1) if peak else None
     shape = TINY if a.tiny else BUILTIN_SHAPES[a.shape]
