@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.recipe import Recipe, apply_rung, describe_rung
+from supervisor.runner.backends import planned_backend
 from supervisor.shapes import (
     ALL_LINEAR,
     BUILTIN_SHAPES,
@@ -31,7 +32,7 @@ EXIT_FITS, EXIT_ERROR, EXIT_DOES_NOT_FIT = 0, 2, 3
 COMMON_CARDS = ((32, 31.4), (40, 39.4), (48, 44.4), (80, 79.1), (96, 93.0), (141, 139.0))
 STATIC_KEYS = ("nf4_weights", "embeddings", "lm_head", "small")  # allocated once: no fragmentation
 OVERHEAD_KEYS = ("slack", "context")  # on the card but not in torch's max_memory_allocated
-ACTIVATION_KEYS = ("checkpoints", "mask", "layer", "head", "act_calibration")
+ACTIVATION_KEYS = ("checkpoints", "mask", "layer", "head", "act_calibration", "backend")
 CPU_SOURCE = "not used (train.use_cpu = true)"
 
 
@@ -78,6 +79,10 @@ class Calibration:
     # is right as it stands (worst error 4.6 %). An earlier 1.85, fitted to the field notes'
     # single 24.8 GB point, overestimated activations by 1.6x at seq 4096.
     activation_scale: float = 1.0
+    # Unsloth backend (model.backend resolving to "unsloth"): its activation rows against the HF
+    # path's (checkpoints offloaded to host RAM, padding-free varlen attention, its fused loss).
+    # Fitted on an H200 (session 3, bench/peer_speed.py): see docs/benchmarks.md.
+    unsloth_activation_scale: float = 0.48
     # --- device overheads
     # CUDA context + cuBLAS workspace, outside the allocator: NVML minus reserved was 764 MiB in
     # six of seven H200 runs (torch 2.11, cu130)
@@ -345,6 +350,11 @@ def activation_components(shape: ModelShape, recipe: Recipe, cal: Calibration) -
         out.append(Component("act_calibration", f"activation calibration x{cal.activation_scale:g}",
                              (cal.activation_scale - 1) * scalable,
                              "the measured H200 8B peak exceeds the per-tensor count: refit"))
+    if planned_backend(recipe) == "unsloth":
+        hf_rows = sum(c.bytes for c in out if c.counted) - (vocab_part if head.counted else 0.0)
+        out.append(Component("backend", "Unsloth backend", (cal.unsloth_activation_scale - 1) * hf_rows,
+                             f"activations x{cal.unsloth_activation_scale:g} of the HF path's "
+                             "(offloaded checkpoints, padding-free, fused loss; H200 fit)"))
     return out
 
 
@@ -532,7 +542,8 @@ def _setup(shape: ModelShape, recipe: Recipe, cal: Calibration) -> str:
     gc = "grad checkpointing" if t.gradient_checkpointing else "NO grad checkpointing"
     return (f"{shape.name} [{shape.source}], {_count(shape.total_params)} params; {quant}, "
             f"LoRA r={lo.r} {tm}; seq {t.max_seq_len} x batch {t.per_device_batch} "
-            f"(x accum {t.grad_accum}); {t.optim}; {gc}; {attention_kind(recipe, cal)}")
+            f"(x accum {t.grad_accum}); {t.optim}; {gc}; {attention_kind(recipe, cal)}; "
+            f"backend {planned_backend(recipe)}")
 
 
 def _vram_need(shape: ModelShape, recipe: Recipe, cal: Calibration, emulated: bool) -> float:

@@ -192,3 +192,20 @@ def test_tiny_run_under_auto_trains_on_hf_with_the_notice_and_never_imports_unsl
     notices = [json.loads(x)["message"] for x in events.read_text().splitlines() if '"notice"' in x]
     assert 'backend hf: model.backend = "auto": HF path, because the tiny test model trains on the HF path' in notices
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_preflight_estimates_the_backend_the_run_will_take(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from supervisor.preflight import estimate
+
+    def need(*sets: str) -> float:
+        rep = estimate(load_recipe(REPO / "recipes" / "8b.toml", list(sets)), gpu_mem_gib=141)
+        assert any(c.key == "backend" for c in rep.components) == ("backend unsloth" in rep.setup)
+        return rep.vram.need
+
+    hf, unsloth = need("model.backend=hf"), need("model.backend=unsloth")
+    assert unsloth < 0.75 * hf
+    if not any((Path(p) / "unsloth").exists() for p in sys.path if p):
+        assert need() == hf  # auto without Unsloth installed: the HF path, estimated as such
+    monkeypatch.syspath_prepend(str(fake_unsloth(tmp_path, "")))
+    assert need() == unsloth  # auto with Unsloth installed (found, not imported)
+    assert "unsloth" not in sys.modules

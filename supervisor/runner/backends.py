@@ -86,6 +86,14 @@ def unsloth_obstacle(recipe: Recipe, cuda: bool | None = None) -> str | None:
     return None
 
 
+def planned_backend(recipe: Recipe) -> str:
+    """The backend a run of this recipe takes on a CUDA machine like this one (preflight: no
+    imports beyond a find_spec, so an "auto" recipe is estimated for Unsloth only where it is installed)."""
+    if recipe.model.backend != "auto":
+        return recipe.model.backend
+    return "hf" if unsloth_obstacle(recipe, cuda=True) else "unsloth"
+
+
 def import_unsloth() -> str | None:
     """Import Unsloth now (before transformers); None on success, else the error in one line."""
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no phone-home from a supervised run

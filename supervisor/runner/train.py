@@ -163,7 +163,10 @@ def resolve_model_path(ctx: Context, writer: Any) -> str:
 
 def describe_model(model: Any) -> str:
     """'4-bit nf4 (double quant), compute torch.bfloat16, 14 Linear4bit layers' or the plain dtype."""
-    n4 = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
+    # bitsandbytes' own class only: peft's LoRA wrapper is also named Linear4bit (counted twice
+    # when the model comes already wrapped, as Unsloth's does: seen on the H200)
+    n4 = sum(1 for m in model.modules()
+             if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes"))
     q = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
     if not n4 or q is None or not getattr(q, "load_in_4bit", False):
         return f"not quantised, {model.dtype}"
