@@ -15,7 +15,6 @@ the step-event callback all variants are timed by, and saves no checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -23,20 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.script_args import script_parser  # noqa: E402
+
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--events", required=True)
-    ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--accum", type=int, default=4)
-    ap.add_argument("--r", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--warmup", type=float, default=0.03)
+    ap = script_parser()
+    ap.set_defaults(steps=5)
     ap.add_argument("--seed", type=int, default=42)
     a = ap.parse_args()
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
@@ -67,7 +58,7 @@ def main() -> int:
             per_device_train_batch_size=a.batch, gradient_accumulation_steps=a.accum,
             warmup_steps=a.warmup, max_steps=a.steps, learning_rate=a.lr,
             logging_steps=1, optim="paged_adamw_8bit", lr_scheduler_type="cosine",
-            max_grad_norm=1.0, seed=a.seed, output_dir=a.out, report_to="none",
+            max_grad_norm=a.max_grad_norm, seed=a.seed, output_dir=a.out, report_to="none",
             save_steps=10**6, include_num_input_tokens_seen="non_padding", disable_tqdm=True,
         ),
         callbacks=[QloraWatchCallback(writer=EventWriter(a.events), handle_sigterm=False)],
