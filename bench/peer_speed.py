@@ -15,7 +15,7 @@ callback) and NVML device memory minus the baseline before the process started.
     python bench/peer_speed.py --out OUT --budget-s 540 \\
         --order unsloth_script,auto,hf,auto,unsloth_script,article [--supervised]
 
-`--supervised` first runs the Unsloth backend under `python -m supervisor.cli start` on a
+`--supervised` first runs the Unsloth backend under `python -m supervisor start` (= `qlora-watch start`) on a
 2-layer build of the shape: an injected OOM (debug.raise_oom_above_seq_len) at step 4, the
 ladder's rung (seq 768) resuming checkpoint-4, then `stop` (SIGTERM: checkpoint, stopped).
 `--tiny` is the CPU rehearsal: a tiny Llama, short samples, seq 128 (no GPU needed).
