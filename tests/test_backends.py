@@ -209,3 +209,16 @@ def test_preflight_estimates_the_backend_the_run_will_take(tmp_path: Path, monke
     monkeypatch.syspath_prepend(str(fake_unsloth(tmp_path, "")))
     assert need() == unsloth  # auto with Unsloth installed (found, not imported)
     assert "unsloth" not in sys.modules
+
+
+def test_start_refuses_unsloth_where_it_is_not_installed(tmp_path: Path) -> None:
+    if any((Path(p) / "unsloth").exists() for p in sys.path if p):
+        pytest.skip("unsloth is installed in this environment")
+    env = {**os.environ, "QLORA_WATCH_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-m", "supervisor", "start", str(REPO / "recipes" / "8b.toml"),
+                          "--set", "model.backend=unsloth", "--set", f"data.path={REPO / 'recipes/data/tiny-chat.jsonl'}",
+                          "--detach"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().endswith('model.backend = "unsloth" but Unsloth is not installed here '
+                                       "(pip install 'qlora-watch[unsloth]', or set model.backend = \"auto\" or \"hf\")")
+    assert "Traceback" not in res.stderr and not (tmp_path / "home" / "runs").exists()

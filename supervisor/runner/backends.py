@@ -94,6 +94,16 @@ def planned_backend(recipe: Recipe) -> str:
     return "hf" if unsloth_obstacle(recipe, cuda=True) else "unsloth"
 
 
+def unsloth_missing(recipe: Recipe) -> str | None:
+    """For `qlora-watch start`: model.backend = "unsloth" where Unsloth is not installed."""
+    if recipe.model.backend != "unsloth" or recipe.trainer.command:
+        return None
+    if importlib.util.find_spec("unsloth") is None:
+        return ('model.backend = "unsloth" but Unsloth is not installed here '
+                '(pip install \'qlora-watch[unsloth]\', or set model.backend = "auto" or "hf")')
+    return None
+
+
 def import_unsloth() -> str | None:
     """Import Unsloth now (before transformers); None on success, else the error in one line."""
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no phone-home from a supervised run
