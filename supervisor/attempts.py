@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from supervisor import checkpoints, launcher
+from supervisor import checkpoints, launcher, trackers
 from supervisor import guards as guardlib
 from supervisor.prune import newest_complete_of, prune_plan
 from supervisor.recipe import Recipe, apply_rung, describe_rung, recipe_to_json
@@ -225,6 +225,7 @@ class AttemptRunner:
             "QLW_OUTPUT_DIR": str(out), "QLW_ATTEMPT": str(attempt), "QLW_EXTERNAL_PRUNE": "1",
             "QLW_RUN_ID": self.sup.store.run_id, "PYTHONUNBUFFERED": "1",
         })
+        env.update(trackers.trainer_env(recipe.train.report_to, self.sup.store.run_id, self.sup.store.path))
         env.pop("QLW_RESUME", None)
         if resume:
             env["QLW_RESUME"] = resume
@@ -306,7 +307,7 @@ class AttemptRunner:
         pgid = w.get("pid")
         if pgid:  # leftover workers hold GPU memory: kill the group and subreaped escapers
             launcher.signal_group(pgid, signal.SIGKILL)
-        launcher.kill_orphans(set())
+        launcher.kill_orphans(self.sup.tb.helper_pids())  # not the trackers' own (wandb's service)
         self.sup.set_state(exited=True, exit_code=rc, exit_signal=sig, ended_at=time.time())
         self.sup._follow_events()  # the last events before exit (checkpoint, finished)
         self._prune()

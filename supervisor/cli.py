@@ -9,17 +9,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from supervisor import __version__
+try:
+    from supervisor import __version__
+except ImportError:  # another package's supervisor/__init__.py (supervisord): main() says so
+    __version__ = ""
 
 EXIT_BAD_INPUT = 2
 EXIT_DOES_NOT_FIT = 3
 
 
 def _load(recipe: str, sets: list[str] | None):
+    from supervisor.catalog import resolve
     from supervisor.recipe import RecipeError, load_recipe
 
     try:
-        return load_recipe(recipe, sets or [])
+        return load_recipe(resolve(recipe), sets or [])
     except RecipeError as e:
         print(f"qlora-watch: {e}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
@@ -62,6 +66,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     recipe = _load(args.recipe, args.set)
     from supervisor import runs
+    from supervisor.catalog import resolve
+    from supervisor.extras import require_for_run
+
+    require_for_run(recipe)
     from supervisor.preflight import estimate, render_table
 
     if not Path(recipe.data.path).is_file():
@@ -89,7 +97,7 @@ def cmd_start(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_DOES_NOT_FIT
     try:
-        store = runs.create(args.recipe, recipe, report, start_rung=start_rung)
+        store = runs.create(resolve(args.recipe), recipe, report, start_rung=start_rung)
     except runs.StartError as e:
         print(f"qlora-watch: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -104,6 +112,38 @@ def cmd_start(args: argparse.Namespace) -> int:
         return 0
     print(f"run {store.run_id} started; detach with d, the run goes on")
     return _attach(store, args)
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from supervisor import catalog
+
+    try:
+        if args.action == "cp":
+            out = catalog.copy(args.name, args.dest, force=args.force)
+            print(f"copied {args.name} to {out}; edit it, then `qlora-watch start {out}`")
+        elif args.action == "schema":
+            sys.stdout.write(catalog.schema_text())
+        else:
+            entries = [catalog.entry(catalog.find(n)) for n in catalog.names()]
+            print(json.dumps([e.to_dict() for e in entries], indent=1) if args.json
+                  else catalog.render(entries))
+    except catalog.CatalogError as e:
+        print(f"qlora-watch: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from supervisor import doctor
+
+    return doctor.main(args.json)
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from supervisor import catalog, completion
+
+    sys.stdout.write(completion.script(args.shell, build_parser(), catalog.names()))
+    return 0
 
 
 def cmd_supervise(args: argparse.Namespace) -> int:
@@ -125,13 +165,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not rows:
         print("no runs yet: start one with `qlora-watch start RECIPE`")
         return 0
-    print(f"{'RUN':<22} {'RECIPE':<18} {'STATE':<10} {'STEP':>11} {'LOSS':>8} {'WALL':>9}  STARTED")
+    print(f"{'RUN':<22} {'RECIPE':<18} {'STATE':<10} {'STEP':>11} {'LOSS':>8} {'RUNG':<7} "
+          f"{'CHECKPOINT':<16} {'WALL':>9}  STARTED")
     for r in rows:
         step = f"{r.get('step') or 0}/{r.get('max_steps') or '?'}"
         loss = r.get("last_loss")
         loss_s = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
+        ckpt = Path(r["last_checkpoint"]).name if r.get("last_checkpoint") else "-"
         print(f"{r['run_id']:<22} {str(r.get('recipe'))[:18]:<18} {r.get('state') or '?':<10} "
-              f"{step:>11} {loss_s:>8} {runs.fmt_duration(r.get('wall_s')):>9}  {r.get('started')}")
+              f"{step:>11} {loss_s:>8} {runs.rung_label(r.get('rung')):<7} {ckpt[:16]:<16} "
+              f"{runs.fmt_duration(r.get('wall_s')):>9}  {r.get('started')}")
     return 0
 
 
@@ -199,8 +242,9 @@ def _attach(store: Any, args: argparse.Namespace) -> int:
         print(f"(dashboard unavailable: {e}); following progress, Ctrl-C to detach")
         return runs.follow_plain(store)
     result = make_app(client, run_id=store.run_id).run()
-    if result == "detached":
-        print(f"detached from {store.run_id}; the run goes on. `qlora-watch attach {store.run_id}`")
+    if result in ("detached", "quit") and runs.is_live(store):  # q, d and ctrl+c: never the run
+        how = "detached from" if result == "detached" else "left the dashboard of"
+        print(f"{how} {store.run_id}; the run goes on. `qlora-watch attach {store.run_id}`")
     return 0
 
 
@@ -227,6 +271,9 @@ def cmd_socket(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from supervisor.extras import require
+
+    require("report", "report (its plots)")
     from supervisor.report import ReportError, generate_report
 
     store = _find(args.run)
@@ -267,6 +314,9 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from supervisor.extras import require
+
+    require("train", "merge")
     from supervisor.merge import MergeError, find_adapter, merge_adapter
 
     src = Path(args.run)
@@ -295,16 +345,19 @@ def cmd_tui_client(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    from supervisor.cli_help import Parser, epilog
+
+    ap = Parser(
         prog="qlora-watch",
         description="Supervise and watch long QLoRA fine-tuning runs.",
-        epilog="Quick start: qlora-watch start recipes/tiny.toml",
+        epilog="Quick start: qlora-watch start recipes/tiny.toml (each command's --help has examples)",
     )
     ap.add_argument("--version", action="version", version=f"qlora-watch {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, fn: Any, help: str, **kw: Any) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, **kw)
+        p = sub.add_parser(name, help=help, description=help, epilog=epilog(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
         p.set_defaults(fn=fn)
         return p
 
@@ -329,6 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate", cmd_validate, "validate a recipe (exit 2 with file:line:col if it is bad)")
     p.add_argument("recipe")
     sets(p)
+
+    p = add("recipes", cmd_recipes, "the shipped recipes: list them, copy one to edit, the schema")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(action=None)
+    rsub = p.add_subparsers(dest="action", metavar="ACTION")
+    cp = rsub.add_parser("cp", help="copy a shipped recipe to edit", description="copy a shipped recipe to edit")
+    cp.add_argument("name", help="a shipped recipe, e.g. 8b")
+    cp.add_argument("dest", help="file (or folder) to write")
+    cp.add_argument("--force", action="store_true", help="overwrite an existing file")
+    rsub.add_parser("schema", help="print the recipe's JSON Schema",
+                    description="print the recipe's JSON Schema (docs/recipe.schema.json)")
 
     p = add("ls", cmd_ls, "list runs")
     p.add_argument("--json", action="store_true")
@@ -374,6 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=int, metavar="N", help="merge checkpoint-N instead of the final adapter")
     p.add_argument("--out", required=True, metavar="DIR")
 
+    p = add("doctor", cmd_doctor, "check the box: driver, CUDA build, bitsandbytes, disk, HF token, "
+            "lingering; exit 1 on a fail")
+    p.add_argument("--json", action="store_true")
+
+    p = add("completion", cmd_completion, "print a shell completion script (static: tab never starts Python)")
+    p.add_argument("shell", choices=("bash", "zsh", "fish"))
+
     p = sub.add_parser("_supervise", help=argparse.SUPPRESS)
     p.add_argument("run_dir")
     p.add_argument("--no-telemetry", action="store_true")
@@ -392,13 +463,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if not __version__ and args_in[:1] != ["doctor"]:
+        from supervisor.doctor import SEPARATE_VENV
+
+        print("qlora-watch: the `supervisor` package here is not qlora-watch's (the PyPI package "
+              f"supervisor, supervisord, uses the same name); use a separate venv: {SEPARATE_VENV}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     ap = build_parser()
     args = ap.parse_args(argv)
     if not getattr(args, "fn", None):
         ap.print_help()
         return 0
+    from supervisor.extras import MissingExtra
+
     try:
         return int(args.fn(args) or 0)
+    except MissingExtra as e:
+        print(f"qlora-watch: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -26,7 +26,7 @@ from supervisor.records import Event, Sample, Step, step_from_dict, to_dict
 from supervisor.states import RunState
 from supervisor.store import RunStore, read_json
 from supervisor.tail import JsonlFollower, LogFollower
-from supervisor.tbwriter import TelemetryTB, system_logdir
+from supervisor.trackers import from_recipe as trackers_for
 
 log = logging.getLogger("qlora-watch.supervisor")
 
@@ -70,7 +70,8 @@ class Supervisor:
         self.log_ring: list[str] = store.log_tail(LOG_RING)
         self.recent_samples: list[Sample] = []
         self.recent_steps: list[Step] = []
-        self.tb = TelemetryTB(system_logdir(self.run_info["output_dir"]))
+        # train.report_to: TensorBoard (telemetry beside the trainer's logs), W&B, MLflow
+        self.tb = trackers_for(self.recipe, store.run_id, self.run_info["output_dir"], store.path)
         self.attempts = AttemptRunner(self)
         self.notifier = notify.from_recipe(self.recipe, store.run_id)
         self._stop_event = asyncio.Event()
@@ -155,6 +156,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
         await self._start_server()
+        await asyncio.to_thread(self.tb.start)  # trackers open before the first launch
         try:
             await self.attempts.begin()
             while not self._stop_event.is_set():
@@ -217,6 +219,7 @@ class Supervisor:
                 self.store.add_steps(new_steps, lineage=self.state.get("lineage") or 1)
             except Exception as e:  # noqa: BLE001
                 log.warning("steps not stored: %s", e)
+            self.tb.add_steps(new_steps)  # W&B/MLflow: every attempt's steps in one tracker run
             for st in new_steps:
                 self.recent_steps.append(st)
                 self.broadcast(proto.step({**to_dict(st), "lineage": self.state.get("lineage") or 1}))

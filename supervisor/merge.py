@@ -57,10 +57,10 @@ def find_adapter(source: Path, checkpoint: int | None = None) -> Path:
             cands = ([Path(state["adapter_path"])] if state.get("adapter_path") else []) + [d / "adapter" for d in dirs]
         else:
             cands = [d / f"checkpoint-{checkpoint}" for d in dirs]
-        what = f"checkpoint-{checkpoint}" if checkpoint is not None else "a final adapter"
+        what = f"checkpoint-{checkpoint}" if checkpoint is not None else "final adapter"
     else:
         cands = [source / f"checkpoint-{checkpoint}"] if checkpoint is not None else [source, source / "adapter"]
-        what = f"checkpoint-{checkpoint}" if checkpoint is not None else "an adapter (adapter_config.json)"
+        what = f"checkpoint-{checkpoint}" if checkpoint is not None else "adapter (adapter_config.json)"
     for c in cands:
         if (c / "adapter_config.json").is_file():
             return c

@@ -11,6 +11,7 @@ import queue
 import threading
 from typing import Any
 
+from supervisor.bgqueue import close_worker
 from supervisor.records import Event
 from supervisor.redact import redact
 
@@ -67,12 +68,7 @@ class Notifier:
             return False
 
     def close(self, timeout: float = 5.0) -> None:
-        if self._thread is not None:
-            try:
-                self.q.put(None, timeout=timeout)
-            except queue.Full:
-                return
-            self._thread.join(timeout)
+        close_worker(self.q, self._thread, timeout)
 
     def _worker(self) -> None:
         try:

@@ -129,6 +129,10 @@ class TrainSection(_Strict):
     use_liger_kernel: bool = False
     use_cpu: Literal["auto", True, False] = "auto"
     dataloader_workers: int = Field(0, ge=0, le=64)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="trackers ([] for none); every attempt of a run continues one tracker run",
+    )
 
     @field_validator("output_dir")
     @classmethod

@@ -133,7 +133,8 @@ def summary(store: RunStore) -> dict[str, Any]:
         "run_id": store.run_id, "recipe": info.get("recipe"), "model": info.get("model"),
         "state": st.get("state") or "starting", "step": st.get("step"),
         "max_steps": st.get("max_steps"), "last_loss": st.get("last_loss"),
-        "attempt": st.get("attempt"),
+        "attempt": st.get("attempt"), "rung": st.get("rung"),
+        "last_checkpoint": st.get("last_checkpoint"),
         "wall_s": (end - started) if started and end else None,
         "started": datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M") if started else "?",
     }
@@ -171,17 +172,36 @@ def _clean(text: Any) -> str:
     return "\n".join(sanitize(line) for line in str(text).split("\n"))
 
 
+def _num(v: Any, digits: int) -> str:
+    """A number for a person: rounded, thousands separated; "-" when missing or not a number."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        return "-"
+    return f"{v:,.{digits}f}"
+
+
+def rung_label(rung: Any) -> str:
+    """'base' before any ladder change, else 'rung N' (rung 1 is the first change)."""
+    return "base" if rung is None else f"rung {rung + 1}"
+
+
 def render_status(d: dict[str, Any]) -> str:
     rung = d.get("rung")
+    ended = d.get("state") in TERMINAL_VALUES
+    step, total = d.get("step"), d.get("max_steps")
     lines = [
         f"run       {d['run_id']}  ({d['run'].get('recipe')}, {d['run'].get('model')})",
         f"state     {d.get('state')}" + (f"  ({_clean(d.get('message'))})" if d.get("message") else ""),
-        f"attempt   {d.get('attempt')}  ladder rung {'base' if rung is None else rung + 1}"
+        f"attempt   {d.get('attempt') or 1}  ladder {rung_label(rung)}"
         + (f"  [{d.get('rung_desc')}]" if d.get("rung_desc") else ""),
-        f"step      {d.get('step') or 0}/{d.get('max_steps') or '?'}",
-        f"loss      {d.get('last_loss')}",
-        f"tokens/s  {d.get('tokens_per_s')}",
-        f"ETA       {fmt_duration(d.get('eta_s'))}",
+        f"step      {_num(step, 0)}/{_num(total, 0)}",
+        f"loss      {_num(d.get('last_loss'), 3)}",
+        f"speed     {_num(d.get('tokens_per_s'), 0)} tok/s",
+    ]
+    if not ended:  # an ended run has no time left
+        lines.append(f"ETA       {fmt_duration(d.get('eta_s'))}")
+    if d.get("last_checkpoint"):
+        lines.append(f"checkpoint {_clean(d['last_checkpoint'])}")
+    lines += [
         f"output    {d.get('output_dir') or d['run'].get('output_dir')}",
         f"supervisor {'running' if d.get('supervisor_running') else 'not running'}",
         "events:",
@@ -235,6 +255,14 @@ def stop(store: RunStore, now: bool) -> int:
     return 0
 
 
+FLUSH_WAIT_S = 60.0  # how long `wait` lets an ended run's supervisor finish its writes
+
+
+def remaining(deadline: float | None) -> float:
+    """Seconds to a monotonic deadline (infinite when there is none)."""
+    return float("inf") if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def wait(store: RunStore, timeout: float | None) -> int:
     """Exit 0 when completed, 1 for another terminal state, 124 on timeout."""
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -242,6 +270,11 @@ def wait(store: RunStore, timeout: float | None) -> int:
     while True:
         st = store.read_state().get("state")
         if st in TERMINAL_VALUES:
+            # Its supervisor still flushes the trackers (W&B, MLflow) and closes the store: a
+            # script that goes on to `wandb sync` or `report` must see it all. Bounded.
+            flush_until = time.monotonic() + min(FLUSH_WAIT_S, remaining(deadline))
+            while supervisor_running(store) and time.monotonic() < flush_until:
+                time.sleep(0.1)
             print(f"{store.run_id}: {st}")
             return 0 if st == RunState.COMPLETED.value else 1
         if time.monotonic() - checked > 5:  # a dead supervisor is restarted (re-adoption)

@@ -19,6 +19,7 @@ from typing import Any
 from supervisor.recipe import Recipe, recipe_from_json
 
 FLASH = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+TRAINER_TRACKERS = ("tensorboard", "trackio")  # train.report_to entries that transformers logs
 
 
 class StopBeforeTraining(BaseException):
@@ -240,7 +241,10 @@ def sft_config(ctx: Context, use_liger: bool | None = None, overrides: dict[str,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # never replace a NaN loss with a running average
         include_num_input_tokens_seen="non_padding",
-        report_to=["tensorboard"],
+        # The supervisor writes W&B and MLflow itself (one writer, one tracker run across
+        # attempts: supervisor/trackers.py); the trainer logs to TensorBoard and Trackio.
+        report_to=[r for r in t.report_to if r in TRAINER_TRACKERS] or "none",
+        run_name=os.environ.get("QLW_RUN_ID") or None,  # Trackio resumes its run by this name
         bf16=t.bf16,
         fp16=False,
         use_cpu=cpu,

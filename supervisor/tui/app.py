@@ -48,8 +48,10 @@ class WatchApp(App[str]):
         Binding("a", "ack", "ack"),
         Binding("l", "log", "log"),
         Binding("e", "events", "events"),
-        Binding("question_mark", "help", "help", key_display="?"),
+        Binding("h,question_mark", "help", "help", key_display="h"),  # h as in htop and nvitop
         Binding("q", "quit_client", "quit"),
+        # Textual's ctrl+c only says "press ctrl+q"; here it quits like q (the run goes on).
+        Binding("ctrl+c", "quit_client", "quit", show=False, priority=True),
     ]
 
     def __init__(

@@ -9,13 +9,13 @@ from typing import Any
 from rich.text import Text
 from textual.app import ComposeResult, RenderResult
 from textual.binding import Binding
-from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import DataTable, Footer, Static
 
 from .fmt import LEVEL_STYLES, UNSEEN_STYLES, fmt_clock
 from .model import RunModel, is_unseen
 from .sanitize import sanitize
+from .search import SEARCH_BINDINGS, SearchableScreen
 
 LEVEL_TAGS = {"info": "INFO", "warning": "WARN", "error": "ERR"}
 
@@ -78,12 +78,13 @@ class EventsPanel(Widget):
         )
 
 
-class EventsScreen(Screen[None]):
-    """All events in a table; `a` acknowledges from here too."""
+class EventsScreen(SearchableScreen):
+    """All events in a table; `a` acknowledges from here too; `/` searches."""
 
     BINDINGS = [
         Binding("escape,q,e", "app.pop_screen", "back"),
         Binding("a", "app.ack", "ack warnings"),
+        *SEARCH_BINDINGS,
     ]
 
     def __init__(self, model: RunModel, tz: tzinfo | None) -> None:
@@ -94,6 +95,7 @@ class EventsScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Static(id="events-title", classes="screen-title")
         yield DataTable(id="events-table", cursor_type="row", zebra_stripes=True)
+        yield from self.search_widgets()
         yield Footer()
 
     def on_mount(self) -> None:
@@ -123,8 +125,17 @@ class EventsScreen(Screen[None]):
                 ("Events", "bold"),
                 f"  {len(self.model.events)} in all, ",
                 (f"{unseen} unseen", "bold yellow" if unseen else ""),
-                "  (a: acknowledge, esc: back)",
+                "  (a: acknowledge, /: search, esc: back)",
             )
         )
-        if self.model.events:
+        if self.current is not None and self.matches:  # a search holds the cursor on its match
+            table.move_cursor(row=self.matches[self.current])
+        elif self.model.events:
             table.move_cursor(row=len(self.model.events) - 1)
+
+    def search_texts(self) -> list[str]:
+        return [event_line(ev, self.tz).plain + f" {ev.get('kind') or ''}" for ev in self.model.events]
+
+    def show_match(self, row: int | None) -> None:
+        if row is not None:
+            self.query_one(DataTable).move_cursor(row=row)

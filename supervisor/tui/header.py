@@ -36,6 +36,7 @@ class RunHeader(Widget):
         self.model = model
         self.now = now
         self.tz = tz
+        self._stopped_at: float | None = None  # when the clock stopped: the run ended or the stream did
 
     def render(self) -> RenderResult:
         m, st = self.model, self.model.state
@@ -70,11 +71,23 @@ class RunHeader(Widget):
             right2.append(" ")
         started = finite(st.get("started_at"))
         if started is not None:
-            end = finite(st.get("updated_at")) if state in TERMINAL_VALUES else None
+            end = self._end_time(state)
             right2.append(("ran " if end else "up ") + fmt_duration((end or self.now()) - started))
 
         progress = self._progress(width)
         return Group(_row(who, badge), _row(how, right2), progress)
+
+    def _end_time(self, state: str) -> float | None:
+        """When the run ended (the trainer's exit, else the first frame that saw it end); None
+        while it runs. Live state messages carry no updated_at: a stale one would be wrong."""
+        if state not in TERMINAL_VALUES and not self.model.ended:
+            self._stopped_at = None
+            return None
+        if self._stopped_at is None:
+            st = self.model.state
+            self._stopped_at = (finite(st.get("ended_at")) or finite(st.get("updated_at"))
+                                if state in TERMINAL_VALUES else None) or self.now()
+        return self._stopped_at
 
     def _progress(self, width: int) -> Text:
         st = self.model.state
@@ -85,13 +98,16 @@ class RunHeader(Widget):
         frac = step / total if step is not None and total else None
         left = Text()
         left.append("step ")
-        left.append(fmt_num(step), "bold")
-        left.append(f"/{fmt_num(total)} ")
+        left.append(fmt_num(step) if step is not None else "-", "bold")  # "-" while loading
+        left.append(f"/{fmt_num(total) if total else '-'} ")
         tail = Text()
-        tail.append(f" {fmt_num(100 * frac if frac is not None else None, 1)}%")
+        if frac is not None:
+            tail.append(f" {fmt_num(100 * frac, 1)}%")
         tail.append("  loss ")
-        tail.append(fmt_loss(st.get("last_loss")), "bold")
-        tail.append(f"  {fmt_num(st.get('tokens_per_s'))} tok/s")
+        loss = st.get("last_loss")
+        tail.append(fmt_loss(loss) if loss is not None else "-", "bold")
+        tps = st.get("tokens_per_s")
+        tail.append(f"  {fmt_num(tps) if tps is not None else '-'} tok/s")
         eta = finite(st.get("eta_s"))
         if eta is not None and str(st.get("state")) not in TERMINAL_VALUES:
             tail.append("  ETA ")

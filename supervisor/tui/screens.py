@@ -46,13 +46,14 @@ HELP = """\
 qlora-watch dashboard: a client of the run's supervisor. Leaving it never stops the run.
 
   d      detach: leave the dashboard, the run goes on
-  q      quit the dashboard (the run goes on)
+  q      quit the dashboard (the run goes on); ctrl+c too
   s      stop the run gracefully (asks first): save a checkpoint, then stop
   S      stop the run now (asks first): no checkpoint
   a      acknowledge the highlighted warnings and errors
   e      all events
   l      the full trainer log
-  ?      this help
+  /      in the log and events views: search; n / N next / previous match
+  h ?    this help
   esc    back from any view
 
 Header: run id, recipe, model, state; attempt and OOM-ladder rung with what changed;
@@ -66,7 +67,7 @@ swap, trainer RSS (+uvm: paged optimiser state), disk against the next checkpoin
 class HelpScreen(Screen[None]):
     """Keys and what the panels mean."""
 
-    BINDINGS = [Binding("escape,q,question_mark", "app.pop_screen", "back")]
+    BINDINGS = [Binding("escape,q,h,question_mark", "app.pop_screen", "back")]
 
     def compose(self) -> ComposeResult:
         yield Static(Text("Help", "bold"), classes="screen-title")

@@ -7,30 +7,33 @@ from typing import Any
 from rich.text import Text
 from textual.app import ComposeResult, RenderResult
 from textual.containers import Horizontal, Vertical
+from textual.widget import Widget
 from textual.widgets import Static
-from textual_plotext import PlotextPlot
 
+from .chart import Series, render_chart
 from .downsample import minmax, stride
 from .fmt import fmt_loss, fmt_num, fmt_sci
 from .model import RunModel
 from .spark import PinnedSparkline
 
+RAW_COLOR = "#5a6e8c"
+EMA_COLOR = "#ffaa00"
 
-class LossChart(PlotextPlot):
+
+class LossChart(Widget):
     """Raw loss as a min/max envelope and its EMA, downsampled to the width at render time."""
 
     def __init__(self, model: RunModel, **kw: Any) -> None:
         super().__init__(**kw)
         self.model = model
-        self.points_drawn = 0  # points handed to plotext last render, for tests and the bench
+        self.points_drawn = 0  # points drawn last render, for tests and the bench
         self._cache: tuple[tuple[Any, ...], RenderResult] | None = None
 
     def render(self) -> RenderResult:
         if not self.model.step_x:
-            return Text("no steps yet", "grey50")  # plotext would build an empty canvas
-        # Layout passes re-render every widget; plotext's braille canvas costs tens of ms,
-        # so draw again only when the steps, the size or the theme changed.
-        key = (self.model.steps_version, self.size, self.app.theme)
+            return Text("no steps yet", "grey50")
+        # Layout passes re-render every widget: draw again only when the steps or the size changed.
+        key = (self.model.steps_version, self.size)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         result = self._draw()
@@ -38,22 +41,15 @@ class LossChart(PlotextPlot):
         return result
 
     def _draw(self) -> RenderResult:
-        m, plt = self.model, self.plt
-        plt.clear_data()
-        plt.clear_figure()
-        # Braille markers give two points per cell; a bucket keeps its min and max, so
-        # 20,000 steps become about 2 x width points and a loss spike still shows.
+        m = self.model
+        # Braille gives two dots per cell; a bucket keeps its min and max, so 20,000 steps
+        # become about 2 x width points and a loss spike still shows.
         cells = max(8, self.size.width - 8)
         rx, ry = minmax(m.step_x, m.loss, cells)
         ex, ey = stride(m.step_x, m.ema, cells * 2)
         self.points_drawn = len(rx) + len(ex)
-        if rx:
-            plt.plot(rx, ry, marker="braille", color=(90, 110, 140))
-        if ex:
-            plt.plot(ex, ey, marker="braille", color=(255, 170, 0))
-        plt.xfrequency(3)
-        plt.yfrequency(3)
-        return super().render()
+        return render_chart([Series(rx, ry, RAW_COLOR), Series(ex, ey, EMA_COLOR)],
+                            self.size.width, self.size.height)
 
 
 def stats_line(m: RunModel, width: int) -> Text:
@@ -94,8 +90,9 @@ class TrainingPanel(Vertical):
     def update_from(self) -> None:
         """Redraw chart, numbers and sparklines from the model."""
         m = self.model
-        self.border_title = f"Training · {len(m.step_x):,} steps"
-        self.border_subtitle = "loss [#5a6e8c]━[/] raw  [#ffaa00]━[/] EMA"
+        # The trainer logs every logging_steps steps: count steps, not logged points.
+        self.border_title = f"Training · {int(m.step_x[-1]):,} steps" if m.step_x else "Training"
+        self.border_subtitle = f"loss [{RAW_COLOR}]━[/] raw  [{EMA_COLOR}]━[/] EMA"
         self.query_one(LossChart).refresh()
         self.query_one("#train-stats", Static).update(stats_line(m, self.size.width))
         for cls, series in (
