@@ -76,6 +76,11 @@ def cmd_start(args: argparse.Namespace) -> int:
         print(f"qlora-watch: {args.recipe}: data.path {recipe.data.path} does not exist "
               "(set it with --set data.path=/path/to/train.jsonl)", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from supervisor.runner.backends import unsloth_missing
+
+    if missing := unsloth_missing(recipe):  # said now, not as three crashed attempts
+        print(f"qlora-watch: {args.recipe}: {missing}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if os.geteuid() == 0:  # rented GPU boxes often only offer root; say it, don't refuse
         print("qlora-watch: note: running as root; the run's files and socket are root-only (0600)",
               file=sys.stderr)

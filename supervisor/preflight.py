@@ -16,6 +16,7 @@ from typing import Any
 
 from supervisor.emulation import MIB, card_total_bytes
 from supervisor.recipe import Recipe, apply_rung, describe_rung
+from supervisor.runner.backends import planned_backend
 from supervisor.shapes import (
     ALL_LINEAR,
     BUILTIN_SHAPES,
@@ -34,7 +35,7 @@ EXIT_FITS, EXIT_ERROR, EXIT_DOES_NOT_FIT = 0, 2, 3
 COMMON_CARDS = ((32, 31.4), (40, 39.4), (48, 44.4), (80, 79.1), (96, 93.0), (141, 139.0))
 STATIC_KEYS = ("nf4_weights", "embeddings", "lm_head", "small")  # allocated once: no fragmentation
 OVERHEAD_KEYS = ("slack", "context")  # on the card but not in torch's max_memory_allocated
-ACTIVATION_KEYS = ("checkpoints", "mask", "layer", "head", "act_calibration")
+ACTIVATION_KEYS = ("checkpoints", "mask", "layer", "head", "act_calibration", "backend")
 CPU_SOURCE = "not used (train.use_cpu = true)"
 
 
@@ -91,11 +92,10 @@ class Calibration:
     # is right as it stands (worst error 4.6 %). An earlier 1.85, fitted to the field notes'
     # single 24.8 GB point, overestimated activations by 1.6x at seq 4096.
     activation_scale: float = 1.0
-    # Per training backend (model.backend; "hf" when the recipe has none): multipliers on the
-    # (checkpointed hidden states, one layer's recompute working set + loss head), measured
-    # against the HF rows. An Unsloth entry belongs here, from its own full-depth measurements.
-    backend_scales: dict[str, tuple[float, float]] = field(
-        default_factory=lambda: {"hf": (1.0, 1.0)})
+    # Unsloth backend (model.backend resolving to "unsloth"): its activation rows against the HF
+    # path's (checkpoints offloaded to host RAM, padding-free varlen attention, its fused loss).
+    # Fitted on an H200 (session 3, bench/peer_speed.py): see docs/benchmarks.md.
+    unsloth_activation_scale: float = 0.48
     # --- device overheads
     # CUDA context + cuBLAS workspace, outside the allocator: NVML minus reserved was 764 MiB in
     # six of seven H200 runs (torch 2.11, cu130)
@@ -317,11 +317,6 @@ def adapter_components(shape: ModelShape, recipe: Recipe, cal: Calibration) -> l
 # ------------------------------------------------------------------------------ activations
 
 
-def recipe_backend(recipe: Recipe) -> str:
-    """The training backend the memory model is calibrated for ("hf" unless model.backend says)."""
-    return str(getattr(recipe.model, "backend", None) or "hf")
-
-
 def attention_kind(recipe: Recipe, cal: Calibration) -> str:
     """The attention the run will use: flash_* without flash-attn installed falls back to SDPA."""
     a = recipe.model.attn_implementation
@@ -387,12 +382,6 @@ def activation_components(shape: ModelShape, recipe: Recipe, cal: Calibration) -
         hwhy = (f"trl chunked log-probs, never full logits (fp32 ones: {tok * v * 4 / GB:.1f} GB); "
                 "tile + hidden grads")
     head = Component("head", "LM head + loss", hidden_part + vocab_part, hwhy)
-    backend = recipe_backend(recipe)
-    ck_scale, layer_scale = cal.backend_scales.get(backend, cal.backend_scales["hf"])
-    for c, k in ((out[0], ck_scale), (layer, layer_scale), (head, layer_scale)):
-        if k != 1.0:
-            c.bytes *= k
-            c.why += f"; x{k:g} for backend {backend}"
     # The loss head runs before the first layer's backward and its buffers are gone by then.
     smaller = head if head.bytes <= layer.bytes else layer
     smaller.counted = False
@@ -404,6 +393,11 @@ def activation_components(shape: ModelShape, recipe: Recipe, cal: Calibration) -
         out.append(Component("act_calibration", f"activation calibration x{cal.activation_scale:g}",
                              (cal.activation_scale - 1) * scalable,
                              "the measured H200 8B peak exceeds the per-tensor count: refit"))
+    if planned_backend(recipe) == "unsloth":
+        hf_rows = sum(c.bytes for c in out if c.counted) - (vocab_part if head.counted else 0.0)
+        out.append(Component("backend", "Unsloth backend", (cal.unsloth_activation_scale - 1) * hf_rows,
+                             f"activations x{cal.unsloth_activation_scale:g} of the HF path's "
+                             "(offloaded checkpoints, padding-free, fused loss; H200 fit)"))
     return out
 
 
@@ -603,7 +597,8 @@ def _setup(shape: ModelShape, recipe: Recipe, cal: Calibration) -> str:
     gc = "grad checkpointing" if t.gradient_checkpointing else "NO grad checkpointing"
     return (f"{shape.name} [{shape.source}], {_count(shape.total_params)} params; {quant}, "
             f"LoRA r={lo.r} {tm}; seq {t.max_seq_len} x batch {t.per_device_batch} "
-            f"(x accum {t.grad_accum}); {t.optim}; {gc}; {attention_kind(recipe, cal)}")
+            f"(x accum {t.grad_accum}); {t.optim}; {gc}; {attention_kind(recipe, cal)}; "
+            f"backend {planned_backend(recipe)}")
 
 
 def _vram_need(shape: ModelShape, recipe: Recipe, cal: Calibration) -> float:

@@ -66,6 +66,9 @@ class ModelSection(_Strict):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     trust_remote_code: bool = False
     tiny: TinyModel | None = None
+    backend: Literal["hf", "unsloth", "auto"] = Field(
+        "hf", description="auto: Unsloth where it imports and supports the model, else transformers + peft"
+    )
 
 
 class QuantSection(_Strict):
@@ -324,6 +327,20 @@ class Recipe(_Strict):
                     "export it in your shell or use HF_TOKEN_PATH"
                 )
         return v
+
+    @model_validator(mode="after")
+    def _backend_fits(self) -> "Recipe":
+        # Said before any GPU work: Unsloth's path here is the built-in trainer on one GPU.
+        if self.model.backend == "unsloth":
+            if self.hardware.gpus > 1:
+                raise ValueError('model.backend = "unsloth" trains on one GPU; FSDP (hardware.gpus > 1) '
+                                 'needs backend "hf" or "auto"')
+            if self.trainer.command:
+                raise ValueError('model.backend applies to the built-in trainer; trainer.command runs '
+                                 'your own script (load Unsloth there)')
+            if self.quant.load_in_4bit and self.quant.quant_type != "nf4":
+                raise ValueError('model.backend = "unsloth" loads NF4 only (quant.quant_type = "nf4")')
+        return self
 
     @field_validator("oom_ladder", mode="before")
     @classmethod

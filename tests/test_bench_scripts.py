@@ -97,3 +97,27 @@ def test_calibration_dry_run_on_the_tiny_model(tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "out" / "calibration.json").read_text())["rows"]
     assert [r.get("rc", 0) for r in rows] == [0] * 5
     assert rows[2]["state"] == "completed" and rows[2]["samples"] > 0
+
+
+def test_peer_speed_refuses_an_unknown_variant(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "peer_speed.py"), "--out", str(tmp_path),
+                        "--order", "hf,unsloth_scrip"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "unknown variant(s) ['unsloth_scrip']" in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_peer_speed_rehearses_on_the_tiny_model(tmp_path: Path) -> None:
+    """bench/peer_speed.py --tiny: the recipe's HF row trains; an Unsloth row is skipped with its
+    reason where Unsloth is not installed (it ran on the H200 after this passed)."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "peer_speed.py"), "--tiny", "--out",
+                        str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--seq", "64",
+                        "--batch", "2", "--accum", "1", "--steps", "3", "--order", "hf,unsloth_script"],
+                       capture_output=True, text=True, timeout=220, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "peer_results.json").read_text())["rows"]
+    hf = rows[0]
+    assert hf["rc"] == 0 and hf["backend"] == "hf" and hf["tokens_per_s"] > 0 and len(hf["loss"]) == 3
+    if "skipped" in rows[1]:
+        assert rows[1]["skipped"] == "unsloth is not installed here"
+    assert "run variant" in p.stdout
