@@ -21,29 +21,17 @@ both sides are timed by the same code. No checkpoint is saved (save_steps beyond
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.script_args import script_parser  # noqa: E402
+
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--events", required=True)
-    ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--accum", type=int, default=4)
-    ap.add_argument("--r", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--max-grad-norm", type=float, default=1.0)
-    ap.add_argument("--warmup", type=float, default=0.03)
-    a = ap.parse_args()
+    a = script_parser().parse_args()
 
     # ---- the article's script from here, with the renames listed above ----
     from datasets import load_dataset

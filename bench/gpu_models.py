@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from supervisor.shapes import BUILTIN_SHAPES
+from supervisor.shapes import BUILTIN_SHAPES, ModelShape
 
 
 def words(n: int = 3000) -> list[str]:
@@ -31,8 +31,10 @@ def write_text_data(path: Path, n_samples: int, tokens: int | list[int], seed: i
     return path
 
 
-def build(shape_key: str, layers: int | None, out: Path, seed: int = 0) -> Path:
-    """Save config.json, random bf16 safetensors and a tokenizer into `out` (idempotent)."""
+def build(shape_key: str, layers: int | None, out: Path, seed: int = 0,
+          shape: ModelShape | None = None) -> Path:
+    """Save config.json, random bf16 safetensors and a tokenizer into `out` (idempotent);
+    `shape` instead of a built-in key (a small one for CPU tests)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -41,7 +43,7 @@ def build(shape_key: str, layers: int | None, out: Path, seed: int = 0) -> Path:
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
     out.mkdir(parents=True, exist_ok=True)
-    s = BUILTIN_SHAPES[shape_key]
+    s = shape or BUILTIN_SHAPES[shape_key]
     model_type = "qwen2" if shape_key.startswith("qwen") else ("mistral" if "mistral" in shape_key else "llama")
     cfg = AutoConfig.for_model(
         model_type, hidden_size=s.hidden, num_hidden_layers=layers or s.layers,

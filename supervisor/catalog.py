@@ -24,6 +24,21 @@ class CatalogError(Exception):
     """A recipe name or copy that cannot be used; the message is shown as is (exit 2)."""
 
 
+def smallest_card(need: float, error: float) -> str:
+    """'24 GiB card', or '24 GiB card (tight on 16)' when the card below is within preflight's
+    error of the need (each card's total as nvidia-smi shows it: 24 = 24,564 MiB)."""
+    from supervisor.emulation import card_total_bytes
+
+    tight = None
+    for c in CARDS_GIB:
+        total = card_total_bytes(c)
+        if need <= total * (1 - error):
+            return f"{c} GiB card" + (f" (tight on {tight})" if tight else "")
+        if need <= total * (1 + error):
+            tight = c
+    return f"{tight} GiB card, tight" if tight else f"no single card (>{max(CARDS_GIB)} GiB)"
+
+
 def shipped_dir() -> Path:
     """The folder of shipped recipes: the package's data, else the checkout's `recipes/`."""
     for d in (PACKAGE_DIR, CHECKOUT_DIR):
@@ -94,8 +109,7 @@ def entry(path: Path) -> Entry:
         report = estimate(r, gpu_mem_gib=max(CARDS_GIB), host_ram_gib=1 << 20, disk_free_gib=1 << 20)
         need = report.vram.need / 2**30
         if not r.model.tiny:
-            card = next((c for c in CARDS_GIB if need <= c), None)
-            fits = f"{card} GiB card" if card else f"no single card (>{max(CARDS_GIB)} GiB)"
+            fits = smallest_card(report.vram.need, report.calibration.estimate_error)
             if r.hardware.gpus > 1:
                 fits += f" x {r.hardware.gpus}"
     except Exception as e:  # noqa: BLE001 - one odd recipe must not hide the others

@@ -86,11 +86,16 @@ def cmd_start(args: argparse.Namespace) -> int:
     require_for_run(recipe)
     if recipe.foreign:  # a [trainer]-only recipe: the same as `qlora-watch run`
         return _create_and_launch(args, recipe, resolve(args.recipe), None, None)
-    from supervisor.preflight import estimate, render_table
+    from supervisor.preflight import estimate, margin_line, render_table
 
     if not Path(recipe.data.path).is_file():
         print(f"qlora-watch: {args.recipe}: data.path {recipe.data.path} does not exist "
               "(set it with --set data.path=/path/to/train.jsonl)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from supervisor.runner.backends import unsloth_missing
+
+    if missing := unsloth_missing(recipe):  # said now, not as three crashed attempts
+        print(f"qlora-watch: {args.recipe}: {missing}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if os.geteuid() == 0:  # rented GPU boxes often only offer root; say it, don't refuse
         print("qlora-watch: note: running as root; the run's files and socket are root-only (0600)",
@@ -107,6 +112,9 @@ def cmd_start(args: argparse.Namespace) -> int:
             print("\nqlora-watch: not started: the estimate does not fit (use --force to try anyway)",
                   file=sys.stderr)
             return EXIT_DOES_NOT_FIT
+    elif report.tight:  # started: a tight fit may well run, and the OOM ladder backs it
+        print(f"qlora-watch: note: the estimate is tight ({margin_line(report)}); "
+              + "; ".join(x.removeprefix("- ") for x in report.suggestions[1:]), file=sys.stderr)
     return _create_and_launch(args, recipe, resolve(args.recipe), report, start_rung)
 
 

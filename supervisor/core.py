@@ -21,6 +21,7 @@ from typing import Any
 from supervisor import launcher, notify
 from supervisor import protocol as proto
 from supervisor.attempts import AttemptRunner
+from supervisor.emulation import card_total_mib
 from supervisor.logprogress import LogProgress
 from supervisor.recipe import Recipe, recipe_from_json
 from supervisor.records import Event, Sample, Step, step_from_dict, to_dict
@@ -67,6 +68,8 @@ class Supervisor:
         self.run_info = store.info()
         self.recipe: Recipe = recipe_from_json((store.path / "recipe.json").read_text())
         self.sampler = sampler
+        if self.recipe.hardware.emulate_vram_gib is not None and hasattr(sampler, "emulate"):
+            sampler.emulate(card_total_mib(self.recipe.hardware.emulate_vram_gib))
         self.socket_path = socket_path
         self.state: dict[str, Any] = store.read_state() or {}
         self.server: Any = None

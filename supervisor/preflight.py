@@ -6,13 +6,17 @@ Every number is arithmetic on the shape and the recipe; every tunable constant i
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from supervisor.emulation import MIB, card_total_bytes
 from supervisor.recipe import Recipe, apply_rung, describe_rung
+from supervisor.runner.backends import planned_backend
 from supervisor.shapes import (
     ALL_LINEAR,
     BUILTIN_SHAPES,
@@ -31,7 +35,7 @@ EXIT_FITS, EXIT_ERROR, EXIT_DOES_NOT_FIT = 0, 2, 3
 COMMON_CARDS = ((32, 31.4), (40, 39.4), (48, 44.4), (80, 79.1), (96, 93.0), (141, 139.0))
 STATIC_KEYS = ("nf4_weights", "embeddings", "lm_head", "small")  # allocated once: no fragmentation
 OVERHEAD_KEYS = ("slack", "context")  # on the card but not in torch's max_memory_allocated
-ACTIVATION_KEYS = ("checkpoints", "mask", "layer", "head", "act_calibration")
+ACTIVATION_KEYS = ("checkpoints", "mask", "layer", "head", "act_calibration", "backend")
 CPU_SOURCE = "not used (train.use_cpu = true)"
 
 
@@ -55,10 +59,20 @@ class Calibration:
     # --- activations, bytes per token unless said otherwise
     checkpoint_bytes_per_hidden: float = 2.0  # one bf16 hidden state per layer (checkpointing)
     norm_saved_bytes_per_hidden: float = 4.0  # RMSNorm keeps its fp32 upcast input for backward
+    # liger-kernel (use_liger_kernel): its RMSNorm keeps the bf16 input + a per-row rstd, its
+    # SwiGLU keeps gate and up only (SiLU is recomputed) and writes their gradients in place
+    liger_norm_saved_bytes_per_hidden: float = 2.0
+    liger_mlp_saved_bytes_per_inter: float = 4.0
+    liger_bwd_transient_bytes_per_inter: float = 2.0  # only the gradient of down_proj's input
     dropout_bytes_per_in: float = 3.0  # LoRA dropout, per module: bf16 input copy + bool mask
     attn_saved_bytes_per_q: float = 4.0  # roped q + SDPA output (bf16)
     kv_saved_bytes: float = 4.0  # roped k + v (bf16), per kv feature (per q feature if repeated)
     sdpa_repeat_kv: bool = True  # with a padding mask transformers repeats k/v to all heads
+    # Batches with a shorter row carry a padding mask: SDPA then gets the 4-D mask and k/v
+    # repeated to every head (transformers 5 drops both for an all-ones mask: is_causal, GQA).
+    # The worst case for real data, so preflight assumes it; the calibration runs (every row
+    # truncated to max_seq_len) had no padding and are fitted with False.
+    assume_padding: bool = True
     sdpa_mask_bytes: float = 3.0  # per batch x seq^2: bool 4-D mask + the bf16 bias SDPA makes
     mlp_saved_bytes_per_inter: float = 6.0  # gate out, SiLU out, up out (bf16) kept for backward
     bwd_transient_bytes_per_inter: float = 4.0  # MLP gradients alive together in backward
@@ -78,11 +92,23 @@ class Calibration:
     # is right as it stands (worst error 4.6 %). An earlier 1.85, fitted to the field notes'
     # single 24.8 GB point, overestimated activations by 1.6x at seq 4096.
     activation_scale: float = 1.0
+    # Unsloth backend (model.backend resolving to "unsloth"): its activation rows against the HF
+    # path's (checkpoints offloaded to host RAM, padding-free varlen attention, its fused loss).
+    # Fitted on an H200 (session 3, bench/peer_speed.py): see docs/benchmarks.md.
+    unsloth_activation_scale: float = 0.48
     # --- device overheads
     # CUDA context + cuBLAS workspace, outside the allocator: NVML minus reserved was 764 MiB in
     # six of seven H200 runs (torch 2.11, cu130)
-    cuda_context_gib: float = 0.75
+    cuda_context_gib: float = 0.75  # full depth, 2026-12-02: NVML per-process - reserved = 758 MiB
     allocator_slack: float = 0.10  # reserved - allocated, share of the dynamic (non-weight) memory
+    # with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the shipped recipes' [env]): reserved -
+    # allocated was 2.1-3.6 % at full depth on the H200 (11 runs, 2026-12-02); 5 % also covers the
+    # ~1.5 % per token that the tensor count misses (fit: every full-depth row within -0.8..+1.4 %)
+    allocator_slack_expandable: float = 0.05
+    # A need within this share of the card either way is "tight", not "fits" / "does not fit":
+    # twice the worst full-depth error (1.4 %), as 11 runs on two shapes are a small sample
+    # (tests/test_estimator_calibration.py keeps every full-depth row inside it)
+    estimate_error: float = 0.03
     # --- host
     host_framework_gib: float = 3.0  # python + torch + CUDA libs + transformers, resident
     host_shard_gb: float = 5.0  # one safetensors shard mapped while its tensors are quantised
@@ -180,9 +206,17 @@ class FitReport:
         return False not in (self.vram.fits, self.host.fits, self.disk.fits)
 
     @property
+    def tight(self) -> bool:
+        """The need is within the estimate's measured error of the card (either side)."""
+        b, e = self.vram, self.calibration.estimate_error
+        return b.have is not None and b.have * (1 - e) < b.need <= b.have * (1 + e)
+
+    @property
     def verdict(self) -> str:
         if not self.fits:
             return "does not fit"
+        if self.tight:
+            return "tight"  # exit 0: a run that may fit is not refused; the OOM ladder backs it
         return "unknown" if self.vram.fits is None and self.vram.source != CPU_SOURCE else "fits"
 
     @property
@@ -211,6 +245,8 @@ class FitReport:
             "host": self.host.to_dict(),
             "disk": self.disk.to_dict(),
             "verdict": self.verdict,
+            "tight": self.tight,
+            "estimate_error": self.calibration.estimate_error,
             "exit_code": self.exit_code,
             "gpu_needed_bytes": int(self.vram.need),
             "host_ram_needed_bytes": int(self.host.need - margin),  # the guard adds its margin
@@ -264,11 +300,18 @@ def adapter_components(shape: ModelShape, recipe: Recipe, cal: Calibration) -> l
     how = "bf16: trl casts a 4-bit model's adapter"
     if not recipe.quant.load_in_4bit:  # peft upcasts LoRA to fp32; trl only casts for 4/8-bit
         p, g, how = 4.0, 4.0, "fp32: peft's autocast_adapter_dtype"
-    return [
-        Component("lora_weights", "LoRA adapter", n * p, f"{_count(n)} params x {p:g} B ({how})"),
-        Component("lora_grads", "LoRA gradients", n * g, f"{_count(n)} params x {g:g} B"),
-        Component("optimizer", "optimizer state", opt, why),
-    ]
+    grads = Component("lora_grads", "LoRA gradients", n * g, f"{_count(n)} params x {g:g} B")
+    if recipe.train.grad_accum == 1:  # freed at each step (set_to_none); built layer by layer in
+        # backward as the checkpoints go: not there at the peak (H200: 8 x 1 vs 8 x 2 = +320 MiB)
+        grads.counted, grads.why = False, grads.why + "; grad_accum 1: none alive at the peak"
+    rows = [Component("lora_weights", "LoRA adapter", n * p, f"{_count(n)} params x {p:g} B ({how})"),
+            grads, Component("optimizer", "optimizer state", opt, why)]
+    if paged:  # managed memory: evicted to host RAM under pressure, never the process's NVML
+        rows[-1].counted = False
+        rows[-1].why += "; evicted to host RAM under pressure, so not counted"
+        rows.append(Component("optimizer_unpaged", "optimizer state, not paged", opt - paged,
+                              f"tensors under {cal.paged_min_numel:,} elements stay on the card"))
+    return rows
 
 
 # ------------------------------------------------------------------------------ activations
@@ -283,9 +326,13 @@ def attention_kind(recipe: Recipe, cal: Calibration) -> str:
 def layer_saved_per_token(shape: ModelShape, recipe: Recipe, cal: Calibration) -> float:
     """Bytes per token one decoder layer keeps for backward (its recompute, when checkpointed)."""
     h, q, i = shape.hidden, shape.q_dim, shape.intermediate
-    repeat = cal.sdpa_repeat_kv and shape.kv_heads < shape.heads and not recipe.train.padding_free
-    s = 2 * cal.norm_saved_bytes_per_hidden * h + cal.attn_saved_bytes_per_q * q
-    s += cal.kv_saved_bytes * (q if repeat else shape.kv_dim) + cal.mlp_saved_bytes_per_inter * i
+    repeat = (cal.sdpa_repeat_kv and cal.assume_padding and shape.kv_heads < shape.heads
+              and not recipe.train.padding_free)
+    liger = recipe.train.use_liger_kernel
+    norm = cal.liger_norm_saved_bytes_per_hidden if liger else cal.norm_saved_bytes_per_hidden
+    mlp = cal.liger_mlp_saved_bytes_per_inter if liger else cal.mlp_saved_bytes_per_inter
+    s = 2 * norm * h + cal.attn_saved_bytes_per_q * q
+    s += cal.kv_saved_bytes * (q if repeat else shape.kv_dim) + mlp * i
     # LoRA: with dropout each module saves its own dropped-out input; without, lora_A saves the
     # shared input itself (the 4-bit base matmul keeps none).
     tgt, dims = targeted(recipe), shape.module_dims()
@@ -304,22 +351,23 @@ def activation_components(shape: ModelShape, recipe: Recipe, cal: Calibration) -
     b, seq, h, v = t.per_device_batch, t.max_seq_len, shape.hidden, shape.vocab
     tok = b * seq
     saved = layer_saved_per_token(shape, recipe, cal)
-    transient = cal.bwd_transient_bytes_per_inter * shape.intermediate
-    transient += cal.bwd_transient_bytes_per_hidden * h
+    inter = (cal.liger_bwd_transient_bytes_per_inter if t.use_liger_kernel
+             else cal.bwd_transient_bytes_per_inter)
+    transient = inter * shape.intermediate + cal.bwd_transient_bytes_per_hidden * h
     if t.gradient_checkpointing:
         ck = cal.checkpoint_bytes_per_hidden * h * tok * shape.layers
         out = [Component("checkpoints", "checkpointed hidden states", ck,
                          f"{shape.layers} layers x batch {b} x seq {seq} x hidden {h} x 2 B")]
         layer = Component("layer", "recompute working set", (saved + transient) * tok,
                           f"one layer redone in backward: {saved + transient:,.0f} B/token "
-                          "(fp32 norm inputs, LoRA dropout copies, attention, MLP, grads)")
+                          "(norm inputs, LoRA dropout copies, attention, MLP, grads)")
     else:
         out = [Component("checkpoints", "saved activations, all layers",
                          saved * tok * shape.layers,
                          f"no checkpointing: {saved:,.0f} B/token x {shape.layers} layers")]
         layer = Component("layer", "backward working set", transient * tok, "gradients of a layer")
     attn = attention_kind(recipe, cal)
-    if attn == "sdpa" and not t.padding_free:
+    if attn == "sdpa" and not t.padding_free and cal.assume_padding:
         out.append(Component("mask", "attention mask", cal.sdpa_mask_bytes * b * seq * seq,
                              f"{b} x {seq}^2 padding mask: bool + the bf16 bias SDPA makes"))
     elif attn == "eager":
@@ -345,6 +393,11 @@ def activation_components(shape: ModelShape, recipe: Recipe, cal: Calibration) -
         out.append(Component("act_calibration", f"activation calibration x{cal.activation_scale:g}",
                              (cal.activation_scale - 1) * scalable,
                              "the measured H200 8B peak exceeds the per-tensor count: refit"))
+    if planned_backend(recipe) == "unsloth":
+        hf_rows = sum(c.bytes for c in out if c.counted) - (vocab_part if head.counted else 0.0)
+        out.append(Component("backend", "Unsloth backend", (cal.unsloth_activation_scale - 1) * hf_rows,
+                             f"activations x{cal.unsloth_activation_scale:g} of the HF path's "
+                             "(offloaded checkpoints, padding-free, fused loss; H200 fit)"))
     return out
 
 
@@ -379,18 +432,30 @@ def vram_components(
                           "bf16 copy of the largest linear in its matmul / backward"))
     rows += activation_components(shape, recipe, cal)
     dynamic = sum(c.bytes for c in rows if c.counted and c.key not in STATIC_KEYS)
-    rows.append(Component("slack", f"allocator slack ({cal.allocator_slack:.0%})",
-                          dynamic * cal.allocator_slack,
-                          "reserved, unallocated blocks: share of all but the weights"))
+    expandable = expandable_segments(recipe)
+    slack = cal.allocator_slack_expandable if expandable else cal.allocator_slack
+    how = ("expandable segments on" if expandable else
+           "no expandable segments: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in [env] "
+           f"makes it {cal.allocator_slack_expandable:.0%}")
+    rows.append(Component("slack", f"allocator slack ({slack:.0%})", dynamic * slack,
+                          f"reserved, unallocated blocks: share of all but the weights; {how}"))
     rows.append(Component("context", "CUDA context", cal.cuda_context_gib * GIB,
                           "driver context + cuBLAS workspace, outside the allocator"))
     return rows
 
 
-def card_need(rows: list[Component], emulated: bool) -> float:
-    """Bytes the card must hold; under an allocator cap the context is outside the cap."""
-    return sum(c.bytes for c in rows if c.section == "vram" and c.counted
-               and not (emulated and c.key == "context"))
+def expandable_segments(recipe: Recipe, env: Any = None) -> bool:
+    """Whether the trainer's allocator uses expandable segments (recipe [env], else this env)."""
+    conf = recipe.env.get("PYTORCH_CUDA_ALLOC_CONF")
+    if conf is None:
+        conf = (os.environ if env is None else env).get("PYTORCH_CUDA_ALLOC_CONF", "")
+    return "expandable_segments:true" in conf.replace(" ", "").lower()
+
+
+def card_need(rows: list[Component]) -> float:
+    """Bytes the card must hold: the process's peak, its CUDA context included (the emulated
+    card's total holds the context too, in both emulation modes)."""
+    return sum(c.bytes for c in rows if c.section == "vram" and c.counted)
 
 
 def fsdp_two_card_need(rows: list[Component], shape: ModelShape, offload: bool,
@@ -532,33 +597,34 @@ def _setup(shape: ModelShape, recipe: Recipe, cal: Calibration) -> str:
     gc = "grad checkpointing" if t.gradient_checkpointing else "NO grad checkpointing"
     return (f"{shape.name} [{shape.source}], {_count(shape.total_params)} params; {quant}, "
             f"LoRA r={lo.r} {tm}; seq {t.max_seq_len} x batch {t.per_device_batch} "
-            f"(x accum {t.grad_accum}); {t.optim}; {gc}; {attention_kind(recipe, cal)}")
+            f"(x accum {t.grad_accum}); {t.optim}; {gc}; {attention_kind(recipe, cal)}; "
+            f"backend {planned_backend(recipe)}")
 
 
-def _vram_need(shape: ModelShape, recipe: Recipe, cal: Calibration, emulated: bool) -> float:
-    return card_need(vram_components(shape, recipe, cal), emulated)
+def _vram_need(shape: ModelShape, recipe: Recipe, cal: Calibration) -> float:
+    return card_need(vram_components(shape, recipe, cal))
 
 
-def _card(recipe: Recipe, gpu_mem_gib: float | None, nvml: Any) -> tuple[float | None, str, bool]:
-    """(card bytes, where that came from, emulated): --gpu-mem, the recipe, else NVML.
-
-    hardware.emulate_vram_gib caps the allocator below whatever card there is; the CUDA context
-    is outside that cap (FIELD_NOTES 4), so an emulated run is checked without it.
-    """
+def _card(recipe: Recipe, gpu_mem_gib: float | None, nvml: Any) -> tuple[float | None, str]:
+    """(card bytes, where that came from): --gpu-mem, the recipe, else NVML; a rehearsed card
+    (hardware.emulate_vram_gib) below that. A size in GB is the card's total as nvidia-smi
+    shows it (24: 24,564 MiB, supervisor/emulation.py)."""
     hw = recipe.hardware
     if recipe.train.use_cpu is True:
-        return None, CPU_SOURCE, False
-    if gpu_mem_gib is not None:
-        card, src = gpu_mem_gib * GIB, f"--gpu-mem {gpu_mem_gib:g}"
-    elif hw.gpu_mem_gib is not None:
-        card, src = hw.gpu_mem_gib * GIB, f"hardware.gpu_mem_gib {hw.gpu_mem_gib:g}"
+        return None, CPU_SOURCE
+    given = gpu_mem_gib if gpu_mem_gib is not None else hw.gpu_mem_gib
+    if given is not None:
+        card: float | None = float(card_total_bytes(given))
+        flag = "--gpu-mem" if gpu_mem_gib is not None else "hardware.gpu_mem_gib"
+        src = f"{flag} {given:g}: {card / MIB:,.0f} MiB"
     else:
         card, src = detect_gpu(nvml)
     if hw.emulate_vram_gib is None:
-        return card, src, False
-    cap = hw.emulate_vram_gib * GIB
-    src += f"; allocator capped at hardware.emulate_vram_gib {hw.emulate_vram_gib:g}"
-    return (cap if card is None else min(card, cap)), src, True
+        return card, src
+    cap = float(card_total_bytes(hw.emulate_vram_gib))
+    src += (f"; rehearsing a {hw.emulate_vram_gib:g} GB card ({cap / MIB:,.0f} MiB, "
+            f"hardware.emulate_vram_gib, {hw.emulate_mode} mode)")
+    return (cap if card is None else min(card, cap)), src
 
 
 def estimate(recipe: Recipe, gpu_mem_gib: float | None = None, host_ram_gib: float | None = None,
@@ -568,8 +634,10 @@ def estimate(recipe: Recipe, gpu_mem_gib: float | None = None, host_ram_gib: flo
     shape = resolve_shape(recipe)
     on_cpu = recipe.train.use_cpu is True
     vram = vram_components(shape, recipe, cal)
-    card, src, emulated = _card(recipe, gpu_mem_gib, nvml)
-    vb = Budget(card_need(vram, emulated), card, src)
+    card, src = _card(recipe, gpu_mem_gib, nvml)
+    need = card_need(vram)
+    # within the estimate's error over the card is "tight", not a refusal
+    vb = Budget(need, card, src, None if card is None else need <= card * (1 + cal.estimate_error))
 
     host = host_components(shape, recipe, vram, cal, on_cpu)
     if host_ram_gib is not None:
@@ -592,7 +660,9 @@ def estimate(recipe: Recipe, gpu_mem_gib: float | None = None, host_ram_gib: flo
     report = FitReport(recipe.name, shape, _setup(shape, recipe, cal), vram + host + disk,
                        vb, hb, db, notes=_notes(shape, recipe, cal, vb), calibration=cal)
     if vb.fits is False:
-        report.suggestions = suggest(shape, recipe, report, cal, emulated)
+        report.suggestions = suggest(shape, recipe, report, cal)
+    elif report.tight:
+        report.suggestions = safer(shape, recipe, report, cal)
     return report
 
 
@@ -603,6 +673,10 @@ def _notes(shape: ModelShape, recipe: Recipe, cal: Calibration, vb: Budget) -> l
     _, unknown = lora_tensors(shape, recipe)
     if unknown:
         notes.append(f"target modules preflight does not know (not counted): {', '.join(unknown)}")
+    if recipe.train.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        more = _vram_need(shape, apply_rung(recipe, {"train.use_liger_kernel": False}), cal) - vb.need
+        notes.append(f"estimated with liger-kernel, which is not installed here: without it the "
+                     f"trainer needs {_gib(more)} more (pip install 'qlora-watch[gpu]')")
     if shape.experts > 1:
         notes.append(f"MoE, {shape.experts} experts: every expert's weights counted, "
                      "activations as for a dense model")
@@ -630,15 +704,54 @@ def _gib(b: float) -> str:
     return f"{b / GIB:.1f} GiB"
 
 
-def suggest(shape: ModelShape, recipe: Recipe, report: FitReport, cal: Calibration,
-            emulated: bool) -> list[str]:
+def largest_batch(shape: ModelShape, recipe: Recipe, cal: Calibration,
+                  limit: float) -> tuple[int, float] | None:
+    """(per_device_batch, need): the largest batch below the recipe's that divides its effective
+    batch (grad_accum takes the rest) and needs at most `limit` bytes; None if none does."""
+    eff = recipe.train.effective_batch
+    for b in range(recipe.train.per_device_batch - 1, 0, -1):
+        if eff % b == 0:
+            r = apply_rung(recipe, {"train.per_device_batch": b, "train.grad_accum": eff // b})
+            n = _vram_need(shape, r, cal)
+            if n <= limit:
+                return b, n
+    return None
+
+
+def margin_line(report: FitReport) -> str:
+    """'0.6 GiB (2.6 % of the card) against a measured error of 3 %' for a tight verdict."""
+    b, e = report.vram, report.calibration.estimate_error
+    head = (b.have or 0) - b.need
+    pct = 100 * head / (b.have or 1)
+    return (f"{'headroom' if head >= 0 else 'over the card by'} {_gib(abs(head))} "
+            f"({abs(pct):.1f} % of the card) against the estimate's measured error of "
+            f"{100 * e:.0f} %")
+
+
+def safer(shape: ModelShape, recipe: Recipe, report: FitReport, cal: Calibration) -> list[str]:
+    """For a tight verdict: the margin, and what leaves real headroom at the same effective batch."""
+    card, e = report.vram.have or 0.0, cal.estimate_error
+    out = [f"- tight: {margin_line(report)}; it may run, or OOM (the OOM ladder then takes over)"]
+    found = largest_batch(shape, recipe, cal, card * (1 - e))
+    if found:
+        b, n = found
+        eff = recipe.train.effective_batch
+        out.append(f"- safer: per_device_batch {b} x grad_accum {eff // b} (same effective batch "
+                   f"{eff}): {_gib(n)} of {_gib(card)}, {_gib(card - n)} headroom")
+    if not expandable_segments(recipe):
+        out.append(f"- safer: PYTORCH_CUDA_ALLOC_CONF = \"expandable_segments:True\" in [env] "
+                   f"(allocator slack {cal.allocator_slack:.0%} -> {cal.allocator_slack_expandable:.0%})")
+    return out
+
+
+def suggest(shape: ModelShape, recipe: Recipe, report: FitReport, cal: Calibration) -> list[str]:
     """What fits the card: smaller batch, the OOM ladder, or (weights too big) the real options.
 
     Sets report.first_fitting_rung when a prefix of the ladder fits.
     """
     card = report.vram.have or 0.0
     out: list[str] = []
-    floor = report.weights_bytes + (0 if emulated else cal.cuda_context_gib * GIB)
+    floor = report.weights_bytes + cal.cuda_context_gib * GIB
     fixed = False
     if floor > card:
         out.append(f"The weights alone ({report.weights_bytes / GB:.1f} GB: NF4 linear layers + "
@@ -658,21 +771,27 @@ def suggest(shape: ModelShape, recipe: Recipe, report: FitReport, cal: Calibrati
                    f"first step, a whole NF4 layer), so each card needs the single-card {_gib(floor)} to load: "
                    f"{'fits' if floor <= card else 'does not fit'}")
     else:
-        eff = recipe.train.effective_batch
-        for b in range(recipe.train.per_device_batch - 1, 0, -1):
-            if eff % b:
-                continue
-            n = _vram_need(shape, apply_rung(recipe, {"train.per_device_batch": b}), cal, emulated)
-            if n <= card:
-                out.append(f"- per_device_batch {b} x grad_accum {eff // b} (same effective batch "
-                           f"{eff}): {_gib(n)} of {_gib(card)}, fits")
-                fixed = True
-                break
+        eff, e = recipe.train.effective_batch, cal.estimate_error
+        found = largest_batch(shape, recipe, cal, card * (1 + e))
+        if found:
+            b, n = found
+            word = ("fits" if n <= card * (1 - e) else
+                    f"tight ({_gib(abs(card - n))} {'headroom' if n <= card else 'over'})")
+            out.append(f"- per_device_batch {b} x grad_accum {eff // b} (same effective batch "
+                       f"{eff}): {_gib(n)} of {_gib(card)}, {word}")
+            if n > card * (1 - e):
+                roomy = largest_batch(shape, apply_rung(recipe, {"train.per_device_batch": b,
+                                                                 "train.grad_accum": eff // b}),
+                                      cal, card * (1 - e))
+                if roomy:
+                    out.append(f"- per_device_batch {roomy[0]} x grad_accum {eff // roomy[0]}: "
+                               f"{_gib(roomy[1])} of {_gib(card)}, fits with headroom")
+            fixed = True
         r, done, n = recipe, [], 0.0
         for i, rung in enumerate(recipe.oom_ladder, 1):
             done.append(f"rung {i} ({describe_rung(r, rung)})")
             r = apply_rung(r, rung)
-            n = _vram_need(shape, r, cal, emulated)
+            n = _vram_need(shape, r, cal)
             if n <= card:
                 out.append(f"- OOM ladder {' + '.join(done)}: {_gib(n)} of {_gib(card)}, fits")
                 report.first_fitting_rung, report.first_fitting_rung_desc = i - 1, " + ".join(done)
@@ -690,7 +809,7 @@ def suggest(shape: ModelShape, recipe: Recipe, report: FitReport, cal: Calibrati
         smaller = []
         for key, s in sorted(BUILTIN_SHAPES.items(), key=lambda kv: -kv[1].total_params):
             if s.total_params < shape.total_params:
-                n = _vram_need(s, recipe, cal, emulated)
+                n = _vram_need(s, recipe, cal)
                 if n <= card:
                     smaller.append(f"{key} ({_gib(n)})")
         out.append("- a smaller model at these settings: "
@@ -716,11 +835,12 @@ def render_table(report: FitReport) -> str:
     lines.append(f"weights (NF4 + bf16 embeddings/lm_head): {report.weights_bytes / GB:.1f} GB; "
                  f"peak allocated (torch's view): {report.peak_allocated / GB:.1f} GB = "
                  f"{_gib(report.peak_allocated)}")
-    word = {"fits": "FITS", "does not fit": "DOES NOT FIT",
+    word = {"fits": "FITS", "does not fit": "DOES NOT FIT", "tight": f"TIGHT ({margin_line(report)})",
             "unknown": "UNKNOWN for the GPU (no card to compare with); host RAM and disk fit"}
     lines.append(f"Verdict: {word[report.verdict]}")
     if report.suggestions:
-        lines += ["What would fit:"] + [f"  {x}" for x in report.suggestions]
+        title = "To make it safer:" if report.tight and report.fits else "What would fit:"
+        lines += [title] + [f"  {x}" for x in report.suggestions]
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines) + "\n"
 
@@ -729,7 +849,9 @@ def _budget_line(b: Budget) -> str:
     if b.have is None:
         return f"[{b.source}]"
     head = b.have - b.need
-    state = f"fits, {_gib(head)} headroom" if b.fits else f"DOES NOT FIT, short by {_gib(-head)}"
+    state = f"fits, {_gib(head)} headroom" if head >= 0 else f"DOES NOT FIT, short by {_gib(-head)}"
+    if b.fits and head < 0:
+        state = f"TIGHT, over by {_gib(-head)}, within the estimate's error"
     return f"of {_gib(b.have)} [{b.source}]: {state}"
 
 

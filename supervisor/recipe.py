@@ -66,6 +66,9 @@ class ModelSection(_Strict):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     trust_remote_code: bool = False
     tiny: TinyModel | None = None
+    backend: Literal["hf", "unsloth", "auto"] = Field(
+        "hf", description="auto: Unsloth where it imports and supports the model, else transformers + peft"
+    )
 
 
 class QuantSection(_Strict):
@@ -164,7 +167,14 @@ class TrainSection(_Strict):
 
 class HardwareSection(_Strict):
     emulate_vram_gib: float | None = Field(
-        None, gt=0.0, le=4096, description="cap the CUDA allocator to rehearse a smaller card"
+        None, gt=0.0, le=4096,
+        description="rehearse a smaller card: its total as nvidia-smi shows it (24: 24,564 MiB)",
+    )
+    # ballast (default): a helper holds the rest of the GPU, so the context and the allocator
+    # share the card's total as on the real card. fraction: only the allocator is capped (card
+    # minus the context measured at start); for a GPU other processes also use.
+    emulate_mode: Literal["ballast", "fraction"] = Field(
+        "ballast", description="how to rehearse: ballast (faithful) or fraction (allocator cap)"
     )
     gpus: int = Field(1, ge=1, le=64, description=">1: FSDP-QLoRA through accelerate launch")
     fsdp_cpu_offload: bool = Field(True, description="with gpus > 1: offload shards to host RAM")
@@ -381,6 +391,20 @@ class Recipe(_Strict):
                     "export it in your shell or use HF_TOKEN_PATH"
                 )
         return v
+
+    @model_validator(mode="after")
+    def _backend_fits(self) -> "Recipe":
+        # Said before any GPU work: Unsloth's path here is the built-in trainer on one GPU.
+        if self.model is not None and self.model.backend == "unsloth":
+            if self.hardware.gpus > 1:
+                raise ValueError('model.backend = "unsloth" trains on one GPU; FSDP (hardware.gpus > 1) '
+                                 'needs backend "hf" or "auto"')
+            if self.trainer.command:
+                raise ValueError('model.backend applies to the built-in trainer; trainer.command runs '
+                                 'your own script (load Unsloth there)')
+            if self.quant.load_in_4bit and self.quant.quant_type != "nf4":
+                raise ValueError('model.backend = "unsloth" loads NF4 only (quant.quant_type = "nf4")')
+        return self
 
     @field_validator("oom_ladder", mode="before")
     @classmethod

@@ -5,6 +5,7 @@ telemetry-truth pairing against an nvidia-smi CSV."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -65,3 +66,58 @@ def test_article_port_trains_the_tiny_model(tmp_path: Path) -> None:
     steps = [json.loads(x) for x in events.read_text().splitlines() if '"step"' in x]
     assert [s["step"] for s in steps if s["event"] == "step"] == [1, 2]
     assert all(s["tokens"] > 0 for s in steps if s["event"] == "step")
+
+
+def test_calibration_picks_the_edge_batches_from_the_measured_fit() -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench.calibrate_full_depth import Group, Job, edge_batches, plan_full, resolve_edge
+
+    # session 3's 8B rows: 15,126 / 23,426 / 25,468 MiB at batch 4 / 8 / 9 -> 20 fits 48 GB
+    rows = [{"recipe": "8b", "batch": b, "rc": 0, "proc_peak_mib": p, "card_gib": None}
+            for b, p in ((4, 15_126), (8, 23_426), (9, 25_468))]
+    assert edge_batches(rows, "8b", 49_140) == (20, 21)
+    assert edge_batches(rows[:1], "8b", 49_140) is None  # one point is no fit
+    g = resolve_edge(Group("free", [Job("x", "8b", 18, steps=1)], 60, edge=("8b", 49_140)), rows)
+    assert [(j.name, j.batch, j.steps) for j in g.jobs] == [("8b-b20", 20, 1), ("8b-b21", 21, 1)]
+    names = [j.name for grp in plan_full() for j in grp.jobs]
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.slow
+def test_calibration_dry_run_on_the_tiny_model(tmp_path: Path) -> None:
+    """The GPU script's every path (free runs, a rehearsed card, qlora-watch start, an edge
+    group) on the tiny model on the CPU, as before each device call."""
+    env = {**os.environ, "QLW_BENCH_WORK": str(tmp_path / "work"),
+           "QLORA_WATCH_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "calibrate_full_depth.py"), "--out",
+                        str(tmp_path / "out"), "--plan", "tiny"], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "calibration.json").read_text())["rows"]
+    assert [r.get("rc", 0) for r in rows] == [0] * 5
+    assert rows[2]["state"] == "completed" and rows[2]["samples"] > 0
+
+
+def test_peer_speed_refuses_an_unknown_variant(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "peer_speed.py"), "--out", str(tmp_path),
+                        "--order", "hf,unsloth_scrip"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "unknown variant(s) ['unsloth_scrip']" in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_peer_speed_rehearses_on_the_tiny_model(tmp_path: Path) -> None:
+    """bench/peer_speed.py --tiny: the recipe's HF row trains; an Unsloth row is skipped with its
+    reason where Unsloth is not installed (it ran on the H200 after this passed)."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "peer_speed.py"), "--tiny", "--out",
+                        str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--seq", "64",
+                        "--batch", "2", "--accum", "1", "--steps", "3", "--order", "hf,unsloth_script"],
+                       capture_output=True, text=True, timeout=220, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "peer_results.json").read_text())["rows"]
+    hf = rows[0]
+    assert hf["rc"] == 0 and hf["backend"] == "hf" and hf["tokens_per_s"] > 0 and len(hf["loss"]) == 3
+    if "skipped" in rows[1]:
+        assert rows[1]["skipped"] == "unsloth is not installed here"
+    assert "run variant" in p.stdout

@@ -505,9 +505,16 @@ def test_oom_after_a_fresh_rung_resumes_again_when_shapes_stay():
 
 def test_oom_last_rung_fails():
     (a,) = decide_relaunch(OOM, win(0, rung_index=2, checkpoints=CKS), R)
-    assert isinstance(a, Fail) and a.message.startswith("CUDA OOM at minimum settings (rung 2)")
+    assert isinstance(a, Fail) and a.message.startswith("CUDA OOM at minimum settings (rung 3)")  # oom_ladder[2]: the third change
     (a,) = decide_relaunch(OOM, win(0, checkpoints=CKS), recipe(oom_ladder=[]))
     assert isinstance(a, Fail) and "minimum settings (the recipe as written)" in a.message
+
+
+def test_oom_relaunch_names_the_rung_as_a_user_counts_it():
+    (a,) = decide_relaunch(OOM, win(0, checkpoints=CKS), R)
+    assert a.rung_index == 0 and "relaunching at rung 1 (max_seq_len" in a.message
+    (a,) = decide_relaunch(OOM, win(0, rung_index=0, checkpoints=CKS), R)
+    assert a.message.startswith("CUDA OOM at rung 1; relaunching at rung 2")
 
 
 def test_oom_ladder_disabled_fails():

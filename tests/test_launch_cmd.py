@@ -34,19 +34,21 @@ def test_user_command_is_an_argv_list_passed_as_is() -> None:
     assert trainer_argv(r) == ["python3", "my_train.py", "$(touch /tmp/x)"]
 
 
-def test_auto_fit_starts_at_the_first_rung_that_fits(qlw_home: Path, tmp_path: Path) -> None:
-    """8B shape at seq 4096 x batch 1 needs ~9.8 GiB; on an 8 GiB card the 768 rung fits."""
-    rec = tmp_path / "rec.jsonl"
-    recipe = fake_recipe(tmp_path, ["--steps", "3", "--record", str(rec)], extra="""
-        [hardware]
-        gpu_mem_gib = 8
-    """)
+def shaped_8b_recipe(tmp_path: Path, fake_args: list[str], gpu_mem_gib: int, train: str) -> Path:
+    """The fake trainer's recipe, estimated as the full 8B shape with these [train] sizes."""
+    recipe = fake_recipe(tmp_path, fake_args, extra=f"[hardware]\ngpu_mem_gib = {gpu_mem_gib}\n")
     text = recipe.read_text().replace('name = "fake-model"', 'name = "fake-model"\nshape = "llama-3.1-8b"')
     text = text.replace("[model.tiny]\nhidden_size = 32\nnum_layers = 1\nnum_heads = 2\nnum_kv_heads = 1\n"
                         "intermediate_size = 64\n", "")
-    text = text.replace("max_seq_len = 1024\nper_device_batch = 2\ngrad_accum = 4",
-                        "max_seq_len = 4096\nper_device_batch = 1\ngrad_accum = 8")
-    recipe.write_text(text)
+    recipe.write_text(text.replace("max_seq_len = 1024\nper_device_batch = 2\ngrad_accum = 4", train))
+    return recipe
+
+
+def test_auto_fit_starts_at_the_first_rung_that_fits(qlw_home: Path, tmp_path: Path) -> None:
+    """8B shape at seq 4096 x batch 1 needs ~9.8 GiB; on an 8 GiB card the 768 rung fits."""
+    rec = tmp_path / "rec.jsonl"
+    recipe = shaped_8b_recipe(tmp_path, ["--steps", "3", "--record", str(rec)], 8,
+                              "max_seq_len = 4096\nper_device_batch = 1\ngrad_accum = 8")
     assert qlw("start", str(recipe), "--detach").returncode == 3  # does not fit: refused
     res = qlw("start", str(recipe), "--detach", "--auto-fit", check=True)
     run_id = res.stdout.strip().splitlines()[-1]
@@ -55,6 +57,20 @@ def test_auto_fit_starts_at_the_first_rung_that_fits(qlw_home: Path, tmp_path: P
     first = json.loads(rec.read_text().splitlines()[0])
     assert first["max_seq_len"] == 768  # a known OOM is never paid for
     assert read_state(qlw_home, run_id)["rung"] == 0
+
+
+def test_a_tight_estimate_starts_with_the_margin_said(qlw_home: Path, tmp_path: Path) -> None:
+    """The article's 8B batch 8 x 2 x 4096 on a 24 GB card: tight, started (exit 0), not refused."""
+    recipe = shaped_8b_recipe(tmp_path, ["--steps", "3"], 24, "max_seq_len = 4096\nper_device_batch = 8\n"
+                              "grad_accum = 2\nuse_liger_kernel = true")
+    recipe.write_text(recipe.read_text() + '\n[env]\nPYTORCH_CUDA_ALLOC_CONF = "expandable_segments:True"\n')
+    pre = qlw("preflight", str(recipe))
+    assert pre.returncode == 0 and "Verdict: TIGHT" in pre.stdout
+    res = qlw("start", str(recipe), "--detach", check=True)
+    assert "qlora-watch: note: the estimate is tight (" in res.stderr and "measured error of 3 %" in res.stderr
+    assert "per_device_batch 4 x grad_accum 4" in res.stderr
+    run_id = res.stdout.strip().splitlines()[-1]
+    assert qlw("wait", run_id, "--timeout", "60").returncode == 0
 
 
 def test_report_and_rm_from_the_cli(qlw_home: Path, tmp_path: Path) -> None:

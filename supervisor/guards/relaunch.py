@@ -77,7 +77,8 @@ def effective_recipe(recipe: Recipe, rung_index: int | None) -> Recipe:
 
 
 def rung_label(rung_index: int | None) -> str:
-    return "the recipe as written" if rung_index is None else f"rung {rung_index}"
+    # a user reads "rung 1" for the first ladder change (oom_ladder[0]), as preflight says it
+    return "the recipe as written" if rung_index is None else f"rung {rung_index + 1}"
 
 
 def _tail(exit_class: ExitClass) -> str:
@@ -126,7 +127,7 @@ def _oom(exit_class: ExitClass, window: Window, recipe: Recipe, cfg: Guards) -> 
         where = f"resuming from {ckpt.name}"
     else:
         where = "from scratch (no complete checkpoint yet)"
-    msg = f"CUDA OOM at {rung_label(current)}; relaunching at rung {nxt} ({change}), {where}"
+    msg = f"CUDA OOM at {rung_label(current)}; relaunching at {rung_label(nxt)} ({change}), {where}"
     return [Relaunch(guard=GUARD, reason=CUDA_OOM, rung_index=nxt,
                      resume_from=ckpt.target if ckpt else None, delay_s=0.0, fresh_output=fresh,
                      message=msg, evidence=_ev(exit_class, window, next_rung=nxt, change=change,

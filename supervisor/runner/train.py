@@ -105,25 +105,12 @@ def local_device() -> int:
     return index
 
 
-def cap_vram(recipe: Recipe, writer: Any) -> None:
-    """[hardware] emulate_vram_gib: cap the CUDA caching allocator (same as
-    PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction:F); a notice-only no-op without CUDA."""
-    gib = recipe.hardware.emulate_vram_gib
-    if gib is None:
-        return
-    import torch
+def cap_vram(recipe: Recipe, writer: Any) -> Any:
+    """[hardware] emulate_vram_gib (runner/emulate.py), then select this process's device.
+    Returns the ballast helper's Popen (it dies with this process) or None."""
+    from supervisor.runner.emulate import emulate_card
 
-    if not torch.cuda.is_available():
-        writer.notice(f"emulate_vram_gib={gib:g}: no CUDA device; nothing to cap")
-        return
-    device = local_device()
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    fraction = min(1.0, gib / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
-    writer.notice(
-        f"emulating a {gib:g} GiB card: allocator capped at {fraction:.4g} of {total:.1f} GiB "
-        f"(= PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction:{fraction:.4g})"
-    )
+    return emulate_card(recipe, writer, local_device)
 
 
 def pick_attention(requested: str, writer: Any) -> str:
@@ -162,38 +149,12 @@ def resolve_model_path(ctx: Context, writer: Any) -> str:
     return str(folder)
 
 
-def load_model(ctx: Context, path: str, attn: str) -> tuple[Any, Any]:
-    """(model, tokenizer): NF4 + double quant via BitsAndBytesConfig when quant.load_in_4bit."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-    r = ctx.recipe
-    kwargs: dict[str, Any] = {
-        "dtype": getattr(torch, r.model.dtype),
-        "attn_implementation": attn,
-        "trust_remote_code": r.model.trust_remote_code,
-    }
-    if r.quant.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=r.quant.quant_type,
-            bnb_4bit_use_double_quant=r.quant.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, r.quant.compute_dtype),
-            # FSDP-QLoRA shards the packed 4-bit weights: they must be stored in a float dtype
-            **({"bnb_4bit_quant_storage": getattr(torch, r.quant.compute_dtype)}
-               if r.hardware.gpus > 1 else {}),
-        )
-    # No prepare_model_for_kbit_training: it upcasts embeddings and lm_head to fp32 (GBs at 8B).
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=r.model.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
 def describe_model(model: Any) -> str:
     """'4-bit nf4 (double quant), compute torch.bfloat16, 14 Linear4bit layers' or the plain dtype."""
-    n4 = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
+    # bitsandbytes' own class only: peft's LoRA wrapper is also named Linear4bit (counted twice
+    # when the model comes already wrapped, as Unsloth's does: seen on the H200)
+    n4 = sum(1 for m in model.modules()
+             if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes"))
     q = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
     if not n4 or q is None or not getattr(q, "load_in_4bit", False):
         return f"not quantised, {model.dtype}"
@@ -227,17 +188,19 @@ def liger_usable(recipe: Recipe, writer: Any) -> bool:
     return True
 
 
-def sft_config(ctx: Context, use_liger: bool | None = None) -> Any:
-    """SFTConfig on current names: max_length, warmup_steps as a ratio, activation_checkpointing."""
+def sft_config(ctx: Context, use_liger: bool | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """SFTConfig on current names: max_length, warmup_steps as a ratio, activation_checkpointing.
+    `overrides` are the backend's (backends.sft_overrides); "checkpointing" means either name."""
     from trl import SFTConfig
 
     t = ctx.recipe.train
     cpu = use_cpu(ctx.recipe)
+    over = dict(overrides or {})
     extra: dict[str, Any] = {}
     fields = getattr(SFTConfig, "__dataclass_fields__", {})
     # transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing*; 5.17 has only the old
     ck = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    extra[ck] = t.gradient_checkpointing
+    extra[ck] = over.pop("checkpointing", t.gradient_checkpointing)
     extra[f"{ck}_kwargs"] = {"use_reentrant": False}
     if not t.shuffle:  # data in file order (curricula; the GPU ladder benchmark relies on it)
         if "train_sampling_strategy" in fields:
@@ -245,8 +208,7 @@ def sft_config(ctx: Context, use_liger: bool | None = None) -> Any:
         else:
             print("qlora-watch: train.shuffle=false needs transformers with train_sampling_strategy; "
                   "shuffling", file=sys.stderr)
-    return SFTConfig(
-        **extra,
+    kwargs: dict[str, Any] = dict(
         output_dir=str(ctx.output_dir),
         max_length=t.max_seq_len,
         per_device_train_batch_size=t.per_device_batch,
@@ -282,6 +244,7 @@ def sft_config(ctx: Context, use_liger: bool | None = None) -> Any:
         disable_tqdm=True,  # progress goes to the events file; tqdm bars only bloat trainer.log
         save_only_model=False,  # optimizer + scheduler + rng: needed to resume exactly
     )
+    return SFTConfig(**extra, **{**kwargs, **over})
 
 
 def lora_config(recipe: Recipe) -> Any:
@@ -367,6 +330,9 @@ def quiet_progress_bars() -> None:
 
 def run(ctx: Context, pinned_gpu: str | None = None) -> int:
     """Load, tokenise, train, save; returns the exit code (exceptions propagate)."""
+    from supervisor.runner.backends import choose_backend, load_model_and_tokenizer, sft_overrides
+
+    backend = choose_backend(ctx.recipe)  # first: Unsloth must be imported before transformers
     from supervisor.runner.callback import EventWriter, QloraWatchCallback
 
     writer = EventWriter(ctx.events_path)
@@ -384,11 +350,12 @@ def run(ctx: Context, pinned_gpu: str | None = None) -> int:
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         # transformers 5 dropped TrainingArguments.logging_dir; the TensorBoard callback reads this.
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(ctx.output_dir / "tensorboard"))
-        local_device()
-        cap_vram(recipe, writer)
+        ballast = cap_vram(recipe, writer)  # noqa: F841 - held until this process exits
         attn = pick_attention(recipe.model.attn_implementation, writer)
         path = resolve_model_path(ctx, writer)
-        model, tokenizer = load_model(ctx, path, attn)
+        writer.notice(f"backend {backend.name}: {backend.reason}")
+        model, tokenizer = load_model_and_tokenizer(backend, recipe, path, attn)
+        attn = getattr(model.config, "_attn_implementation", None) or attn
         writer.notice(f"model {recipe.model.name}: {describe_model(model)}, attention {attn}")
 
         writer.phase("tokenising")
@@ -398,12 +365,14 @@ def run(ctx: Context, pinned_gpu: str | None = None) -> int:
         writer.notice(f"data: {len(records)} records, format {fmt}, from {recipe.data.path}")
         watch = QloraWatchCallback(writer=writer)
         callbacks = [watch] + [cb for cb in [debug_callback(recipe)] if cb is not None]
+        unsloth = backend.name == "unsloth"
         trainer = trainer_class()(
             model=model,
-            args=sft_config(ctx, use_liger=liger_usable(recipe, writer)),
+            args=sft_config(ctx, use_liger=False if unsloth else liger_usable(recipe, writer),
+                            overrides=sft_overrides(backend, recipe)),
             train_dataset=to_dataset(records),
             processing_class=tokenizer,
-            peft_config=lora_config(recipe),
+            peft_config=None if unsloth else lora_config(recipe),  # Unsloth's model has its LoRA
             callbacks=callbacks,
         )
         trainable, total = trainer.model.get_nb_trainable_parameters()

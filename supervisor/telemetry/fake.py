@@ -328,8 +328,9 @@ class FakeNVML:
     def device_count(self) -> int:
         return self.wrapper.device_count()
 
-    def sample_gpus(self, trainer_pids: Iterable[int] = ()) -> list[Any]:
-        return self.wrapper.sample_gpus(trainer_pids)
+    def sample_gpus(self, trainer_pids: Iterable[int] = (), hidden_pids: Iterable[int] = (),
+                    emulated_total_mib: float | None = None) -> list[Any]:
+        return self.wrapper.sample_gpus(trainer_pids, hidden_pids, emulated_total_mib)
 
     def pids_on_gpus(self) -> set[int] | None:
         return self.wrapper.pids_on_gpus()

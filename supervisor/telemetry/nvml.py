@@ -284,15 +284,22 @@ class Nvml:
             self._unsupported.add((d.index, "mem_v2"))  # no v2 here: v1 from now on
         return self._q(d, "mem", "nvmlDeviceGetMemoryInfo")
 
-    def sample_gpus(self, trainer_pids: Iterable[int] = ()) -> list[GpuSample]:
-        """One GpuSample per GPU; a failing field is None, a lost GPU has lost=True."""
-        pids = set(trainer_pids)
+    def sample_gpus(self, trainer_pids: Iterable[int] = (), hidden_pids: Iterable[int] = (),
+                    emulated_total_mib: float | None = None) -> list[GpuSample]:
+        """One GpuSample per GPU; a failing field is None, a lost GPU has lost=True.
+
+        While a smaller card is rehearsed: the ballast's memory (`hidden_pids`) is not "used",
+        and a GPU the run holds memory on shows the emulated card's total.
+        """
+        pids, hidden = set(trainer_pids), set(hidden_pids)
         out = []
         for d in self._devices:
             g = GpuSample(index=d.index, lost=d.lost, **d.static)
             if not d.lost and d.handle is not None:
                 try:
                     self._fill(d, g, pids)
+                    if emulated_total_mib is not None:
+                        self._emulate(d, g, hidden, emulated_total_mib)
                 except GpuLost as e:
                     d.lost = g.lost = True  # sticky: a lost GPU needs a reboot, stop calling it
                     self._log_once(f"lost:{d.index}", "GPU %d is lost: %s", d.index, e)
@@ -326,6 +333,13 @@ class Nvml:
             margin -= g.temp_c - at_temp  # every degree warmer is a degree less margin
         g.margin_c = margin
         g.proc_mem_mib = self._proc_mem(d, pids) if pids else None
+
+    def _emulate(self, d: _Device, g: GpuSample, hidden: set[int], total_mib: float) -> None:
+        ballast = _held_mib(self._processes(d), hidden) if hidden else 0.0
+        if ballast and g.mem_used_mib is not None:
+            g.mem_used_mib = max(0.0, g.mem_used_mib - ballast)
+        if ballast or g.proc_mem_mib or len(self._devices) == 1:  # one GPU: it is the run's
+            g.mem_total_mib = total_mib
 
     def _hotspot(self, d: _Device) -> tuple[float | None, str | None]:
         v, err = self._qe(d, "hotspot", TEMPERATURE, TEMPERATURE_GPU_MAX)

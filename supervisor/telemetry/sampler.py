@@ -31,6 +31,7 @@ from supervisor.telemetry.nvml import Nvml
 log = logging.getLogger(__name__)
 
 TIMEOUT = "unavailable: timeout"
+BALLAST_MODULE = b"supervisor.runner.ballast"
 
 
 class Sampler:
@@ -52,6 +53,11 @@ class Sampler:
         self.reopen_s = reopen_s  # driver not loaded yet at boot: try again this often
         self._opened_at: float | None = None
         self._logged: set[str] = set()
+        self.emulated_total_mib: float | None = None  # hardware.emulate_vram_gib's card, in MiB
+
+    def emulate(self, total_mib: float | None) -> None:
+        """Report the trainer's GPU as a card of `total_mib`, the ballast helper's memory hidden."""
+        self.emulated_total_mib = total_mib
 
     def _log_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._logged:
@@ -76,7 +82,12 @@ class Sampler:
             status = self._ensure_open()
             if status != "ok":
                 return [], status
-            gpus = self.nvml.sample_gpus(set(trainer_pids))
+            pids, hidden = set(trainer_pids), set()
+            if self.emulated_total_mib is not None:
+                hidden = ballast_pids(pids)
+                gpus = self.nvml.sample_gpus(pids - hidden, hidden, self.emulated_total_mib)
+            else:
+                gpus = self.nvml.sample_gpus(pids)
             return gpus, "lost" if any(g.lost for g in gpus) else "ok"
         except Exception as e:  # noqa: BLE001 - Nvml never raises; this is a bug net
             self._log_once("gpu", "GPU sampling failed: %r", e)
@@ -105,6 +116,19 @@ class Sampler:
             self.nvml.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def ballast_pids(pids: set[int], proc_root: str = "/proc") -> set[int]:
+    """The ballast helpers (`supervisor.runner.ballast`) among the trainer tree's PIDs."""
+    found = set()
+    for pid in pids:
+        try:
+            with open(f"{proc_root}/{pid}/cmdline", "rb") as f:
+                if BALLAST_MODULE in f.read():
+                    found.add(pid)
+        except OSError:  # gone since the tree was read
+            continue
+    return found
 
 
 class _Job:
@@ -163,6 +187,9 @@ class ThreadedSampler:
     @property
     def nvml(self) -> Any:
         return self.sampler.nvml
+
+    def emulate(self, total_mib: float | None) -> None:
+        self.sampler.emulate(total_mib)
 
     @property
     def tree_pids(self) -> list[int]:

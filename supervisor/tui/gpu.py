@@ -86,6 +86,12 @@ def throttle(g: dict[str, Any]) -> Text:
     return t
 
 
+
+def vram_value(used: float | None, total: float | None) -> str:
+    """'14.2/24.0 GiB' on a card under 100 GiB (a rehearsed 24 GB one too), '97/140 GiB' above."""
+    dg = 1 if total and total < 100 * 1024 else 0
+    return f"{fmt_gib(used, dg).split()[0]}/{fmt_gib(total, dg)}"
+
 class GpuCard(Widget):
     """One GPU: two meter rows with sparklines, then thermals, power and clocks, throttling."""
 
@@ -128,7 +134,7 @@ class GpuCard(Widget):
         vfrac = used / total if used is not None and total else None
         for cls, label, frac, value in (
             (".util", "util", None if util is None else util / 100, fmt_num(util, 0, "%")),
-            (".vram", "vram", vfrac, f"{fmt_gib(used, 0).split()[0]}/{fmt_gib(total, 0)}"),
+            (".vram", "vram", vfrac, vram_value(used, total)),
         ):
             widget = self.query_one(cls, Static)
             # The bar takes what the label and the value leave of the row.
