@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from supervisor import checkpoints, launcher, trackers
+from supervisor import checkpoints, foreign, handoff, launcher, trackers
 from supervisor import guards as guardlib
 from supervisor.prune import newest_complete_of, prune_plan
-from supervisor.recipe import Recipe, apply_rung, describe_rung, recipe_to_json
+from supervisor.recipe import Recipe, describe_rung, recipe_to_json
 from supervisor.records import Step
 from supervisor.redact import redact_argv
 from supervisor.states import RunState
@@ -60,6 +60,7 @@ class AttemptRunner:
         self.stop_now = False
         self.last_guard_mono = 0.0
         self.tree_pids: set[int] = set()  # the trainer's processes, for the GPU release check
+        self._reach: tuple[str | None] | None = None  # ladder_reach(), read once
 
     # -- helpers ------------------------------------------------------------------------
     @property
@@ -87,14 +88,21 @@ class AttemptRunner:
             return False
         return launcher.group_alive(w["pid"])
 
+    def ladder_reach(self) -> str | None:
+        """How the ladder's settings reach this trainer; None when they cannot (handoff.py)."""
+        if self.st.get("settings_read"):
+            return "settings"
+        if self._reach is None:
+            cwd = Path(self.sup.run_info.get("cwd") or os.getcwd())
+            self._reach = (handoff.ladder_reaches(self.recipe, cwd),)
+        return self._reach[0]
+
     def effective_recipe(self, rung: int | None) -> Recipe:
-        """The base recipe with ladder rungs 0..rung applied cumulatively."""
-        r = self.recipe
-        if rung is None:
-            return r
-        for i in range(rung + 1):
-            r = apply_rung(r, self.recipe.oom_ladder[i])
-        return r
+        """The base recipe with ladder rungs 0..rung applied cumulatively, then the --set of
+        every `qlora-watch resume` (resume.effective)."""
+        from supervisor.resume import effective
+
+        return effective(self.recipe, rung, list(self.st.get("overrides") or []))
 
     # -- start ------------------------------------------------------------------------
     def mark_time(self, wall: float) -> None:
@@ -115,6 +123,16 @@ class AttemptRunner:
             return
         if RunState(state).terminal:
             return  # serve history only
+        request = st.get("resume_request")
+        if request is not None:  # `qlora-watch resume` (resume.py): a new attempt in this run
+            # The last attempt's wrapper is history now: any process of it still alive (a LOST
+            # run's trainer) is a stray, and two trainers must not share the output folder.
+            self.sup.set_state(resume_request=None, wrapper=None)
+            self._finish_pending_deletes()
+            await self._stop_strays()
+            await self.launch(resume=request.get("from"), rung=st.get("rung"),
+                              fresh=bool(request.get("fresh")))
+            return
         self._finish_pending_deletes()  # a supervisor killed mid-delete left .deleting-<ts>
         await self._stop_strays()  # a supervisor killed between spawn and record left one
         wrapper = st.get("wrapper")
@@ -136,7 +154,8 @@ class AttemptRunner:
                               rung=self.sup.run_info.get("start_rung"))
             return
         newest = checkpoints.newest_complete(self.output_dir(), run_id=self.sup.store.run_id)
-        hint = f"; resume from {newest.path.name}?" if newest else ""
+        hint = (f"; continue from {newest.path.name} with `qlora-watch resume {self.sup.store.run_id}`"
+                if newest else "")
         self.sup.record("lost", f"trainer pid {wrapper.get('pid')} cannot be verified (gone or "
                         f"reused); it was not signalled{hint}", level="error")
         self.sup.set_state(RunState.LOST, message=f"trainer lost{hint}", exited=True)
@@ -229,13 +248,27 @@ class AttemptRunner:
         env.pop("QLW_RESUME", None)
         if resume:
             env["QLW_RESUME"] = resume
-        argv = launcher.trainer_argv(recipe)
+        cwd = Path(self.sup.run_info.get("cwd") or os.getcwd())
+        try:  # the ladder's settings, three ways: QLW_* env, {placeholders}, an axolotl copy
+            ho = handoff.prepare(recipe, launcher.trainer_argv(recipe),
+                                 rungs=self.recipe.oom_ladder[: rung + 1] if rung is not None else [],
+                                 resume=resume, attempt=attempt, rung=rung, output_dir=out,
+                                 cwd=cwd, attempt_dir=adir)
+        except (handoff.HandoffError, OSError) as e:
+            self._fail(f"cannot launch the command: {e}", kind="config_error")
+            return
+        argv = ho.argv
+        env.update(ho.env)
+        for copy in ho.rewritten:
+            self.sup.record("config_rewritten", f"attempt {attempt} runs with {copy} (the ladder's "
+                            "settings, resume_from_checkpoint and output_dir written in)")
         self._follow_attempt(attempt)
+        self.sup.new_attempt()
         self.child_rc = None
         oom_kills_before = oom_kills()  # the kernel's count: a SIGKILL exit is checked against it
         try:
             self.proc = launcher.spawn(
-                argv, env=env, cwd=Path(self.sup.run_info.get("cwd") or os.getcwd()),
+                argv, env=env, cwd=cwd,
                 exit_file=adir / "exit.json", log_path=self.sup.store.log_path,
                 log_max_bytes=recipe.supervisor.log_max_bytes,
                 log_backups=recipe.supervisor.log_backups,
@@ -253,6 +286,7 @@ class AttemptRunner:
             resume_from=resume, events_offset=0, phase=None, phase_since=launched,
             launched_at=launched, max_steps=None, oom_kills_at_launch=oom_kills_before,
             effective={"max_seq_len": recipe.train.max_seq_len, "r": recipe.lora.r,
+                       "alpha": recipe.lora.alpha,
                        "target_modules": recipe.lora.target_modules,
                        "per_device_batch": recipe.train.per_device_batch,
                        "grad_accum": recipe.train.grad_accum},
@@ -282,7 +316,8 @@ class AttemptRunner:
             if w and launcher.signal_group(w["pid"], signal.SIGKILL):
                 self.stop_killed = True
                 self.sup.record("stop", f"trainer did not exit within {self.recipe.supervisor.stop_grace_s:.0f} s "
-                                "of SIGTERM: killed the process group", level="warning")
+                                f"of {self.recipe.trainer.stop_signal}: killed the process group",
+                                level="warning")
         if self.next_launch_mono is not None and time.monotonic() >= self.next_launch_mono:
             self.next_launch_mono = None
             action, self.pending = self.pending, None
@@ -310,6 +345,8 @@ class AttemptRunner:
         launcher.kill_orphans(self.sup.tb.helper_pids())  # not the trackers' own (wandb's service)
         self.sup.set_state(exited=True, exit_code=rc, exit_signal=sig, ended_at=time.time())
         self.sup._follow_events()  # the last events before exit (checkpoint, finished)
+        self.sup._follow_log()
+        self.discover_checkpoints()  # a command without events: its last save
         self._prune()
         before, now = self.st.get("oom_kills_at_launch"), oom_kills()
         cls = guardlib.classify_exit(
@@ -327,7 +364,8 @@ class AttemptRunner:
             msg = self.stop_reason + (killed if self.stop_killed else "")
             newest = checkpoints.newest_complete(self.output_dir(), run_id=self.sup.store.run_id)
             if newest:
-                msg += f"; newest complete checkpoint: {newest.path.name}"
+                msg += (f"; newest complete checkpoint: {newest.path.name}; continue with "
+                        f"`qlora-watch resume {self.sup.store.run_id}`")
             final = self.st.get("stop_state") or RunState.STOPPED.value
             self.sup.set_state(RunState(final), message=msg)
             return
@@ -364,12 +402,7 @@ class AttemptRunner:
                                     f"marked as this run's ({e.strerror or e}); it will not be "
                                     "resumed from automatically", level="warning")
                     return
-                self.sup.set_state(last_checkpoint=str(path), last_checkpoint_step=info.step,
-                                   last_checkpoint_bytes=info.size_bytes,
-                                   restarts=0,  # progress resets the crash budget
-                                   last_progress_t=time.time())
-                self.sup.record("checkpoint_saved", f"{path.name} saved ({info.size_bytes / 1e6:.1f} MB)",
-                                evidence={"step": info.step, "bytes": info.size_bytes})
+                self._accepted(info)
             else:
                 self.sup.record("checkpoint_incomplete", f"{path.name}: {info.reason}", level="warning")
         elif kind == "finished":
@@ -377,9 +410,41 @@ class AttemptRunner:
             self.sup.record("finished", f"adapter saved to {obj.get('adapter_path')}")
         elif kind == "notice":
             self.sup.record("notice", str(obj.get("message", ""))[:2000])
+        elif kind == "settings":  # effective_settings() was called: the ladder reaches it
+            self.sup.set_state(settings_read=True)
+
+    def _accepted(self, info: Any) -> None:
+        """A complete checkpoint of this run: progress (it resets the crash budget)."""
+        self.sup.set_state(last_checkpoint=str(info.path), last_checkpoint_step=info.step,
+                           last_checkpoint_bytes=info.size_bytes, restarts=0,
+                           last_progress_t=time.time())
+        self.sup.record("checkpoint_saved", f"{info.name} saved ({info.size_bytes / 1e6:.1f} MB)",
+                        evidence={"step": info.step, "bytes": info.size_bytes})
+
+    def discover_checkpoints(self) -> None:
+        """A command that sends no checkpoint events: find its saves by scanning (foreign.py)."""
+        if not self.recipe.trainer.command or self.st.get("speaks_events"):
+            return  # a trainer that sends `checkpoint` events says itself which saves are its own
+        new, no_adapter = foreign.discover(self.output_dir(), self.sup.store.run_id)
+        for info in new:
+            self._accepted(info)
+            if self.sup.step_source in (None, "history"):  # no callback, no log lines: its log_history
+                self.sup.take_steps(foreign.history_steps(info.path, after=self.st.get("step") or 0),
+                                    source="history")
+        for info in no_adapter[-1:]:
+            if "no_adapter" not in self.fired:  # said once, not every scan
+                self.fired.add("no_adapter")
+                self.sup.record("checkpoint_no_adapter", foreign.no_adapter_message(info),
+                                level="warning")
+
+    def _training_seen(self) -> None:
+        """A trainer with no phase events (a foreign command) is training once it shows steps."""
+        if self.sup.run_state in (RunState.STARTING, RunState.LOADING) and self.st.get("phase") is None:
+            self.sup.set_state(RunState.TRAINING, phase="training", phase_since=time.time())
 
     def on_steps(self, steps: list[Step]) -> None:
         last = steps[-1]
+        self._training_seen()
         self.mark_time(last.t)
         fields: dict[str, Any] = {"step": last.step, "last_step_t": last.t}
         if last.loss is not None:
@@ -393,6 +458,16 @@ class AttemptRunner:
         self.st.update(fields)
         now = time.monotonic()
         if now - self.last_state_write >= 1.0:  # state.json at most once a second
+            self.last_state_write = now
+            self.sup.set_state()
+
+    def on_bar(self, step: int, total: int) -> None:
+        """A progress bar line (no logged step): the step and total for status and ETA."""
+        self._training_seen()
+        self.st.update(step=step, max_steps=total, last_step_t=time.time())
+        self.mark_time(time.time())
+        now = time.monotonic()
+        if now - self.last_state_write >= 1.0:
             self.last_state_write = now
             self.sup.set_state()
 
@@ -423,10 +498,11 @@ class AttemptRunner:
             self.stop_killed = self.stop_now = True
             self.sup.record("stop", f"{reason}: killed the process group (--now)", level="warning")
             return
-        launcher.signal_group(pgid, signal.SIGTERM)
-        launcher.signal_group(pgid, signal.SIGCONT)  # a stopped trainer must see the SIGTERM
+        name = self.recipe.trainer.stop_signal  # SIGINT for scripts that save on KeyboardInterrupt
+        launcher.signal_group(pgid, getattr(signal, name))
+        launcher.signal_group(pgid, signal.SIGCONT)  # a stopped trainer must see the signal
         self.stop_deadline = time.monotonic() + self.recipe.supervisor.stop_grace_s
-        self.sup.record("stop", f"{reason}: SIGTERM sent; the trainer saves a checkpoint "
+        self.sup.record("stop", f"{reason}: {name} sent; the trainer saves a checkpoint "
                         f"(grace {self.recipe.supervisor.stop_grace_s:.0f} s)")
 
     def _fail(self, message: str, kind: str = "failed", state: RunState = RunState.FAILED) -> None:

@@ -41,7 +41,7 @@ from supervisor.safedelete import (
 
 __all__ = [
     "CheckpointInfo", "DeleteResult", "OutputDirError", "SafeDir", "UnsafeDirError",
-    "adopt_checkpoints", "best_checkpoint", "checkpoint_status", "claim_output_dir",
+    "adopt_checkpoints", "best_checkpoint", "check_output_dir", "checkpoint_status", "claim_output_dir",
     "dir_size", "finish_pending_deletes", "mark_checkpoint", "newest_complete",
     "output_dir_owner", "prune_plan", "quarantine", "read_marker", "safe_delete", "scan",
 ]
@@ -395,14 +395,14 @@ def output_dir_owner(output_dir: str | os.PathLike[str]) -> str | None:
     return data["run_id"] if data else None
 
 
-def claim_output_dir(output_dir: str | os.PathLike[str], run_id: str) -> None:
-    """Make output_dir this run's (manifest `.qlora-watch-run`); raise OutputDirError if it isn't ours."""
+def check_output_dir(output_dir: str | os.PathLike[str], run_id: str | None) -> None:
+    """Raise OutputDirError unless run_id may use output_dir (nothing is written; a missing
+    folder is fine). `start` calls it before detaching, the supervisor again when it claims."""
     p = Path(output_dir)
     try:
         st = os.lstat(p)
     except FileNotFoundError:
-        p.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.lstat(p)
+        return
     if stat.S_ISLNK(st.st_mode):
         raise OutputDirError(f"{p}: output_dir is a symlink; give the real folder")
     if not stat.S_ISDIR(st.st_mode):
@@ -410,22 +410,33 @@ def claim_output_dir(output_dir: str | os.PathLike[str], run_id: str) -> None:
     if st.st_uid != os.geteuid():
         raise OutputDirError(f"{p}: output_dir belongs to uid {st.st_uid}, not you ({os.geteuid()})")
     owner = output_dir_owner(p)
-    if owner == run_id:
-        return  # resuming our own run: keep the original claimed_at (adopt_checkpoints uses it)
+    if owner is not None and owner == run_id:
+        return
     found = sorted((n for n in os.listdir(p) if n.startswith("checkpoint-")),
                    key=lambda n: (step_of(n.split(".")[0]) or 0, n))
     if found:
         whose = f"run {owner}" if owner else "no qlora-watch run (no manifest)"
         shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        then = f", continue that run with `qlora-watch resume {owner}`," if owner else ""
         raise OutputDirError(
             f"{p}: holds {shown} from {whose}; refusing to mix runs (retention would "
-            "delete them and resume could pick them). Use another output_dir, resume "
-            "that run, or move them away."
+            f"delete them and resume could pick them). Use another output_dir{then} "
+            "or move them away."
         )
+
+
+def claim_output_dir(output_dir: str | os.PathLike[str], run_id: str) -> None:
+    """Make output_dir this run's (manifest `.qlora-watch-run`); raise OutputDirError if it isn't ours."""
+    p = Path(output_dir)
+    if not p.exists() and not p.is_symlink():
+        p.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_output_dir(p, run_id)
+    if output_dir_owner(p) == run_id:
+        return  # resuming our own run: keep the original claimed_at (adopt_checkpoints uses it)
     _write_marker(p, {"run_id": run_id, "claimed_at": time.time(), "tool": "qlora-watch"})
 
 
-def adopt_checkpoints(output_dir: str | os.PathLike[str], run_id: str) -> list[str]:
+def adopt_checkpoints(output_dir: str | os.PathLike[str], run_id: str, cached: bool = False) -> list[str]:
     """Mark complete unmarked checkpoints made since this run claimed output_dir.
 
     For a supervisor restart that missed `checkpoint` events. Only when the manifest names
@@ -436,7 +447,7 @@ def adopt_checkpoints(output_dir: str | os.PathLike[str], run_id: str) -> list[s
         return []
     since = float(manifest.get("claimed_at") or float("inf"))
     adopted = []
-    for info in scan(output_dir):
+    for info in scan(output_dir, cached=cached):
         if info.complete and info.run_id is None and info.mtime >= since and info.path:
             mark_checkpoint(info.path, run_id)
             adopted.append(info.name)

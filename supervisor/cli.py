@@ -50,6 +50,10 @@ def _find(ref: str | None):
 
 def cmd_preflight(args: argparse.Namespace) -> int:
     recipe = _load(args.recipe, args.set)
+    if recipe.model is None:
+        print(f"qlora-watch: {args.recipe}: preflight needs [model] (a [trainer]-only recipe runs a "
+              "command whose model qlora-watch does not know)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from supervisor.preflight import run_preflight
 
     text, code = run_preflight(recipe, args.gpu_mem, args.host_ram, args.json)
@@ -59,17 +63,29 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     recipe = _load(args.recipe, args.set)
-    print(f"{args.recipe}: ok ({recipe.name}, {recipe.model.name})")
+    if recipe.data is None:
+        print(f"{args.recipe}: ok ({recipe.name}, your command: {' '.join(recipe.trainer.command or [])})")
+        return 0
+    from supervisor.runner.data import DataError, check_records
+
+    try:  # every line: JSON, and the format's fields (streamed: no tokenizer, no model)
+        n, fmt = check_records(recipe.data.path, recipe.data.format)
+    except DataError as e:
+        print(f"qlora-watch: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{args.recipe}: ok ({recipe.name}, {recipe.model.name if recipe.model else '?'}; "
+          f"{n} records, format {fmt})")
     return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     recipe = _load(args.recipe, args.set)
-    from supervisor import runs
     from supervisor.catalog import resolve
     from supervisor.extras import require_for_run
 
     require_for_run(recipe)
+    if recipe.foreign:  # a [trainer]-only recipe: the same as `qlora-watch run`
+        return _create_and_launch(args, recipe, resolve(args.recipe), None, None)
     from supervisor.preflight import estimate, margin_line, render_table
 
     if not Path(recipe.data.path).is_file():
@@ -99,22 +115,67 @@ def cmd_start(args: argparse.Namespace) -> int:
     elif report.tight:  # started: a tight fit may well run, and the OOM ladder backs it
         print(f"qlora-watch: note: the estimate is tight ({margin_line(report)}); "
               + "; ".join(x.removeprefix("- ") for x in report.suggestions[1:]), file=sys.stderr)
+    return _create_and_launch(args, recipe, resolve(args.recipe), report, start_rung)
+
+
+def _create_and_launch(args: argparse.Namespace, recipe: Any, recipe_path: str | None,
+                       report: Any, start_rung: int | None) -> int:
+    from supervisor import runs
+
     try:
-        store = runs.create(resolve(args.recipe), recipe, report, start_rung=start_rung)
+        store = runs.create(recipe_path, recipe, report, start_rung=start_rung)
     except runs.StartError as e:
         print(f"qlora-watch: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    runs.spawn_supervisor(store)
+    return _launched(store, args, "started")
+
+
+def _launched(store: Any, args: argparse.Namespace, what: str, spawn: bool = True) -> int:
+    """Spawn the supervisor (unless already), then print the run id or open the dashboard;
+    a run that fails at once is reported with its reason and a non-zero exit."""
+    from supervisor import runs
+
+    if spawn:
+        runs.spawn_supervisor(store)
     if not runs.wait_started(store, timeout=20):
         print(f"qlora-watch: the supervisor did not start; see {store.path / 'supervisor.out'}",
               file=sys.stderr)
+        return 1
+    failed = runs.start_failure(store)
+    if failed:
+        print(f"qlora-watch: run {store.run_id} failed at once: {runs._clean(failed)}", file=sys.stderr)
         return 1
     interactive = sys.stdout.isatty() and sys.stdin.isatty() and not args.detach
     if not interactive:
         print(store.run_id)
         return 0
-    print(f"run {store.run_id} started; detach with d, the run goes on")
+    print(f"run {store.run_id} {what}; detach with d, the run goes on")
     return _attach(store, args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Supervise any training command: `qlora-watch run --output-dir D -- python train.py`."""
+    from supervisor.foreign_cli import FOREIGN_ERRORS, recipe_for_command
+
+    try:
+        recipe = recipe_for_command(args)
+    except FOREIGN_ERRORS as e:
+        print(f"qlora-watch: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return _create_and_launch(args, recipe, None, None, None)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from supervisor.resume import ResumeError, resume_run
+
+    store = _find(args.run)
+    try:
+        plan = resume_run(store, from_ckpt=args.from_ckpt, overrides=args.set)
+    except ResumeError as e:
+        print(f"qlora-watch: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(plan.describe(), file=sys.stderr)
+    return _launched(store, args, "resumed", spawn=False)
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -374,6 +435,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="start and return; no dashboard")
     p.add_argument("--force", action="store_true", help="start even when preflight says it does not fit")
     p.add_argument("--auto-fit", action="store_true", help="start at the first OOM-ladder rung that fits")
+
+    p = add("run", cmd_run, "supervise any training command: qlora-watch run --output-dir DIR -- CMD...")
+    p.add_argument("--name", default="run", help="a name for the run (default: run)")
+    p.add_argument("--output-dir", required=True, metavar="DIR",
+                   help="where the command writes checkpoint-N folders (watched, pruned, resumed)")
+    p.add_argument("--ladder", action="append", default=None, metavar="KEY=VALUE",
+                   help="one OOM-ladder rung (repeat for more), e.g. --ladder train.max_seq_len=768; "
+                        "default: the recipes' ladder")
+    p.add_argument("--save-total-limit", type=int, metavar="N", help="complete checkpoints to keep (3)")
+    p.add_argument("--gpus", metavar="0,1", help="the GPU indices the command may use (CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--stop-signal", default="SIGTERM", choices=["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP"],
+                   help="what a graceful stop sends (SIGINT for scripts that save on Ctrl-C)")
+    p.add_argument("--oom-relaunch-unchanged", action="store_true",
+                   help="after a CUDA OOM, relaunch a command that reads no ladder setting as it is")
+    sets(p)
+    p.add_argument("--detach", action="store_true", help="start and return; no dashboard")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
+
+    p = add("resume", cmd_resume, "continue a stopped, failed or lost run: a new attempt in the same run")
+    p.add_argument("run", nargs="?", help="run id or unique prefix (default: latest)")
+    p.add_argument("--from", dest="from_ckpt", metavar="checkpoint-N",
+                   help="resume from this checkpoint (default: the newest complete one)")
+    sets(p)
+    p.add_argument("--detach", action="store_true", help="resume and return; no dashboard")
 
     p = add("preflight", cmd_preflight, "estimate VRAM, host RAM and disk; exit 3 if it does not fit")
     p.add_argument("recipe")

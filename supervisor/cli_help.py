@@ -17,6 +17,12 @@ EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
     # command: (examples, environment variables read)
     "start": (["qlora-watch start tiny", "qlora-watch start recipes/8b.toml --set data.path=train.jsonl",
                "qlora-watch start my-8b.toml --auto-fit --detach"], [HOME, RUNTIME, TRAINER]),
+    "run": (["qlora-watch run --output-dir out -- python train.py",
+             "qlora-watch run --output-dir out --set train.max_seq_len=2048 -- python train.py --len {max_seq_len}",
+             "qlora-watch run --output-dir out --stop-signal SIGINT -- axolotl train qlora.yml"],
+            [HOME, RUNTIME, TRAINER]),
+    "resume": (["qlora-watch resume", "qlora-watch resume amber --from checkpoint-200",
+                "qlora-watch resume amber --set train.learning_rate=1e-4"], [HOME, RUNTIME, TRAINER]),
     "preflight": (["qlora-watch preflight 70b --gpu-mem 24"], [HOME]),
     "validate": (["qlora-watch validate my-8b.toml --set train.max_seq_len=768"], []),
     "recipes": (["qlora-watch recipes", "qlora-watch recipes cp 8b my-8b.toml",

@@ -22,6 +22,7 @@ from supervisor import launcher, notify
 from supervisor import protocol as proto
 from supervisor.attempts import AttemptRunner
 from supervisor.emulation import card_total_mib
+from supervisor.logprogress import LogProgress
 from supervisor.recipe import Recipe, recipe_from_json
 from supervisor.records import Event, Sample, Step, step_from_dict, to_dict
 from supervisor.states import RunState
@@ -37,6 +38,8 @@ TICK_S = 0.2
 HISTORY_SAMPLES = 3_000
 HISTORY_STEPS = 2_500
 LOG_RING = 500
+STEP_SOURCES = ("events", "log", "history")
+DISCOVER_EVERY_S = 2.0  # scans of a foreign trainer's output folder for new checkpoints
 
 
 class AlreadySupervised(Exception):
@@ -83,6 +86,11 @@ class Supervisor:
         self._signals = 0
         self.clock_anchor: tuple[float, float] | None = None  # (wall seen, monotonic then): guards' clock
         self.events_follower: JsonlFollower | None = None
+        # Where this attempt's steps come from, best first: "events" (our callback), "log" (HF
+        # log lines), "history" (a checkpoint's log_history); a better source replaces a worse.
+        self.step_source: str | None = None
+        self.log_progress = LogProgress()
+        self._last_discover_mono = 0.0
         self.log_follower = LogFollower(store.log_path)
         self.log_follower.offset = _size(store.log_path)
         self.log_follower.ino = _ino(store.log_path)
@@ -202,21 +210,38 @@ class Supervisor:
         self._follow_events()
         self._follow_log()
         await self._maybe_sample()
+        if time.monotonic() - self._last_discover_mono >= DISCOVER_EVERY_S:
+            self._last_discover_mono = time.monotonic()
+            self.attempts.discover_checkpoints()
         self.attempts.run_guards()
 
     def _follow_events(self) -> None:
         f = self.events_follower
         if f is None:
             return
-        new_steps: list[Step] = []
+        steps: list[dict[str, Any]] = []
         for obj in f.read():
-            kind = obj.get("event")
-            if kind == "step":
-                st = _to_step(obj, self.state.get("attempt") or 1)
-                if st is not None:
-                    new_steps.append(st)
+            if obj.get("event") != "settings":
+                self.state["speaks_events"] = True  # kept in state.json: a re-adopting supervisor knows
+            if obj.get("event") == "step":
+                steps.append(obj)
             else:
                 self.attempts.on_trainer_event(obj)
+        self.take_steps(steps, source="events")
+
+    def new_attempt(self) -> None:
+        """A launch: step sources start over."""
+        self.step_source = None
+        self.state["speaks_events"] = False
+        self.log_progress = LogProgress()
+
+    def take_steps(self, objs: list[dict[str, Any]], source: str) -> None:
+        """Store and broadcast step records from one source, unless a better one speaks."""
+        if not objs or STEP_SOURCES.index(source) > STEP_SOURCES.index(self.step_source or "history"):
+            return
+        self.step_source = source
+        attempt = self.state.get("attempt") or 1
+        new_steps = [s for s in (_to_step(o, attempt) for o in objs) if s is not None]
         if new_steps:
             try:
                 self.store.add_steps(new_steps, lineage=self.state.get("lineage") or 1)
@@ -231,6 +256,12 @@ class Supervisor:
 
     def _follow_log(self) -> None:
         lines = self.log_follower.read()
+        if self.recipe.trainer.command and self.step_source in (None, "log", "history"):
+            self.take_steps(self.log_progress.feed(lines), source="log")
+            bar = self.log_progress.bar
+            if bar is not None and self.step_source != "events" and bar[0] != self.state.get("step"):
+                # between logged steps the bar still moves: status shows it
+                self.attempts.on_bar(*bar)
         if lines:
             self.log_ring.extend(lines)
             del self.log_ring[:-LOG_RING]

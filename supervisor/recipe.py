@@ -144,6 +144,13 @@ class TrainSection(_Strict):
             raise ValueError("must not be / or your home folder (checkpoints are pruned in it)")
         return v
 
+    @field_validator("max_steps")
+    @classmethod
+    def _some_steps(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("0 trains nothing: give a positive number, or -1 to run num_epochs")
+        return v
+
     @model_validator(mode="after")
     def _padding_free_needs_packing(self) -> TrainSection:
         # trl refuses padding_free without packing when max_length is set (it could not truncate);
@@ -175,11 +182,34 @@ class HardwareSection(_Strict):
     host_ram_gib: float | None = Field(None, gt=0.0, description="preflight: assume this much RAM")
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
+
+
 class TrainerSection(_Strict):
-    """How the trainer is launched. Default: the built-in trainer."""
+    """How the trainer is launched. Default: the built-in trainer.
+
+    With `command` and no [model]/[data], the recipe describes a foreign trainer (any training
+    command, `qlora-watch run`): qlora-watch supervises it and hands it the ladder's settings
+    (docs/trainer-protocol.md) but knows nothing of its model or data.
+    """
 
     command: list[str] | None = Field(
         None, description="argv list of your own script (never a shell string)"
+    )
+    output_dir: str | None = Field(
+        None, description="a foreign trainer's output folder (the same as train.output_dir)"
+    )
+    save_total_limit: int | None = Field(
+        None, ge=1, le=1000, description="the same as train.save_total_limit"
+    )
+    stop_signal: Literal[STOP_SIGNALS] = Field(  # type: ignore[valid-type]
+        "SIGTERM", description="what a graceful stop sends (SIGINT: scripts that save on Ctrl-C)"
+    )
+    oom_relaunch_unchanged: bool = Field(
+        False, description="relaunch a trainer that reads no ladder setting, unchanged, after an OOM"
+    )
+    given: list[str] | None = Field(
+        None, description="filled in by qlora-watch: the [train]/[lora] keys the recipe set"
     )
 
     @field_validator("command", mode="before")
@@ -301,10 +331,10 @@ DEFAULT_LADDER: list[Rung] = [
 class Recipe(_Strict):
     name: str = Field("run", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
-    model: ModelSection
+    model: ModelSection | None = None  # None: a foreign trainer ([trainer] command only)
     quant: QuantSection = QuantSection()
     lora: LoraSection = LoraSection()
-    data: DataSection
+    data: DataSection | None = None
     train: TrainSection
     env: dict[str, str] = Field(default_factory=dict)
     hardware: HardwareSection = HardwareSection()
@@ -314,6 +344,40 @@ class Recipe(_Strict):
     notify: NotifySection = NotifySection()
     oom_ladder: list[Rung] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_LADDER))
     debug: DebugSection = DebugSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _foreign_trainer(cls, data: Any) -> Any:
+        """A [trainer]-only recipe: [trainer] output_dir/save_total_limit fill [train]."""
+        if not isinstance(data, dict):
+            return data
+        tr = data.get("trainer")
+        if not isinstance(tr, dict) or not tr.get("command") or ("model" in data and "data" in data):
+            return data
+        train = data.get("train")
+        train = dict(train) if isinstance(train, dict) else {}
+        for key in ("output_dir", "save_total_limit"):
+            if tr.get(key) is not None:
+                train.setdefault(key, tr[key])
+        if tr.get("given") is None:  # the first validation: remember what was set by the user
+            set_keys = [f"train.{k}" for k in train if k not in ("output_dir", "save_total_limit")]
+            lora = data.get("lora")
+            set_keys += [f"lora.{k}" for k in (lora if isinstance(lora, dict) else {})]
+            data = {**data, "trainer": {**tr, "given": sorted(set_keys)}}
+        return {**data, "train": train}
+
+    @model_validator(mode="after")
+    def _model_and_data_or_command(self) -> "Recipe":
+        if (self.model is None or self.data is None) and not self.trainer.command:
+            missing = "model" if self.model is None else "data"
+            raise ValueError(f"[{missing}] is required (or give [trainer] command to supervise "
+                             "your own training command)")
+        return self
+
+    @property
+    def foreign(self) -> bool:
+        """A training command qlora-watch knows nothing about (no [model]/[data])."""
+        return self.model is None or self.data is None
 
     @field_validator("env")
     @classmethod
@@ -331,7 +395,7 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _backend_fits(self) -> "Recipe":
         # Said before any GPU work: Unsloth's path here is the built-in trainer on one GPU.
-        if self.model.backend == "unsloth":
+        if self.model is not None and self.model.backend == "unsloth":
             if self.hardware.gpus > 1:
                 raise ValueError('model.backend = "unsloth" trains on one GPU; FSDP (hardware.gpus > 1) '
                                  'needs backend "hf" or "auto"')
@@ -434,7 +498,8 @@ def format_validation_error(err: ValidationError, source: str, text: str | None 
         else:
             msg = e.get("msg", "invalid value")
             msg = msg.removeprefix("Value error, ")
-            lines.append(f"{where}: {path}: {msg} (got {e.get('input')!r})")
+            got = f" (got {e.get('input')!r})" if loc else ""  # not the whole recipe back
+            lines.append(f"{where}: {path}: {msg}{got}")
     return "\n".join(lines)
 
 
@@ -528,6 +593,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     """Make data.path absolute relative to the recipe file (output_dir stays relative to cwd)."""
+    if recipe.data is None:
+        return recipe
     data_path = Path(recipe.data.path).expanduser()
     if not data_path.is_absolute():
         data_path = (base / data_path).resolve()
@@ -562,6 +629,21 @@ def apply_rung(recipe: Recipe, rung: Rung) -> Recipe:
         raise RecipeError(format_validation_error(e, "ladder rung")) from None
     out.oom_ladder = recipe.oom_ladder
     return out
+
+
+def apply_sets(recipe: Recipe, items: list[str], source: str = "--set") -> Recipe:
+    """A copy of a validated recipe with `--set KEY=VALUE` items applied and validated again
+    (`resume --set`); for a foreign trainer the keys join trainer.given (it gets them)."""
+    if not items:
+        return recipe
+    data = recipe.model_dump(mode="python")
+    apply_overrides(data, items)
+    if recipe.foreign:
+        keys = {parse_override(i)[0] for i in items}
+        given = set(data["trainer"].get("given") or [])
+        given |= {".".join(k) for k in keys if k[0] in ("train", "lora")}
+        data["trainer"]["given"] = sorted(given)
+    return validate(data, source)
 
 
 def rung_changes_adapter_shape(rung: Rung) -> bool:

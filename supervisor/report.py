@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.records import Event
-from supervisor.store import RunStore, read_json
+from supervisor.store import RunStore, continuous, read_json
 from supervisor.tbwriter import finite, throttle_reasons
 
 # Recipe keys shown for every attempt (all keys that differ between attempts are shown too).
@@ -147,7 +147,7 @@ def load_attempts(store: RunStore, events: list[Event], steps: list[dict[str, An
             elif e.kind == "trainer_exited":
                 a.exited_t = a.exited_t or e.t
                 a.exit_class = (e.evidence or {}).get("class")
-        if not a.rows:  # no trainer events file: the steps table (rows a resume overwrote are gone)
+        if not a.rows:  # no trainer events file: the steps table (every attempt's rows are kept)
             a.rows = [s for s in steps if s.get("attempt") == n]
         a.rows.sort(key=lambda r: r["t"])
         a.steps = [(r["t"], r["step"]) for r in a.rows]
@@ -167,9 +167,9 @@ def load_run(run_dir: Path) -> RunData:
     store = RunStore(run_dir)
     try:
         events = store.events()
-        steps = store.steps()
+        steps = store.steps()  # every attempt's rows; the charts take one continuous line
         data = RunData(path=run_dir, info=store.info(), state=store.read_state(),
-                       samples=sorted(store.samples(), key=lambda s: s["t"]), steps=steps,
+                       samples=sorted(store.samples(), key=lambda s: s["t"]), steps=continuous(steps),
                        events=events, attempts=load_attempts(store, events, steps))
     finally:
         store.close()

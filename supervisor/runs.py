@@ -14,6 +14,7 @@ from typing import Any
 
 from supervisor import paths
 from supervisor.recipe import Recipe, recipe_to_json
+from supervisor.redact import redact_argv
 from supervisor.states import TERMINAL_VALUES, RunState
 from supervisor.store import RunStore, atomic_write, create_run, list_runs
 
@@ -22,8 +23,10 @@ class StartError(Exception):
     pass
 
 
-def create(recipe_path: str, recipe: Recipe, report: Any, start_rung: int | None = None) -> RunStore:
-    """A new run folder with the recipe snapshot; nothing is launched yet."""
+def create(recipe_path: str | None, recipe: Recipe, report: Any, start_rung: int | None = None) -> RunStore:
+    """A new run folder with the recipe snapshot; nothing is launched yet. recipe_path None:
+    a recipe built on the command line (`qlora-watch run`), saved as recipe.json only."""
+    from supervisor.checkpoints import OutputDirError, check_output_dir
     from supervisor.store import new_run_id
 
     runs_root = paths.runs_dir()
@@ -31,31 +34,54 @@ def create(recipe_path: str, recipe: Recipe, report: Any, start_rung: int | None
     # "{run_id}" in output_dir gives every run a folder of its own (runs/tiny-amber-falcon)
     out = Path(recipe.train.output_dir.replace("{run_id}", run_id)).expanduser()
     out = (Path.cwd() / out).resolve() if not out.is_absolute() else out.resolve()
-    try:
-        from supervisor.checkpoints import output_dir_owner
-
-        owner = output_dir_owner(out) if out.exists() else None
-    except Exception:  # noqa: BLE001
-        owner = None
-    if out.exists() and owner is None and any(p.name.startswith("checkpoint-") for p in out.iterdir()):
-        raise StartError(f"output folder {out} holds checkpoints of another run (no qlora-watch "
-                         "manifest); choose another train.output_dir or move them")
+    try:  # what the supervisor would refuse, refused before anything is detached
+        check_output_dir(out, run_id)
+    except OutputDirError as e:
+        raise StartError(str(e)) from None
     for rid in list_running_ids():
         other = RunStore(paths.run_dir(rid))
         if other.info().get("output_dir") == str(out):
             raise StartError(f"output folder {out} is in use by live run {rid}")
-    raw = Path(recipe_path).read_bytes()  # hashed and snapshotted from the same bytes
+    raw = Path(recipe_path).read_bytes() if recipe_path else recipe_to_json(recipe).encode()
     info = {
-        "recipe": recipe.name, "recipe_path": str(Path(recipe_path).resolve()),
+        "recipe": recipe.name, "recipe_path": str(Path(recipe_path).resolve()) if recipe_path else None,
         "recipe_sha256": hashlib.sha256(raw).hexdigest(),
-        "model": recipe.model.name, "output_dir": str(out), "cwd": os.getcwd(),
+        "model": recipe.model.name if recipe.model else "(your command)",
+        "output_dir": str(out), "cwd": os.getcwd(),
         "estimate": report.to_dict() if report is not None else None,
         "start_rung": start_rung,
     }
+    if recipe.foreign and recipe.trainer.command:
+        info["command"] = redact_argv(recipe.trainer.command)
     store = create_run(runs_root, info, run_id=run_id)
-    atomic_write(store.path / "recipe.toml", raw.decode("utf-8"))  # 0600
+    if recipe_path:
+        atomic_write(store.path / "recipe.toml", raw.decode("utf-8"))  # 0600
     atomic_write(store.path / "recipe.json", recipe_to_json(recipe))  # 0600, like every run file
     return store
+
+
+def resume_run(store: RunStore, from_ckpt: str | None = None, overrides: Any = ()) -> Any:
+    """`qlora-watch resume` as a function (also for a requeued Slurm job): see resume.py."""
+    from supervisor.resume import resume_run as _resume
+
+    return _resume(store, from_ckpt=from_ckpt, overrides=overrides)
+
+
+def start_failure(store: RunStore, settle_s: float = 1.5) -> str | None:
+    """The reason, when the supervisor refused a just-started run before any trainer ran (an
+    output folder it may not use, a command it cannot launch): `start --detach` must not print
+    a run id and exit 0 for it. A trainer that ran and crashed is the run's own story."""
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        st = store.read_state()
+        msg = str(st.get("message") or st.get("state"))
+        if st.get("state") in (RunState.FAILED.value, RunState.LOST.value):
+            refused = not st.get("wrapper") or msg.startswith("config_error: could not start")
+            return msg if refused else None
+        if st.get("state") not in (None, RunState.STARTING.value):
+            return None  # the trainer runs: from here on it speaks through status and events
+        time.sleep(0.05)
+    return None
 
 
 def spawn_supervisor(store: RunStore) -> subprocess.Popen:

@@ -8,6 +8,8 @@ Transitions (edges named in the core where they happen):
     any live -> FAILED                       (crash loop, last rung OOM, non-retryable error)
     TRAINING -> DIVERGED                     (NaN / loss spike: never relaunched automatically)
     any live -> LOST                         (supervisor gone and the trainer cannot be verified)
+    any live -> PREEMPTED                    (the machine was taken away: resumable, not failed)
+    STOPPED/FAILED/DIVERGED/LOST/PREEMPTED -> STARTING   (`qlora-watch resume`: a new attempt)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class RunState(str, Enum):
     STOPPED = "stopped"
     DIVERGED = "diverged"
     LOST = "lost"
+    PREEMPTED = "preempted"
 
     @property
     def terminal(self) -> bool:
@@ -37,6 +40,9 @@ class RunState(str, Enum):
         return not self.terminal
 
 
-TERMINAL = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.STOPPED, RunState.DIVERGED, RunState.LOST})
+TERMINAL = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.STOPPED, RunState.DIVERGED, RunState.LOST,
+                      RunState.PREEMPTED})
 # The same as plain strings, for code that reads state.json (the CLI, the dashboard, the benches).
 TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
+# Ended runs that `qlora-watch resume` continues from a checkpoint (COMPLETED only with more steps).
+RESUMABLE = frozenset({RunState.STOPPED, RunState.FAILED, RunState.DIVERGED, RunState.LOST, RunState.PREEMPTED})

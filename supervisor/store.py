@@ -30,15 +30,16 @@ from typing import Any, Iterator
 
 from supervisor.records import Event, Sample, Step, to_dict
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS samples (t REAL NOT NULL, data TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS samples_t ON samples(t);
-CREATE TABLE IF NOT EXISTS steps (
+STEPS_TABLE = """CREATE TABLE IF NOT EXISTS steps (
     lineage INTEGER NOT NULL, step INTEGER NOT NULL, attempt INTEGER NOT NULL, t REAL NOT NULL,
     loss REAL, grad_norm REAL, lr REAL, epoch REAL, tokens INTEGER, tokens_per_s REAL,
     step_time_s REAL, max_steps INTEGER,
-    PRIMARY KEY (lineage, step)
-);
+    PRIMARY KEY (lineage, attempt, step)
+)"""
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS samples (t REAL NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS samples_t ON samples(t);
+{STEPS_TABLE};
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, t REAL NOT NULL, kind TEXT NOT NULL, level TEXT NOT NULL,
     message TEXT NOT NULL, guard TEXT, evidence TEXT, attempt INTEGER, acked INTEGER DEFAULT 0
@@ -180,6 +181,7 @@ class RunStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(SCHEMA)
+            _migrate_steps_key(conn)
             self._db = conn
         return self._db
 
@@ -201,7 +203,8 @@ class RunStore:
             )
             for s in steps
         ]
-        # Duplicate steps after a resume: last wins.
+        # Keyed by attempt too: a resumed attempt redoes steps after its checkpoint, and both
+        # attempts' rows are kept (readers take the later one, see continuous()).
         with self._tx() as c:
             c.executemany("INSERT OR REPLACE INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
 
@@ -260,7 +263,8 @@ class RunStore:
         return [json.loads(r[0]) for r in rows]
 
     def steps(self, limit: int | None = None, recent_full: int = 1000) -> list[dict[str, Any]]:
-        """Logged steps in order; with `limit`, older ones thinned like samples()."""
+        """Logged steps of every attempt, in the order they were trained (lineage, attempt, step);
+        with `limit`, older ones thinned like samples(). continuous() drops redone ones."""
         cols = ("lineage", "step", "attempt", "t", "loss", "grad_norm", "lr", "epoch", "tokens",
                 "tokens_per_s", "step_time_s", "max_steps")
         db = self.db()
@@ -270,8 +274,8 @@ class RunStore:
             stride = max(1, (n - recent_full) // max(1, limit - recent_full))
             where, args = "WHERE rn > ? OR rn % ? = 0 OR rn = 1", (n - recent_full, stride)
         rows = db.execute(
-            f"SELECT {', '.join(cols)} FROM (SELECT *, ROW_NUMBER() OVER (ORDER BY lineage, step) "
-            f"AS rn FROM steps) {where} ORDER BY lineage, step", args)
+            f"SELECT {', '.join(cols)} FROM (SELECT *, ROW_NUMBER() OVER (ORDER BY lineage, attempt, step) "
+            f"AS rn FROM steps) {where} ORDER BY lineage, attempt, step", args)
         out = []
         for r in rows:
             d = dict(zip(cols, r, strict=False))
@@ -305,6 +309,35 @@ class RunStore:
             return []
         lines = data.decode("utf-8", errors="replace").splitlines()
         return lines[-n:]
+
+
+def _migrate_steps_key(conn: sqlite3.Connection) -> None:
+    """Databases written before attempts were keyed: (lineage, step) -> (lineage, attempt, step)."""
+    pk = [r[1] for r in sorted(conn.execute("PRAGMA table_info(steps)"), key=lambda r: r[5]) if r[5]]
+    if pk != ["lineage", "step"]:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("ALTER TABLE steps RENAME TO steps_old")
+        conn.execute(STEPS_TABLE)
+        conn.execute("INSERT INTO steps SELECT * FROM steps_old")
+        conn.execute("DROP TABLE steps_old")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def continuous(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per lineage: when an attempt resumes at step s, earlier attempts' rows from s on
+    were redone, so the later attempt's rows replace them (rows in store.steps() order)."""
+    out: list[dict[str, Any]] = []
+    for row in steps:
+        while out and out[-1].get("lineage") == row.get("lineage") and out[-1]["step"] >= row["step"] \
+                and out[-1].get("attempt") != row.get("attempt"):
+            out.pop()
+        out.append(row)
+    return out
 
 
 # ------------------------------------------------------------------------------ run folders

@@ -78,7 +78,7 @@ def test_c5_start_refuses_an_output_dir_with_another_runs_checkpoints(qlw_home: 
     make_ckpt(tmp_path / "out", 5000)
     res = qlw("start", str(recipe), "--detach", "--force")
     assert res.returncode == 2
-    assert "holds checkpoints of another run" in res.stderr
+    assert "holds checkpoint-5000 from no qlora-watch run" in res.stderr and "refusing to mix runs" in res.stderr
     assert not (qlw_home / "runs").exists() or not list((qlw_home / "runs").iterdir())
 
 

@@ -7,6 +7,7 @@ tests/test_relaunch.py), A9 adoption, A10, A11, A13 (tests/test_supervisor.py).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -320,7 +321,10 @@ def test_a14_spawn_failures_are_config_errors(qlw_home: Path, tmp_path: Path, ca
     text = recipe.read_text()
     cmd_line = next(x for x in text.splitlines() if x.startswith("command = "))
     recipe.write_text(text.replace(cmd_line, f'command = ["{exe}", "--steps", "3"]'))
-    run_id = start(recipe)
+    # `start --detach` says so and exits non-zero: no run id on stdout for a run that never ran
+    res = qlw("start", str(recipe), "--detach", "--force")
+    assert res.returncode == 1 and not res.stdout.strip() and "failed at once" in res.stderr
+    run_id = re.search(r"run (\S+) failed at once", res.stderr).group(1)
     assert wait_end(run_id, 30) == 1
     st = read_state(qlw_home, run_id)
     assert st["state"] == "failed" and str(exe) in st["message"] and errno_txt in st["message"]

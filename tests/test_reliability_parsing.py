@@ -192,7 +192,7 @@ def test_e4_metrics_line_cut_mid_write(tmp_path: Path) -> None:
 def test_e5_bad_values_are_skipped_or_blanked(tmp_path: Path) -> None:
     from supervisor.core import _to_step
     from supervisor.records import Step
-    from supervisor.store import RunStore
+    from supervisor.store import RunStore, continuous
 
     assert _to_step({"step": "garbage"}, 1) is None
     assert _to_step({}, 1) is None and _to_step({"step": None}, 1) is None
@@ -203,10 +203,12 @@ def test_e5_bad_values_are_skipped_or_blanked(tmp_path: Path) -> None:
     store = RunStore(tmp_path)
     store.add_steps([Step(t=1.0, step=7, attempt=1, loss=2.0)], lineage=1)
     store.add_steps([Step(t=2.0, step=7, attempt=2, loss=1.5), Step(t=3.0, step=8, attempt=2, loss=float("nan"))],
-                    lineage=1)  # the same step again after a resume: last wins
+                    lineage=1)  # the same step again after a resume: both attempts' rows kept
     rows = store.steps()
-    assert [(r["step"], r["attempt"], r["loss"]) for r in rows[:1]] == [(7, 2, 1.5)]
-    assert math.isnan(rows[1]["loss"])  # NaN kept (the divergence guard counts it)
+    assert [(r["step"], r["attempt"], r["loss"]) for r in rows[:2]] == [(7, 1, 2.0), (7, 2, 1.5)]
+    line = continuous(rows)  # what charts draw: the later attempt's step 7 replaces the earlier
+    assert [(r["step"], r["attempt"], r["loss"]) for r in line[:1]] == [(7, 2, 1.5)]
+    assert math.isnan(rows[2]["loss"])  # NaN kept (the divergence guard counts it)
 
 
 # ------------------------------------------------------------------------------ E7

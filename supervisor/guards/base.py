@@ -60,6 +60,8 @@ class Window:
     estimate: dict[str, Any] | None = None  # preflight: host_ram_needed_bytes, gpu_needed_bytes
     env: dict[str, str] = field(default_factory=dict)  # the trainer's environment (redacted ok)
     already_fired: set[str] = field(default_factory=set)  # Warn keys already announced
+    # How a rung's settings reach the trainer (handoff.ladder_reaches); None: they do not
+    ladder_reach: str | None = "recipe"
 
     @classmethod
     def from_supervisor(cls, sup: Any) -> "Window":

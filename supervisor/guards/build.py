@@ -92,4 +92,5 @@ def window_from_supervisor(sup: Any) -> Window:
         estimate=estimate if isinstance(estimate, dict) else None,
         env=_trainer_env(sup),
         already_fired=getattr(sup.attempts, "fired", set()),
+        ladder_reach=sup.attempts.ladder_reach() if hasattr(sup.attempts, "ladder_reach") else "recipe",
     )

@@ -34,7 +34,16 @@ _CONFIG_EXC = {
     "FileNotFoundError", "ModuleNotFoundError", "ImportError", "IsADirectoryError",
     "NotADirectoryError", "RecipeError", "RepositoryNotFoundError", "GatedRepoError",
     "RevisionNotFoundError", "EntryNotFoundError", "LocalEntryNotFoundError", "HFValidationError",
+    "DataError", "JSONDecodeError", "DatasetNotFoundError", "DataFilesNotFoundError", "EmptyDatasetError",
+    "HandoffError",
 }
+# Messages that make an ordinary exception type a config error: a rejected argument or recipe
+# key (trl/transformers renamed many), a model that is neither a folder nor a Hub id.
+_CONFIG_MSG = re.compile(
+    r"got an unexpected keyword argument|is not a local folder and is not a valid model identifier"
+    r"|Some specified arguments are not used by the HfArgumentParser|does not appear to have a file named"
+    r"|Unknown data format|unknown data format")
+_ARGPARSE = re.compile(r"^\S+: error: ")  # argparse: usage, then 'prog: error: ...', exit 2
 _EXEC_FAIL = re.compile(r"exec(ve)? failed|No such file or directory: .*python|Permission denied", re.I)
 
 
@@ -60,6 +69,10 @@ class ExitClass:
         return f"{self.kind}: {self.summary}"
 
 
+def _short(line: str, n: int = 300) -> str:
+    return line if len(line) <= n else f"{line[: n - 3]}..."
+
+
 def _signame(n: int) -> str:
     try:
         return _signal.Signals(n).name
@@ -70,15 +83,16 @@ def _signame(n: int) -> str:
 def final_traceback(lines: list[str]) -> list[str]:
     """Lines from the last 'Traceback (most recent call last):' to the end ([] if none)."""
     for i in range(len(lines) - 1, -1, -1):
-        if lines[i].strip().startswith(_TB_HEAD):
-            return lines[i:]
+        if _TB_HEAD in lines[i]:
+            return [_TB_HEAD, *lines[i + 1:]]
     return []
 
 
 def _tracebacks(lines: list[str]) -> list[list[str]]:
     """Every traceback in lines, oldest first, each up to the next header (or the end)."""
-    starts = [i for i, x in enumerate(lines) if x.strip().startswith(_TB_HEAD)]
-    return [lines[a:b] for a, b in zip(starts, [*starts[1:], len(lines)], strict=False)]
+    # `in`, not startswith: a tqdm bar has no newline, so the header often ends its line
+    starts = [i for i, x in enumerate(lines) if _TB_HEAD in x]
+    return [[_TB_HEAD, *lines[a + 1:b]] for a, b in zip(starts, [*starts[1:], len(lines)], strict=False)]
 
 
 # torch prefixes a rank's lines with '[rank0]:', torchrun's --tee with '[default0]:' (its role)
@@ -198,11 +212,14 @@ def classify_exit(
         # A DataLoader worker taken by the OOM killer surfaces as a RuntimeError in the parent.
         return out(HOST_OOM_KILL, f"a worker was killed by the kernel OOM killer (oom_kill +{oom_kill_delta})",
                    confirmed=True, exception=exc, detail=exc_line)
-    if exc is not None and exc.rsplit(".", 1)[-1] in _CONFIG_EXC:
-        return out(CONFIG_ERROR, f"configuration error ({exc})", exception=exc, detail=exc_line)
+    if exc is not None and (exc.rsplit(".", 1)[-1] in _CONFIG_EXC or _CONFIG_MSG.search(exc_line or "")):
+        return out(CONFIG_ERROR, f"configuration error: {_short(exc_line or exc)}", exception=exc,
+                   detail=exc_line)
+    if returncode == 2 and not tb and last and _ARGPARSE.match(last[-1].strip()):
+        return out(CONFIG_ERROR, f"the command rejected its arguments: {_short(last[-1].strip())}",
+                   detail=last[-1].strip())
     if returncode in (126, 127) or (not tb and any(_EXEC_FAIL.search(x) for x in last)):
         return out(CONFIG_ERROR, f"could not start the trainer (exit {returncode})", detail=last[-1] if last else None)
     if exc:
-        shown = exc_line if exc_line and len(exc_line) <= 200 else f"{exc_line[:197]}..." if exc_line else exc
-        return out(CRASH, f"crashed: {shown}", exception=exc, detail=exc_line)
+        return out(CRASH, f"crashed: {_short(exc_line or exc, 200)}", exception=exc, detail=exc_line)
     return out(CRASH, f"exited {returncode}", detail=last[-1] if last else None)

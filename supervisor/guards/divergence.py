@@ -41,7 +41,10 @@ def _ordered(window: Window) -> list[Step]:
 def _stop(window: Window, first_bad: int, what: str, detail: str, ev: dict[str, Any]) -> list[Action]:
     ckpt = newest_complete_of(window.infos(), run_id=window.run_id, before_step=first_bad)
     if ckpt is not None:
-        hint = f"resume from {ckpt.name} (before the {what} at step {first_bad}) with a lower learning rate"
+        lr = "train.learning_rate=..."
+        cmd = f"qlora-watch resume {window.run_id} --from {ckpt.name} --set {lr}" if window.run_id else ""
+        hint = (f"resume from {ckpt.name} (before the {what} at step {first_bad}) with a lower learning rate"
+                + (f": `{cmd}`" if cmd else ""))
     else:
         hint = f"no complete checkpoint before step {first_bad}: restart from scratch with a lower learning rate"
     ev = {**ev, "first_bad_step": first_bad, "resume_checkpoint": ckpt.name if ckpt else None}

@@ -100,6 +100,17 @@ def _oom(exit_class: ExitClass, window: Window, recipe: Recipe, cfg: Guards) -> 
     if not cfg.oom.enabled:
         return [Fail(GUARD, f"CUDA OOM (OOM ladder disabled): {exit_class.detail or exit_class.summary}",
                      _ev(exit_class, window))]
+    if window.ladder_reach is None and ladder:
+        if recipe.trainer.oom_relaunch_unchanged:  # the user allowed it: same settings, crash budget
+            return _retry(exit_class, window, cfg.crash, note="relaunching unchanged (the command "
+                          "reads no ladder setting; oom_relaunch_unchanged is set)")
+        return [Fail(GUARD, (f"CUDA OOM: {exit_class.detail or exit_class.summary}. The OOM ladder cannot "
+                             "help: this command reads none of the settings a rung changes (no "
+                             "{max_seq_len}-style placeholder, no axolotl config, no QLW_* variable "
+                             "or effective_settings() in its script), so a relaunch would OOM again. "
+                             "Make it read one (docs/trainer-protocol.md), or allow relaunching it "
+                             "unchanged with --oom-relaunch-unchanged"),
+                     _ev(exit_class, window, ladder_reach=None))]
     nxt = 0 if current is None else current + 1
     if nxt >= len(ladder):
         return [Fail(GUARD, (f"CUDA OOM at minimum settings ({rung_label(current)}): "
@@ -123,7 +134,7 @@ def _oom(exit_class: ExitClass, window: Window, recipe: Recipe, cfg: Guards) -> 
                                                resume_from=ckpt.name if ckpt else None))]
 
 
-def _retry(exit_class: ExitClass, window: Window, cfg: CrashGuard) -> list[Action]:
+def _retry(exit_class: ExitClass, window: Window, cfg: CrashGuard, note: str = "") -> list[Action]:
     n = window.restarts_since_progress
     if not cfg.enabled:
         return [Fail(GUARD, f"{exit_class.summary} (automatic relaunch disabled){_tail(exit_class)}",
@@ -136,6 +147,7 @@ def _retry(exit_class: ExitClass, window: Window, cfg: CrashGuard) -> list[Actio
     ckpt = resume_target(window)
     where = f"from {ckpt.name}" if ckpt else "from scratch (no complete checkpoint yet)"
     msg = f"{exit_class.summary}; relaunching {where} in {delay:g} s (restart {n + 1} of {cfg.max_restarts})"
+    msg += f"; {note}" if note else ""
     return [Relaunch(guard=GUARD, reason=exit_class.kind, rung_index=window.rung_index,
                      resume_from=ckpt.target if ckpt else None, delay_s=delay, fresh_output=False,
                      message=msg, evidence=_ev(exit_class, window, delay_s=delay,
@@ -154,9 +166,11 @@ def decide_relaunch(exit_class: ExitClass, window: Window, recipe: Recipe,
         return _oom(exit_class, window, recipe, cfg)
     if kind in (CRASH, HOST_OOM_KILL):
         return _retry(exit_class, window, cfg.crash)
-    why = {CONFIG_ERROR: "not retryable: fix the recipe, data or model path",
-           DISK_FULL: "not retryable: free disk space, then resume",
-           GPU_LOST: "not retryable: the GPU fell off the bus; reboot, then resume"}.get(kind, "not retryable")
+    resume = f"`qlora-watch resume {window.run_id}`" if window.run_id else "`qlora-watch resume`"
+    why = {CONFIG_ERROR: f"not retryable: fix the recipe, data or model path, then {resume} "
+                         "(with --set for a recipe key)",
+           DISK_FULL: f"not retryable: free disk space, then {resume}",
+           GPU_LOST: f"not retryable: the GPU fell off the bus; reboot, then {resume}"}.get(kind, "not retryable")
     ckpt = resume_target(window)
     keep = f"; checkpoints kept (newest complete: {ckpt.name})" if ckpt else "; checkpoints kept"
     return [Fail(GUARD, f"{kind}: {exit_class.summary} ({why}){keep}{_tail(exit_class)}",

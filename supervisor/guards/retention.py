@@ -53,7 +53,8 @@ def check(window: Window, cfg: CheckpointGuard) -> list[Action]:
           "min_free_gib": cfg.min_free_gib, "disk_headroom_factor": cfg.disk_headroom_factor}
     if free < need + cfg.min_free_gib * GIB:
         msg = (f"stopping before the disk fills: {gib(free)} free, next checkpoint needs ~{gib(need)} "
-               f"(plus {cfg.min_free_gib:g} GB margin); free space, then resume from {newest.name}")
+               f"(plus {cfg.min_free_gib:g} GB margin); free space, then resume from {newest.name}"
+               + (f" (`qlora-watch resume {window.run_id}`)" if window.run_id else ""))
         actions.append(StopRun(guard=GUARD, reason="disk_low", state=RunState.STOPPED, graceful=True,
                                message=msg, evidence=ev, resume_hint=newest.target))
     elif free < need * cfg.disk_headroom_factor:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["QloraWatchCallback", "EventWriter"]
+__all__ = ["QloraWatchCallback", "EventWriter", "effective_settings"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "effective_settings":  # stdlib only: no transformers needed
+        from supervisor.runner.settings import effective_settings
+
+        return effective_settings
     if name in __all__:
         from supervisor.runner import callback
 

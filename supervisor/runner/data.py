@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 Format = Literal["messages", "text", "prompt_completion"]
 FORMATS: tuple[str, ...] = ("messages", "text", "prompt_completion")
@@ -73,10 +73,9 @@ def normalise(record: Any, fmt: Format) -> dict[str, Any]:
     return {"prompt": _check_str(record, "prompt"), "completion": _check_str(record, "completion")}
 
 
-def load_records(
-    path: str | Path, fmt: str = "auto", max_samples: int | None = None
-) -> tuple[list[dict[str, Any]], Format]:
-    """Read a JSONL file: (normalised records, format). Blank lines are skipped. Raises DataError."""
+def iter_records(path: str | Path, fmt: str = "auto") -> Iterator[tuple[dict[str, Any], Format]]:
+    """(normalised record, format) for each record of a JSONL file, streaming: every line is
+    parsed and checked, blank lines skipped. Raises DataError naming `file:line`."""
     p = Path(path)
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"{p}: unknown data format {fmt!r} (one of auto, {', '.join(FORMATS)})")
@@ -88,7 +87,6 @@ def load_records(
         raise DataError(f"{p}: is a folder, not a JSONL file") from None
     except OSError as e:
         raise DataError(f"{p}: cannot read: {e.strerror}") from None
-    records: list[dict[str, Any]] = []
     chosen: Format | None = None if fmt == "auto" else fmt  # type: ignore[assignment]
     with fh:
         lineno = 0
@@ -103,16 +101,38 @@ def load_records(
                 try:
                     if chosen is None:
                         chosen = detect_format(_check_object(obj))
-                    records.append(normalise(obj, chosen))
+                    record = normalise(obj, chosen)
                 except ValueError as e:
                     raise DataError(f"{p}:{lineno}: {e} (format {chosen or 'auto'})") from None
-                if max_samples is not None and len(records) >= max_samples:
-                    break
+                yield record, chosen
         except UnicodeDecodeError as e:
             raise DataError(f"{p}:{lineno + 1}: not valid UTF-8 ({e.reason})") from None
+
+
+def load_records(
+    path: str | Path, fmt: str = "auto", max_samples: int | None = None
+) -> tuple[list[dict[str, Any]], Format]:
+    """Read a JSONL file: (normalised records, format). Blank lines are skipped. Raises DataError."""
+    records: list[dict[str, Any]] = []
+    chosen: Format | None = None
+    for record, found in iter_records(path, fmt):
+        records.append(record)
+        chosen = found
+        if max_samples is not None and len(records) >= max_samples:
+            break
     if not records or chosen is None:
-        raise DataError(f"{p}: no records (an empty file?)")
+        raise DataError(f"{Path(path)}: no records (an empty file?)")
     return records, chosen
+
+
+def check_records(path: str | Path, fmt: str = "auto") -> tuple[int, Format]:
+    """Check every line without keeping the records (`qlora-watch validate`): (count, format)."""
+    n, chosen = 0, None
+    for _record, found in iter_records(path, fmt):
+        n, chosen = n + 1, found
+    if not n or chosen is None:
+        raise DataError(f"{Path(path)}: no records (an empty file?)")
+    return n, chosen
 
 
 def texts_of(record: dict[str, Any]) -> list[str]:

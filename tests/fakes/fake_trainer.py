@@ -44,13 +44,19 @@ def write_safetensors(path: Path, nbytes: int = 256) -> None:
         f.write(struct.pack("<Q", len(header)) + header + b"\0" * nbytes)
 
 
+NO_ADAPTER = {"on": False}  # --no-adapter: a full fine-tune's layout (model.safetensors)
+
+
 def save_checkpoint(out: Path, step: int, slowly: float, events: str | None, max_steps: int,
                     nbytes: int = 128) -> Path:
     ck = out / f"checkpoint-{step}"
     ck.mkdir(parents=True, exist_ok=True)
     emit(events, {"event": "phase", "phase": "saving"})
-    write_safetensors(ck / "adapter_model.safetensors")
-    (ck / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    if NO_ADAPTER["on"]:
+        write_safetensors(ck / "model.safetensors")
+    else:
+        write_safetensors(ck / "adapter_model.safetensors")
+        (ck / "adapter_config.json").write_text(json.dumps({"r": 8}))
     time.sleep(slowly)
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
         (ck / name).write_bytes(os.urandom(nbytes if name == "optimizer.pt" else 128))
@@ -135,7 +141,14 @@ def main() -> int:
     ap.add_argument("--clock-jump-s", type=float, default=-3600.0)
     ap.add_argument("--once-file", default=None,
                     help="misbehave (oom/crash/hang/nan) only while this file does not exist")
+    ap.add_argument("--stop-on-sigint", action="store_true",
+                    help="SIGINT (not SIGTERM) asks for save-then-stop")
+    ap.add_argument("--no-adapter", action="store_true", help="checkpoints hold model.safetensors only")
+    ap.add_argument("--seq-from-env", action="store_true",
+                    help="the sequence length is $QLW_MAX_SEQ_LEN (else 1024), not the recipe's")
+    ap.add_argument("--no-events", action="store_true", help="write no events (a foreign trainer)")
     args, _ = ap.parse_known_args()
+    NO_ADAPTER["on"] = args.no_adapter
     if args.once_file:
         if Path(args.once_file).exists():
             args.oom_at = args.crash_at = args.hang_at = args.nan_from = None
@@ -143,7 +156,7 @@ def main() -> int:
             Path(args.once_file).touch()
 
     BEST_EFFORT["events"] = args.events_best_effort
-    events = os.environ.get("QLW_EVENTS")
+    events = None if args.no_events else os.environ.get("QLW_EVENTS")
     out = Path(os.environ.get("QLW_OUTPUT_DIR", "fake-out"))
     out.mkdir(parents=True, exist_ok=True)
     resume = os.environ.get("QLW_RESUME")
@@ -151,6 +164,8 @@ def main() -> int:
     if os.environ.get("QLW_RECIPE"):
         recipe = json.loads(Path(os.environ["QLW_RECIPE"]).read_text())
     seq = recipe.get("train", {}).get("max_seq_len")
+    if args.seq_from_env:
+        seq = int(os.environ.get("QLW_MAX_SEQ_LEN") or 1024)
 
     if args.record:
         with open(args.record, "a") as f:
@@ -162,6 +177,7 @@ def main() -> int:
                 "output_dir": str(out), "attempt": os.environ.get("QLW_ATTEMPT"),
                 "pid": os.getpid(), "t": time.time(), "cwd": os.getcwd(),
                 "qlw_env": {k: v for k, v in os.environ.items() if k.startswith("QLW_")},
+                "seq": seq,
             }) + "\n")
 
     def on_term(signum: int, *_: object) -> None:
@@ -174,6 +190,8 @@ def main() -> int:
 
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    elif args.stop_on_sigint:
+        signal.signal(signal.SIGINT, on_term)
     else:
         signal.signal(signal.SIGTERM, on_term)
 
