@@ -16,6 +16,13 @@ from typing import Any
 
 from supervisor.recipe import Recipe
 
+
+def lora_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """The adapter's shape, one definition for peft's LoraConfig and Unsloth's get_peft_model."""
+    lo = recipe.lora
+    return dict(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                target_modules=lo.target_modules, bias="none")
+
 # Model types Unsloth 2026.10 has fast paths for (unsloth/models/*.py); others go to HF under auto.
 UNSLOTH_MODEL_TYPES = frozenset({
     "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "cohere",
@@ -173,7 +180,7 @@ def load_unsloth(recipe: Recipe, path: str) -> tuple[Any, Any]:
     import torch
     from unsloth import FastLanguageModel
 
-    r, lo = recipe, recipe.lora
+    r = recipe
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=path,
         max_seq_length=r.train.max_seq_len,
@@ -185,11 +192,7 @@ def load_unsloth(recipe: Recipe, path: str) -> tuple[Any, Any]:
     )
     model = FastLanguageModel.get_peft_model(
         model,
-        r=lo.r,
-        lora_alpha=lo.alpha,
-        lora_dropout=lo.dropout,
-        target_modules=lo.target_modules,
-        bias="none",
+        **lora_kwargs(r),
         use_gradient_checkpointing="unsloth" if r.train.gradient_checkpointing else False,
         random_state=r.train.seed,
     )

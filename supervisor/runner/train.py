@@ -250,15 +250,9 @@ def sft_config(ctx: Context, use_liger: bool | None = None, overrides: dict[str,
 def lora_config(recipe: Recipe) -> Any:
     from peft import LoraConfig
 
-    lo = recipe.lora
-    return LoraConfig(
-        r=lo.r,
-        lora_alpha=lo.alpha,
-        lora_dropout=lo.dropout,
-        target_modules=lo.target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    from supervisor.runner.backends import lora_kwargs
+
+    return LoraConfig(**lora_kwargs(recipe), task_type="CAUSAL_LM")
 
 
 def trainer_class() -> type:
