@@ -18,6 +18,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FAKE = ROOT / "tests" / "fakes" / "fake_trainer.py"
 
+# An edge not in states.EDGES, a state change without a reason, or a RunStatus field that is
+# not declared raises under tests, in this process and in every supervisor it starts.
+os.environ["QLW_STRICT_STATE"] = "1"
+
 
 def _procs_with_home(home: Path) -> list[psutil.Process]:
     out = []

@@ -190,7 +190,7 @@ def test_e4_metrics_line_cut_mid_write(tmp_path: Path) -> None:
 
 
 def test_e5_bad_values_are_skipped_or_blanked(tmp_path: Path) -> None:
-    from supervisor.daemon.core import _to_step
+    from supervisor.daemon.trainer_events import _to_step
     from supervisor.records import Step
     from supervisor.store import RunStore, continuous
 

@@ -212,8 +212,8 @@ def test_run_refuses_bad_input_with_one_line(qlw_home: Path, tmp_path: Path) -> 
 
 
 def test_log_lines_give_steps_loss_and_total() -> None:
-    from supervisor.daemon.core import _to_step
     from supervisor.daemon.logprogress import LogProgress, parse_bar, parse_dict
+    from supervisor.daemon.trainer_events import _to_step
 
     got = parse_dict("{'loss': '10.78', 'grad_norm': '0.2812', 'learning_rate': '1e-04', 'epoch': '0.1'}")
     step = _to_step({"step": 3, **got}, attempt=1)  # the one translator every source goes through
