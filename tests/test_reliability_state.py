@@ -275,11 +275,12 @@ def test_d5_stop_grace_and_backoff_use_the_monotonic_clock(monkeypatch, tmp_path
     monkeypatch.setattr(procgroup, "verify", lambda ident: True)
     recipe = load_recipe(fake_recipe(tmp_path, []), ["supervisor.stop_grace_s=30"])
     from supervisor.daemon.actions import Actions
+    from supervisor.status import RunInfo
     from tests.fakes.runio import memory_io
 
     io = memory_io(SimpleNamespace(run_id="r", path=tmp_path),
                    {"state": "training", "wrapper": {"pid": 424242}, "attempt": 1})
-    runner = attempts.Attempts(io, recipe=recipe, run_info={"output_dir": str(tmp_path / "out")},
+    runner = attempts.Attempts(io, recipe=recipe, run_info=RunInfo(output_dir=str(tmp_path / "out")),
                                events=SimpleNamespace(), execute=lambda a: None,  # type: ignore[arg-type]
                                window=lambda: None, mark_time=lambda t: None)
     executor = Actions(io, runner)

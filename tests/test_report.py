@@ -12,12 +12,12 @@ import pytest
 from supervisor.report.data import (
     ReportError,
     ema,
-    generate_report,
     load_run,
     recipe_diffs,
     summarize,
     throttle_periods,
 )
+from supervisor.report.html import generate_report
 from supervisor.store import create_run
 from tests.report_fixture import build_run
 

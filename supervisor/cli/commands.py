@@ -345,7 +345,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from supervisor.extras import require
 
     require("report", "report (its plots)")
-    from supervisor.report.data import ReportError, generate_report
+    from supervisor.report.data import ReportError
+    from supervisor.report.html import generate_report
 
     store = _find(args.run)
     other = _find(args.compare).path if args.compare else None

@@ -60,13 +60,6 @@ def create(recipe_path: str | None, recipe: Recipe, report: Any, start_rung: int
     return store
 
 
-def resume_run(store: RunStore, from_ckpt: str | None = None, overrides: Any = ()) -> Any:
-    """`qlora-watch resume` as a function (also for a requeued Slurm job): see resume.py."""
-    from supervisor.control.resume import resume_run as _resume
-
-    return _resume(store, from_ckpt=from_ckpt, overrides=overrides)
-
-
 def start_failure(store: RunStore, settle_s: float = 1.5) -> str | None:
     """The reason, when the supervisor refused a just-started run before any trainer ran (an
     output folder it may not use, a command it cannot launch): `start --detach` must not print

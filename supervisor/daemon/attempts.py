@@ -34,6 +34,7 @@ from supervisor.recipe import Recipe, describe_rung, recipe_to_json
 from supervisor.redact import redact_argv
 from supervisor.sinks import trackers
 from supervisor.states import RunState
+from supervisor.status import RunInfo
 from supervisor.store import read_json
 from supervisor.telemetry.host import oom_kills
 
@@ -45,7 +46,7 @@ TAIL_LINES = 50  # log lines classified when the wrapper left no exit file
 class Attempts:
     """One run's attempts, one at a time."""
 
-    def __init__(self, io: RunIO, *, recipe: Recipe, run_info: dict[str, Any], events: TrainerEvents,
+    def __init__(self, io: RunIO, *, recipe: Recipe, run_info: RunInfo, events: TrainerEvents,
                  execute: Callable[[list[Action]], Awaitable[None]], window: Callable[[], Any],
                  mark_time: Callable[[float], None], sampler: Any = None,
                  gpu_lost: Callable[[], bool] = lambda: False,
@@ -85,7 +86,7 @@ class Attempts:
         return w.get("pid") if self.trainer_alive() else None
 
     def output_dir(self) -> Path:
-        return Path(self.st.output_dir or self.run_info["output_dir"])
+        return Path(self.st.output_dir or self.run_info.output_dir)
 
     def attempt_dir(self) -> Path:
         """The current attempt's folder in the run store."""
@@ -102,7 +103,7 @@ class Attempts:
         if self.st.settings_read:
             return "settings"
         if self._reach is None:
-            cwd = Path(self.run_info.get("cwd") or os.getcwd())
+            cwd = Path(self.run_info.cwd or os.getcwd())
             self._reach = (handoff.ladder_reaches(self.recipe, cwd),)
         return self._reach[0]
 
@@ -119,10 +120,10 @@ class Attempts:
         st, io = self.st, self.io
         if st.state is None:
             io.set_state(RunState.STARTING, why="a new run", attempt=0, lineage=1, rung=None,
-                         restarts=0, started_at=time.time(), output_dir=self.run_info["output_dir"])
+                         restarts=0, started_at=time.time(), output_dir=self.run_info.output_dir)
             self._finish_pending_deletes()
             await self.execute(self._prelaunch_checks())  # warnings only
-            await self.launch(resume=None, rung=self.run_info.get("start_rung"))  # --auto-fit
+            await self.launch(resume=None, rung=self.run_info.start_rung)  # --auto-fit
             return
         if st.run_state.terminal:
             return  # serve history only
@@ -155,7 +156,7 @@ class Attempts:
             # Supervisor died before recording a launch: launch now, from what exists.
             newest = checkpoints.newest_complete(self.output_dir(), run_id=self.store.run_id)
             await self.launch(resume=newest.target if newest else None,
-                              rung=self.run_info.get("start_rung"))
+                              rung=self.run_info.start_rung)
             return
         newest = checkpoints.newest_complete(self.output_dir(), run_id=self.store.run_id)
         hint = (f"; continue from {newest.path.name} with `qlora-watch resume {self.store.run_id}`"
@@ -216,7 +217,7 @@ class Attempts:
 
     def _prelaunch_checks(self) -> list[Action]:
         """Host RAM against what the run needs (model loading + paged optimiser state)."""
-        need = (self.run_info.get("estimate") or {}).get("host_ram_needed_bytes")
+        need = (self.run_info.estimate or {}).get("host_ram_needed_bytes")
         return guardlib.prelaunch_host_ram(psutil.virtual_memory().available, need,
                                            self.recipe.guards.host_ram)
 
@@ -224,7 +225,7 @@ class Attempts:
         st, io = self.st, self.io
         attempt = (st.attempt or 0) + 1
         lineage = (st.lineage or 1) + (1 if fresh else 0)
-        base_out = Path(self.run_info["output_dir"])
+        base_out = Path(self.run_info.output_dir)
         out = base_out if lineage == 1 else base_out / f"attempt-{attempt}"
         recipe = self.effective_recipe(rung)
         adir = self.store.attempt_dir(attempt)
@@ -249,7 +250,7 @@ class Attempts:
         env.pop("QLW_RESUME", None)
         if resume:
             env["QLW_RESUME"] = resume
-        cwd = Path(self.run_info.get("cwd") or os.getcwd())
+        cwd = Path(self.run_info.cwd or os.getcwd())
         try:  # the ladder's settings, three ways: QLW_* env, {placeholders}, an axolotl copy
             ho = handoff.prepare(recipe, procgroup.trainer_argv(recipe),
                                  rungs=self.recipe.oom_ladder[: rung + 1] if rung is not None else [],

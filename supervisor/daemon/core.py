@@ -43,7 +43,7 @@ from supervisor.records import Event, Sample, to_dict
 from supervisor.sinks import notify
 from supervisor.sinks.trackers import from_recipe as trackers_for
 from supervisor.states import RunState
-from supervisor.status import RunStatus
+from supervisor.status import RunInfo, RunStatus
 from supervisor.store import RunStore, read_json
 
 log = logging.getLogger("qlora-watch.supervisor")
@@ -80,7 +80,7 @@ class Supervisor:
 
     def __init__(self, store: RunStore, *, sampler: Any = None, socket_path: Path | None = None):
         self.store = store
-        self.run_info = store.info()
+        self.run_info: RunInfo = store.run_info()
         self.recipe: Recipe = recipe_from_json((store.path / "recipe.json").read_text())
         self.sampler = sampler
         if self.recipe.hardware.emulate_vram_gib is not None and hasattr(sampler, "emulate"):
@@ -90,7 +90,7 @@ class Supervisor:
         self.server: Any = None
         self.recent_samples: list[Sample] = []
         # train.report_to: TensorBoard (telemetry beside the trainer's logs), W&B, MLflow
-        self.tb = trackers_for(self.recipe, store.run_id, self.run_info["output_dir"], store.path)
+        self.tb = trackers_for(self.recipe, store.run_id, self.run_info.output_dir, store.path)
         self.notifier = notify.from_recipe(self.recipe, store.run_id)
         self.clock = GuardClock()  # the guards' clock, anchored at what the core last saw
         self.io = RunIO(store=store, status=self.status, set_state=self.set_state, record=self.record,
@@ -155,7 +155,7 @@ class Supervisor:
     # -- socket handler ---------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         return {
-            "run": self.run_info,
+            "run": self.run_info.to_json(),
             "state": self.status.to_json(),
             "samples": self.store.samples(limit=HISTORY_SAMPLES),
             "steps": self.store.steps(limit=HISTORY_STEPS),
@@ -241,7 +241,7 @@ class Supervisor:
             out = None
         return build_window(status=self.status, recipe=self.recipe, samples=self.recent_samples,
                             steps=self.events.recent_steps, output_dir=out, clock=self.clock,
-                            run_id=self.store.run_id, estimate=self.run_info.get("estimate"),
+                            run_id=self.store.run_id, estimate=self.run_info.estimate,
                             fired=self.actions.fired, ladder_reach=self.attempts.ladder_reach())
 
     def run_guards(self) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -352,20 +351,3 @@ def marked_events(events: list[Event]) -> list[Event]:
         if e.kind in MARKED_KINDS or (e.kind == "trainer_exited" and e.level != "info"):
             out.append(e)
     return out
-
-
-# ------------------------------------------------------------------------------ entry points
-
-
-def generate_report(run_dir: Path, out_dir: Path, compare_run_dir: Path | None = None) -> Path:
-    """Write report.html and its PNG plots into out_dir; returns the HTML path."""
-    from supervisor.report.html import write_report
-
-    run = load_run(Path(run_dir))
-    other = load_run(Path(compare_run_dir)) if compare_run_dir is not None else None
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return write_report(run, out_dir, other, generated_at=time.time())
-    except OSError as e:
-        raise ReportError(f"cannot write the report into {out_dir}: {e.strerror or e}") from None

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from datetime import datetime
 from html import escape
 from pathlib import Path
 from typing import Any
 
-from supervisor.report.data import RunData, marked_events, recipe_diffs, recipe_table, summarize
+from supervisor.report.data import (
+    ReportError,
+    RunData,
+    load_run,
+    marked_events,
+    recipe_diffs,
+    recipe_table,
+    summarize,
+)
 from supervisor.report.plots import make_plots, plot_compare
 from supervisor.states import TERMINAL_VALUES
 
@@ -196,3 +205,18 @@ def write_report(run: RunData, out: Path, other: RunData | None = None, generate
     path = out / "report.html"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+# ------------------------------------------------------------------------------ entry points
+
+
+def generate_report(run_dir: Path, out_dir: Path, compare_run_dir: Path | None = None) -> Path:
+    """Write report.html and its PNG plots into out_dir; returns the HTML path."""
+    run = load_run(Path(run_dir))
+    other = load_run(Path(compare_run_dir)) if compare_run_dir is not None else None
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return write_report(run, out_dir, other, generated_at=time.time())
+    except OSError as e:
+        raise ReportError(f"cannot write the report into {out_dir}: {e.strerror or e}") from None

@@ -11,6 +11,7 @@ from collections import deque
 from typing import Any
 
 from supervisor.sanitize import sanitize
+from supervisor.status import RunInfo
 
 from .fmt import finite, num
 
@@ -250,5 +251,5 @@ class RunModel:
 
     @property
     def recipe(self) -> str:
-        """The recipe's name (run.json says "recipe"; the brief's dict "recipe_name")."""
-        return str(self.run.get("recipe_name") or self.run.get("recipe") or "")
+        """The recipe's name (RunInfo reads early recordings' "recipe_name" too)."""
+        return str(RunInfo.from_json(self.run).recipe or "")
