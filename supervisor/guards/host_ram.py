@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supervisor.guards.base import GIB, Action, Warn, Window, finite, gib, warn
-from supervisor.recipe import HostRamGuard
 from supervisor.records import HostSample
+
+if TYPE_CHECKING:  # config types only: guards import no pydantic
+    from supervisor.recipe import HostRamGuard
 
 GUARD = "host_ram"
 
