@@ -18,16 +18,18 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from supervisor import checkpoints, foreign, handoff, launcher, trackers
+from supervisor import checkpoints, foreign, handoff, ladder, launcher, trackers
 from supervisor import guards as guardlib
+from supervisor.guards.relaunch import restarts_after
 from supervisor.prune import newest_complete_of, prune_plan
-from supervisor.recipe import Recipe, describe_rung, recipe_to_json
+from supervisor.recipe import Recipe, recipe_to_json
 from supervisor.records import Step
 from supervisor.redact import redact_argv
 from supervisor.states import RunState
 from supervisor.store import read_json
 from supervisor.tail import JsonlFollower
 from supervisor.telemetry.host import oom_kills
+from supervisor.wrapper import TAIL_LINES
 
 if TYPE_CHECKING:
     from supervisor.core import Supervisor
@@ -98,8 +100,8 @@ class AttemptRunner:
         return self._reach[0]
 
     def effective_recipe(self, rung: int | None) -> Recipe:
-        """The base recipe with ladder rungs 0..rung applied cumulatively, then the --set of
-        every `qlora-watch resume` (resume.effective)."""
+        """The base recipe at `rung` (ladder.effective), then the --set of every
+        `qlora-watch resume` (resume.effective)."""
         from supervisor.resume import effective
 
         return effective(self.recipe, rung, list(self.st.get("overrides") or []))
@@ -251,7 +253,7 @@ class AttemptRunner:
         cwd = Path(self.sup.run_info.get("cwd") or os.getcwd())
         try:  # the ladder's settings, three ways: QLW_* env, {placeholders}, an axolotl copy
             ho = handoff.prepare(recipe, launcher.trainer_argv(recipe),
-                                 rungs=self.recipe.oom_ladder[: rung + 1] if rung is not None else [],
+                                 rungs=ladder.changes(self.recipe, rung),
                                  resume=resume, attempt=attempt, rung=rung, output_dir=out,
                                  cwd=cwd, attempt_dir=adir)
         except (handoff.HandoffError, OSError) as e:
@@ -294,6 +296,7 @@ class AttemptRunner:
         what = f" from {Path(resume).name}" if resume else ""
         self.sup.record("launch", f"attempt {attempt} started{what} (pid {self.proc.pid})",
                         evidence={"argv": redact_argv(argv)[:3], "resume": resume, "rung": rung,
+                                  "rung_label": ladder.label(rung),
                                   "output_dir": str(out)})
 
     # -- polling ----------------------------------------------------------------------
@@ -333,7 +336,7 @@ class AttemptRunner:
         # No exit file: the wrapper itself was killed (SIGKILL to the group).
         rc = self.child_rc
         return {"returncode": rc, "signal": -rc if rc is not None and rc < 0 else None,
-                "tail": self.sup.log_ring[-50:], "no_exit_file": True}
+                "tail": self.sup.log_ring[-TAIL_LINES:], "no_exit_file": True}  # as the wrapper keeps
 
     async def handle_exit(self, info: dict[str, Any]) -> None:
         w = self.st.get("wrapper") or {}
@@ -416,7 +419,8 @@ class AttemptRunner:
     def _accepted(self, info: Any) -> None:
         """A complete checkpoint of this run: progress (it resets the crash budget)."""
         self.sup.set_state(last_checkpoint=str(info.path), last_checkpoint_step=info.step,
-                           last_checkpoint_bytes=info.size_bytes, restarts=0,
+                           last_checkpoint_bytes=info.size_bytes,
+                           restarts=restarts_after(self.st.get("restarts") or 0, "progress"),
                            last_progress_t=time.time())
         self.sup.record("checkpoint_saved", f"{info.name} saved ({info.size_bytes / 1e6:.1f} MB)",
                         evidence={"step": info.step, "bytes": info.size_bytes})
@@ -590,7 +594,8 @@ class AttemptRunner:
                 self.sup.set_state(exited=True)
             self.sup.record("relaunch", a.message, level="warning", guard=a.guard, evidence=a.evidence)
             self.sup.set_state(RunState.BACKOFF, next_launch_in_s=a.delay_s,
-                               restarts=(self.st.get("restarts") or 0) + (0 if a.rung_index != self.st.get("rung") else 1))
+                               restarts=restarts_after(self.st.get("restarts") or 0, "relaunch",
+                                                       rung_before=self.st.get("rung"), rung_after=a.rung))
             self.pending = a
             self.next_launch_mono = time.monotonic() + max(0.0, a.delay_s)
 
@@ -607,10 +612,11 @@ class AttemptRunner:
             checkpoints.quarantine(self.output_dir(), partial)
             self.sup.record("checkpoint_quarantined", f"set aside incomplete {', '.join(partial)}",
                             level="warning")
-        rung = a.rung_index
+        rung = a.rung
         if rung != self.st.get("rung") and rung is not None:
-            desc = describe_rung(self.effective_recipe(rung - 1 if rung > 0 else None),
-                                 self.recipe.oom_ladder[rung])
+            # what this rung changes, from the rung below as this run had it (its --set included)
+            desc = ladder.describe_change(self.effective_recipe(ladder.previous(rung)),
+                                          ladder.change(self.recipe, rung))
             self.sup.set_state(rung_desc=f"{desc} after OOM")
         await self.launch(resume=a.resume_from, rung=rung, fresh=a.fresh_output)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from supervisor import ladder
 from supervisor.records import Event
 from supervisor.store import RunStore, continuous, read_json
 from supervisor.tbwriter import finite, throttle_reasons
@@ -46,6 +47,7 @@ class Attempt:
     returncode: int | None = None
     exit_class: str | None = None
     resume_step: int | None = None  # the checkpoint it resumed from (None: fresh start)
+    rung: str = "base"  # its OOM-ladder rung, as ladder.label says it
     steps: list[tuple[float, int]] = field(default_factory=list)  # (t, step) from events.jsonl
     rows: list[dict[str, Any]] = field(default_factory=list)  # its step records, none overwritten
 
@@ -144,6 +146,7 @@ def load_attempts(store: RunStore, events: list[Event], steps: list[dict[str, An
                 a.launched_t = a.launched_t or e.t
                 m = CKPT_RE.search(str((e.evidence or {}).get("resume") or ""))
                 a.resume_step = int(m.group(1)) if m else None
+                a.rung = _launch_rung(e.evidence or {})
             elif e.kind == "trainer_exited":
                 a.exited_t = a.exited_t or e.t
                 a.exit_class = (e.evidence or {}).get("class")
@@ -157,6 +160,15 @@ def load_attempts(store: RunStore, events: list[Event], steps: list[dict[str, An
         out.append(Attempt(n=1, recipe=flatten(read_json(store.path / "recipe.json") or {}), rows=rows,
                            steps=[(r["t"], r["step"]) for r in rows]))
     return out
+
+
+def _launch_rung(evidence: dict[str, Any]) -> str:
+    """The rung label of a launch event; events stored before one numbering have only the
+    0-based index of oom_ladder under "rung"."""
+    if isinstance(evidence.get("rung_label"), str):
+        return evidence["rung_label"]
+    rung = evidence.get("rung")
+    return ladder.label(rung + 1 if isinstance(rung, int) and not isinstance(rung, bool) else None)
 
 
 def load_run(run_dir: Path) -> RunData:

@@ -121,8 +121,8 @@ def attempts_section(run: RunData) -> str:
         span = f"{a.steps[0][1]}-{a.steps[-1][1]}" if a.steps else "-"
         how = a.exit_class or ("-" if a.returncode is None else f"exit {a.returncode}")
         rows.append([str(a.n), fmt_time(a.launched_t), fmt_time(a.exited_t), how, span,
-                     f"checkpoint-{a.resume_step}" if a.resume_step else "fresh start"])
-    out = [_table(["attempt", "launched", "exited", "exit", "steps", "started from"], rows)]
+                     f"checkpoint-{a.resume_step}" if a.resume_step else "fresh start", a.rung])
+    out = [_table(["attempt", "launched", "exited", "exit", "steps", "started from", "ladder"], rows)]
     keys, recipes = recipe_table(run.attempts)
     if keys:
         body = []

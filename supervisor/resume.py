@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from supervisor import checkpoints
+from supervisor.guards.relaunch import restarts_after
 from supervisor.prune import step_of
 from supervisor.recipe import Recipe, RecipeError, apply_sets, recipe_from_json, recipe_to_json
 from supervisor.states import RESUMABLE, RunState
@@ -49,11 +50,11 @@ class ResumePlan:
 
 
 def effective(base: Recipe, rung: int | None, overrides: list[str]) -> Recipe:
-    """What an attempt runs: the base recipe, the ladder's rungs 0..rung, then every resume's
-    --set (last, so that a --set wins over the rung it was given at)."""
-    from supervisor.guards.relaunch import effective_recipe
+    """What an attempt runs: the base recipe at its ladder rung (ladder.effective), then every
+    resume's --set (last, so that a --set wins over the rung it was given at)."""
+    from supervisor import ladder
 
-    return apply_sets(effective_recipe(base, rung), overrides)
+    return apply_sets(ladder.effective(base, rung), overrides)
 
 
 def _shape(r: Recipe) -> tuple[Any, ...]:
@@ -152,7 +153,7 @@ def request_resume(store: RunStore, from_ckpt: str | None = None,
               resume_request={"from": plan.from_path, "fresh": plan.fresh, "overrides": plan.overrides,
                               "requested_at": time.time(), "after": st.get("state")},
               overrides=list(st.get("overrides") or []) + plan.overrides,
-              restarts=0, stop_state=None, ended_at=None, next_launch_in_s=None)
+              restarts=restarts_after(st.get("restarts") or 0, "resume"), stop_state=None, ended_at=None, next_launch_in_s=None)
     store.write_state(st)
     from supervisor.records import Event
 

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from supervisor import paths
+from supervisor import ladder, paths
 from supervisor.recipe import Recipe, recipe_to_json
 from supervisor.redact import redact_argv
 from supervisor.states import TERMINAL_VALUES, RunState
@@ -177,6 +177,7 @@ def status(store: RunStore) -> dict[str, Any]:
     ]
     store.close()
     return {**{k: v for k, v in st.items() if k != "wrapper"}, "run_id": store.run_id,
+            "rung_label": ladder.label(st.get("rung")),
             "run": store.info(), "supervisor_running": supervisor_running(store),
             "events": events}
 
@@ -205,11 +206,6 @@ def _num(v: Any, digits: int) -> str:
     return f"{v:,.{digits}f}"
 
 
-def rung_label(rung: Any) -> str:
-    """'base' before any ladder change, else 'rung N' (rung 1 is the first change)."""
-    return "base" if rung is None else f"rung {rung + 1}"
-
-
 def render_status(d: dict[str, Any]) -> str:
     rung = d.get("rung")
     ended = d.get("state") in TERMINAL_VALUES
@@ -217,7 +213,7 @@ def render_status(d: dict[str, Any]) -> str:
     lines = [
         f"run       {d['run_id']}  ({d['run'].get('recipe')}, {d['run'].get('model')})",
         f"state     {d.get('state')}" + (f"  ({_clean(d.get('message'))})" if d.get("message") else ""),
-        f"attempt   {d.get('attempt') or 1}  ladder {rung_label(rung)}"
+        f"attempt   {d.get('attempt') or 1}  ladder {ladder.label(rung)}"
         + (f"  [{d.get('rung_desc')}]" if d.get("rung_desc") else ""),
         f"step      {_num(step, 0)}/{_num(total, 0)}",
         f"loss      {_num(d.get('last_loss'), 3)}",

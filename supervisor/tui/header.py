@@ -54,7 +54,7 @@ class RunHeader(Widget):
 
         how = Text()
         how.append(f"attempt {st.get('attempt') or 1}")
-        rung = st.get("rung")
+        rung = st.get("rung")  # numbered as supervisor/ladder.py says: rung 1 is the first change
         if rung is not None or st.get("rung_desc"):
             how.append("  rung ")
             how.append(str(rung if rung is not None else "?"), "bold")
