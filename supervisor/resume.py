@@ -155,9 +155,9 @@ def request_resume(store: RunStore, from_ckpt: str | None = None,
               overrides=list(st.get("overrides") or []) + plan.overrides,
               restarts=restarts_after(st.get("restarts") or 0, "resume"), stop_state=None, ended_at=None, next_launch_in_s=None)
     store.write_state(st)
-    from supervisor.records import Event
+    from supervisor.records import Event, EventKind
 
-    store.add_event(Event(t=time.time(), kind="resume", level="info", message=plan.describe(),
+    store.add_event(Event(t=time.time(), kind=EventKind.RESUME_REQUESTED, level="info", message=plan.describe(),
                           attempt=st.get("attempt"),
                           evidence={"from": plan.from_path, "fresh": plan.fresh, "overrides": plan.overrides}))
     store.close()

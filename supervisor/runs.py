@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from supervisor import ladder, paths
+from supervisor import ladder, numbers, paths
 from supervisor.recipe import Recipe, recipe_to_json
 from supervisor.redact import redact_argv
 from supervisor.states import TERMINAL_VALUES, RunState
@@ -183,12 +183,8 @@ def status(store: RunStore) -> dict[str, Any]:
 
 
 def fmt_duration(s: float | None) -> str:
-    if s is None or s != s or s < 0:
-        return "-"
-    s = int(s)
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    """numbers.fmt_duration (the dashboard's), with the CLI's "-" when there is none."""
+    return numbers.fmt_duration(s, na="-")
 
 
 def _clean(text: Any) -> str:

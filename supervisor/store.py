@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import math
 import os
 import secrets
 import sqlite3
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from supervisor.numbers import num, wire
 from supervisor.records import Event, Sample, Step, to_dict
 
 STEPS_TABLE = """CREATE TABLE IF NOT EXISTS steps (
@@ -118,15 +118,8 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def _finite(x: Any) -> float | str | None:
     """SQLite turns NaN into NULL; store non-finite values as text ('NaN', 'Infinity')."""
-    if x is None:
-        return None
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    if math.isfinite(f):
-        return f
-    return "NaN" if math.isnan(f) else ("Infinity" if f > 0 else "-Infinity")
+    f = num(x)
+    return None if f is None else wire(f)
 
 
 def _unfinite(x: Any) -> Any:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from supervisor.numbers import ema_debiased as ema
 from supervisor.report import (
     ReportError,
-    ema,
     generate_report,
     load_run,
     recipe_diffs,

@@ -19,11 +19,11 @@ each tick, runs `guards.run_guards`, and carries out the actions:
 
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Union
 
+from supervisor.numbers import is_finite
 from supervisor.prune import CheckpointInfo, as_infos
 from supervisor.records import Sample, Step
 from supervisor.states import RunState
@@ -148,17 +148,13 @@ def warn(window: Window, guard: str, key: str, message: str, evidence: dict[str,
     return [Warn(guard=guard, message=message, evidence=evidence, key=key)]
 
 
-def finite(x: float | None) -> bool:
-    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
-
-
 def median(xs: Iterable[float]) -> float | None:
-    vals = [x for x in xs if finite(x)]
+    vals = [x for x in xs if is_finite(x)]
     return statistics.median(vals) if vals else None
 
 
 def mean(xs: Iterable[float | None]) -> float | None:
-    vals = [x for x in xs if finite(x)]
+    vals = [x for x in xs if is_finite(x)]
     return sum(vals) / len(vals) if vals else None  # type: ignore[arg-type]
 
 

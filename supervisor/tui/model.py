@@ -10,6 +10,8 @@ import math
 from collections import deque
 from typing import Any
 
+from supervisor.numbers import ema_running
+
 from .fmt import finite, num
 from .sanitize import sanitize
 
@@ -33,10 +35,8 @@ def _pct(used: Any, total: Any) -> float:
 
 
 def _ema_next(prev: float, loss: float) -> float:
-    """The loss EMA after `loss`: a non-finite loss leaves it as it was, the first finite one starts it."""
-    if not math.isfinite(loss):
-        return prev
-    return loss if math.isnan(prev) else prev + EMA_ALPHA * (loss - prev)
+    """The loss EMA after `loss` (numbers.ema_running: the dashboard's, not the report's debiased one)."""
+    return ema_running(prev, loss, EMA_ALPHA)
 
 
 def is_unseen(ev: dict[str, Any]) -> bool:
