@@ -311,7 +311,7 @@ def client_for(store: RunStore) -> Any:
         from supervisor.client import AsyncRunClient
 
         return AsyncRunClient(paths.socket_path(store.run_id))
-    from supervisor.offline import StoreClient
+    from supervisor.client import StoreClient
 
     return StoreClient(store.path)
 

@@ -43,7 +43,7 @@ def _header_text(run_dir: Path) -> str:
     """The dashboard's header line 2 for the finished run (the store-backed client, as `attach` uses)."""
     from rich.console import Console
 
-    from supervisor.offline import StoreClient
+    from supervisor.client import StoreClient
     from supervisor.tui.app import make_app
     from supervisor.tui.header import RunHeader
 

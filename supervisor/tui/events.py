@@ -14,6 +14,7 @@ from textual.widgets import DataTable, Footer, Static
 
 from .fmt import LEVEL_STYLES, UNSEEN_STYLES, fmt_clock
 from .model import RunModel, is_unseen
+from .panel import EVENTS, Panel
 from .sanitize import sanitize
 from .search import SEARCH_BINDINGS, SearchableScreen
 
@@ -52,8 +53,10 @@ def event_line(ev: dict[str, Any], tz: tzinfo | None) -> Text:
     return t
 
 
-class EventsPanel(Widget):
+class EventsPanel(Widget, Panel):
     """The newest events that fit, newest first."""
+
+    WATCHES = frozenset({EVENTS})
 
     def __init__(self, model: RunModel, tz: tzinfo | None, **kw: Any) -> None:
         super().__init__(**kw)
@@ -78,8 +81,10 @@ class EventsPanel(Widget):
         )
 
 
-class EventsScreen(SearchableScreen):
+class EventsScreen(SearchableScreen, Panel):
     """All events in a table; `a` acknowledges from here too; `/` searches."""
+
+    WATCHES = frozenset({EVENTS})
 
     BINDINGS = [
         Binding("escape,q,e", "app.pop_screen", "back"),
@@ -132,6 +137,9 @@ class EventsScreen(SearchableScreen):
             table.move_cursor(row=self.matches[self.current])
         elif self.model.events:
             table.move_cursor(row=len(self.model.events) - 1)
+
+    def update_from(self) -> None:
+        self.reload()
 
     def search_texts(self) -> list[str]:
         return [event_line(ev, self.tz).plain + f" {ev.get('kind') or ''}" for ev in self.model.events]

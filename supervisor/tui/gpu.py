@@ -12,6 +12,7 @@ from textual.widgets import Static
 
 from .fmt import NA, bar, finite, fmt_gib, fmt_num, level_style, throttle_words
 from .model import RunModel
+from .panel import SAMPLES, Panel
 from .sanitize import sanitize
 from .spark import PinnedSparkline
 
@@ -151,8 +152,10 @@ class GpuCard(Widget):
         self.query_one(".throttle", Static).update(throttle(g))
 
 
-class GpuPanel(VerticalScroll):
+class GpuPanel(VerticalScroll, Panel):
     """All GPUs of the latest sample, or why there are none."""
+
+    WATCHES = frozenset({SAMPLES})
 
     def __init__(self, model: RunModel, **kw: Any) -> None:
         super().__init__(**kw)

@@ -13,12 +13,12 @@ from typing import Any
 from supervisor.numbers import ema_running
 
 from .fmt import finite, num
+from .panel import ENDED, EVENTS, LOG, SAMPLES, STATE, STEPS, TOPICS
 from .sanitize import sanitize
 
 EMA_ALPHA = 0.05  # smoothing for the loss curve: about a 20-step window
 SAMPLE_KEEP = 3600  # telemetry kept for the sparklines: an hour at 1 Hz (steps are all kept)
 LOG_KEEP = 5000  # log lines kept for the full log view
-PANELS = frozenset({"header", "gpu", "host", "training", "events", "log"})
 WARN_LEVELS = ("warning", "error")
 
 
@@ -75,7 +75,7 @@ class RunModel:
         self.log_total = 0  # lines ever appended: the log panel writes only what is new
         self.ended: str | None = None  # the server said bye (reason), or the stream broke
         self.applied = 0  # live messages applied, for the responsiveness bench
-        self.dirty: set[str] = set(PANELS)
+        self.changed: set[str] = set(TOPICS)  # what changed since take_changed() (panel.py topics)
 
     # ------------------------------------------------------------------ feeding
 
@@ -90,39 +90,39 @@ class RunModel:
         for event in snap.get("events") or []:
             self._add_event(event)
         self._add_log(snap.get("log") or [])
-        self.dirty |= PANELS
+        self.changed |= TOPICS
 
     def apply(self, msg: dict[str, Any]) -> None:
         """Apply one live message from the supervisor."""
         kind = msg.get("type")
         if kind == "sample" and isinstance(msg.get("sample"), dict):
             self._add_sample(msg["sample"])
-            self.dirty |= {"gpu", "host", "header"}
+            self.changed.add(SAMPLES)
         elif kind == "step" and isinstance(msg.get("step"), dict):
             self._add_step(msg["step"], update_state=True)
-            self.dirty |= {"training", "header"}
+            self.changed.add(STEPS)
         elif kind == "event" and isinstance(msg.get("event"), dict):
             self._add_event(msg["event"])
-            self.dirty |= {"events", "header"}
+            self.changed.add(EVENTS)
         elif kind == "log":
             self._add_log(msg.get("lines") or [])
-            self.dirty.add("log")
+            self.changed.add(LOG)
         elif kind == "state" and isinstance(msg.get("state"), dict):
             self.state = dict(msg["state"])
-            self.dirty |= {"header", "host"}
+            self.changed.add(STATE)
         elif kind == "acked":
             # Someone acknowledged (this client or another): clear the highlight everywhere.
             ids = msg.get("event_ids")
             self.mark_acked(list(ids) if isinstance(ids, list) else None)
         elif kind == "bye":
             self.ended = str(msg.get("reason") or "bye")
-            self.dirty.add("header")
+            self.changed.add(ENDED)
         self.applied += 1
 
-    def take_dirty(self) -> set[str]:
-        """The panels changed since the last call."""
-        dirty, self.dirty = self.dirty, set()
-        return dirty
+    def take_changed(self) -> set[str]:
+        """The topics (panel.py) that changed since the last call."""
+        changed, self.changed = self.changed, set()
+        return changed
 
     def _add_sample(self, s: dict[str, Any]) -> None:
         self.last_sample = s
@@ -225,7 +225,7 @@ class RunModel:
         for e in self.events:
             if ids is None or e.get("id") in ids:
                 e["acked"] = True
-        self.dirty |= {"events", "header"}
+        self.changed.add(EVENTS)
 
     @property
     def gpus(self) -> list[dict[str, Any]]:
