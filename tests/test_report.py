@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from supervisor.numbers import ema_debiased as ema
-from supervisor.report import (
+from supervisor.report.data import (
     ReportError,
     generate_report,
     load_run,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import ladder
-from supervisor.preflight import CALIBRATION, estimate
+from supervisor.preflight.memory import CALIBRATION, estimate
 from supervisor.recipe import load_recipe
 from tests.conftest import ROOT, qlw, read_state
 
@@ -43,7 +43,7 @@ def _header_text(run_dir: Path) -> str:
     """The dashboard's header line 2 for the finished run (the store-backed client, as `attach` uses)."""
     from rich.console import Console
 
-    from supervisor.client import StoreClient
+    from supervisor.control.client import StoreClient
     from supervisor.tui.app import make_app
     from supervisor.tui.header import RunHeader
 
@@ -95,7 +95,7 @@ def test_the_first_ladder_change_is_rung_1_everywhere(qlw_home: Path, tmp_path: 
     header = _header_text(run_dir)
     assert f"attempt 2  rung 1: {CHANGE} after OOM" in header, header
 
-    from supervisor.report import generate_report
+    from supervisor.report.data import generate_report
 
     html = generate_report(run_dir, tmp_path / "report").read_text()
     assert "<th>ladder</th>" in html and "<td>rung 1</td>" in html

@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 
 from supervisor.records import Step
-from supervisor.report import load_attempts
+from supervisor.report.data import load_attempts
 from supervisor.store import RunStore, continuous
 
 OLD_STEPS = """CREATE TABLE steps (

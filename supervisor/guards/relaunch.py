@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from supervisor import ladder
+from supervisor.checkpoints.plan import CheckpointInfo, newest_complete_of
 from supervisor.guards.base import Action, Fail, Relaunch, Window
 from supervisor.guards.classify import (
     COMPLETED,
@@ -28,7 +29,6 @@ from supervisor.guards.classify import (
     STOPPED,
     ExitClass,
 )
-from supervisor.prune import CheckpointInfo, newest_complete_of
 from supervisor.recipe import CrashGuard, Guards, Recipe
 
 GUARD = "relaunch"

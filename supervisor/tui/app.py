@@ -17,7 +17,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer
 
-from supervisor.client import RunClient
+from supervisor.control.client import RunClient
 
 from .events import EventsPanel, EventsScreen
 from .gpu import GpuPanel

@@ -11,10 +11,10 @@ from collections import deque
 from typing import Any
 
 from supervisor.numbers import ema_running
+from supervisor.sanitize import sanitize
 
 from .fmt import finite, num
 from .panel import ENDED, EVENTS, LOG, SAMPLES, STATE, STEPS, TOPICS
-from .sanitize import sanitize
 
 EMA_ALPHA = 0.05  # smoothing for the loss curve: about a 20-step window
 SAMPLE_KEEP = 3600  # telemetry kept for the sparklines: an hour at 1 Hz (steps are all kept)

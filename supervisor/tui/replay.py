@@ -1,4 +1,4 @@
-"""A client that replays a recorded run: a supervisor.client.RunClient, as AsyncRunClient is."""
+"""A client that replays a recorded run: a supervisor.control.client.RunClient, as AsyncRunClient is."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 
 class ReplayCommandError(Exception):
-    """A command refused, like supervisor.client's CommandError."""
+    """A command refused, like supervisor.control.client's CommandError."""
 
 
 def load_recorded(path: str | Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from supervisor.numbers import ema_debiased, finite
 from supervisor.records import EventKind
-from supervisor.report import RunData, marked_events, throttle_periods
+from supervisor.report.data import RunData, marked_events, throttle_periods
 
 MAX_POINTS = 3000  # longer series are averaged in buckets: a day at 1 Hz is 86,400 samples
 EVENT_COLOURS = {EventKind.GUARD_FIRED: "#d97706", EventKind.RELAUNCH_SCHEDULED: "#dc2626",
