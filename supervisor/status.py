@@ -38,7 +38,7 @@ class RunStatus:
     # -- the attempt: one launch of the trainer ------------------------------------------------
     attempt: int | None = None  # from 1
     lineage: int | None = None  # a chain of attempts resuming in one output folder
-    rung: int | None = None  # the OOM-ladder rung it runs at (None: the recipe as written)
+    rung: int | None = None  # the OOM-ladder rung it runs at: rung 1 is the first change (ladder.py)
     rung_desc: str | None = None  # what that rung changed, for the dashboard header
     restarts: int | None = None  # relaunches since the last progress (the crash budget)
     overrides: list[str] = field(default_factory=list)  # the --set of every `qlora-watch resume`
@@ -75,6 +75,7 @@ class RunStatus:
     last_checkpoint_bytes: int | None = None
     last_progress_t: float | None = None  # the last complete checkpoint (progress for the budget)
     adapter_path: str | None = None
+    rung_numbering: int | None = None  # 1: `rung` as ladder.py numbers it (the store renumbers older files)
     # keys this version does not declare, as read (kept on rewrite)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -162,6 +163,7 @@ class RunInfo:
     start_rung: int | None = None  # --auto-fit
     command: list[str] | None = None  # a foreign trainer's argv, redacted
     max_steps: int | None = None  # not written by start; recorded runs may carry it
+    rung_numbering: int | None = None  # 1: `start_rung` as ladder.py numbers it
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from supervisor.guards.base import (
     StopRun,
     Warn,
 )
+from supervisor.records import EventKind
 from supervisor.states import RunState
 from supervisor.store import read_json
 
@@ -41,7 +42,7 @@ class Lifecycle(Protocol):
 
     async def request_stop(self, now: bool, reason: str, state: RunState = RunState.STOPPED) -> None: ...
 
-    def fail(self, message: str, kind: str = "failed", state: RunState = RunState.FAILED) -> None: ...
+    def fail(self, message: str, kind: str = EventKind.RUN_FAILED, state: RunState = RunState.FAILED) -> None: ...
 
     async def relaunch_after_backoff(self, a: Relaunch) -> None: ...
 
@@ -65,13 +66,13 @@ class Actions:
                 if key in self.fired:
                     return
                 self.fired.add(key)
-                self.io.record("guard", a.message, level="warning", guard=a.guard, evidence=a.evidence)
+                self.io.record(EventKind.GUARD_FIRED, a.message, level="warning", guard=a.guard, evidence=a.evidence)
             case PruneCheckpoints():
                 self.delete(list(a.names), a.reason)
             case CaptureStacks():
                 await self.capture_stacks(a)
             case StopRun():
-                self.io.record("guard", a.message, level="error", guard=a.guard, evidence=a.evidence)
+                self.io.record(EventKind.GUARD_FIRED, a.message, level="error", guard=a.guard, evidence=a.evidence)
                 await self.life.request_stop(now=not a.graceful, reason=a.message, state=a.state)
             case Fail():
                 self.life.fail(a.message)
@@ -88,14 +89,14 @@ class Actions:
                                           expect=tuple(ident) if ident else None)
         for r in results:
             if r.ok:
-                self.io.record("checkpoint_pruned", f"deleted {r.name} ({reason})",
+                self.io.record(EventKind.CHECKPOINT_PRUNED, f"deleted {r.name} ({reason})",
                                evidence={"bytes": r.size_bytes})
             else:
                 key = f"prune_failed:{r.name}:{r.error}"
                 if key in self.fired:  # retried every guard tick; announced once
                     continue
                 self.fired.add(key)
-                self.io.record("prune_failed", f"could not delete {r.name}: {r.error}", level="warning")
+                self.io.record(EventKind.PRUNE_FAILED, f"could not delete {r.name}: {r.error}", level="warning")
 
     async def capture_stacks(self, a: CaptureStacks) -> None:
         """py-spy dump of the trainer's Python stacks, if py-spy is installed."""
@@ -103,7 +104,7 @@ class Actions:
         adir = self.life.attempt_dir()
         pid_file: Any = read_json(adir / "trainer.pid.json")
         if not pyspy or not pid_file:
-            self.io.record("stacks", "py-spy not installed: no stack dump", guard=a.guard)
+            self.io.record(EventKind.STACKS_CAPTURED, "py-spy not installed: no stack dump", guard=a.guard)
             return
         proc = await asyncio.create_subprocess_exec(
             pyspy, "dump", "--pid", str(pid_file["pid"]),
@@ -115,4 +116,4 @@ class Actions:
             out = b"py-spy timed out"
         path = adir / "stacks.txt"
         path.write_bytes(out)
-        self.io.record("stacks", f"trainer stacks saved to {path}", guard=a.guard)
+        self.io.record(EventKind.STACKS_CAPTURED, f"trainer stacks saved to {path}", guard=a.guard)

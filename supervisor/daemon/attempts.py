@@ -23,24 +23,25 @@ from typing import Any, Awaitable, Callable
 import psutil
 
 from supervisor import guards as guardlib
-from supervisor import procgroup
+from supervisor import ladder, procgroup
 from supervisor.checkpoints import folders as checkpoints
 from supervisor.checkpoints.plan import newest_complete_of, prune_plan
 from supervisor.daemon import handoff
 from supervisor.daemon.runio import RunIO
 from supervisor.daemon.trainer_events import TrainerEvents
 from supervisor.guards.base import Action, PruneCheckpoints, Relaunch
-from supervisor.recipe import Recipe, describe_rung, recipe_to_json
+from supervisor.guards.relaunch import restarts_after
+from supervisor.recipe import Recipe, recipe_to_json
+from supervisor.records import EventKind
 from supervisor.redact import redact_argv
 from supervisor.sinks import trackers
 from supervisor.states import RunState
 from supervisor.status import RunInfo
 from supervisor.store import read_json
 from supervisor.telemetry.host import oom_kills
+from supervisor.wrapper import TAIL_LINES
 
 log = logging.getLogger("qlora-watch.attempts")
-
-TAIL_LINES = 50  # log lines classified when the wrapper left no exit file
 
 
 class Attempts:
@@ -108,8 +109,8 @@ class Attempts:
         return self._reach[0]
 
     def effective_recipe(self, rung: int | None) -> Recipe:
-        """The base recipe with ladder rungs 0..rung applied cumulatively, then the --set of
-        every `qlora-watch resume` (resume.effective)."""
+        """The base recipe at `rung` (ladder.effective), then the --set of every
+        `qlora-watch resume` (resume.effective)."""
         from supervisor.control.resume import effective
 
         return effective(self.recipe, rung, list(self.st.overrides or []))
@@ -145,11 +146,11 @@ class Attempts:
         if st.run_state == RunState.STOPPING and st.message:
             self.stop_reason = st.message  # the stop an earlier supervisor began ends as asked
         if wrapper and procgroup.verify(wrapper):
-            io.record("adopted", f"adopted trainer group {wrapper['pid']} (attempt {attempt}); "
+            io.record(EventKind.ADOPTED, f"adopted trainer group {wrapper['pid']} (attempt {attempt}); "
                       "pid, start time, boot id and command line verified")
             return
         if exit_file.exists():
-            io.record("adopted", f"attempt {attempt} ended while no supervisor was running")
+            io.record(EventKind.ADOPTED, f"attempt {attempt} ended while no supervisor was running")
             await self.handle_exit(read_json(exit_file) or {})
             return
         if not wrapper:
@@ -161,7 +162,7 @@ class Attempts:
         newest = checkpoints.newest_complete(self.output_dir(), run_id=self.store.run_id)
         hint = (f"; continue from {newest.path.name} with `qlora-watch resume {self.store.run_id}`"
                 if newest else "")
-        io.record("lost", f"trainer pid {wrapper.get('pid')} cannot be verified (gone or "
+        io.record(EventKind.TRAINER_LOST, f"trainer pid {wrapper.get('pid')} cannot be verified (gone or "
                   f"reused); it was not signalled{hint}", level="error")
         io.set_state(RunState.LOST, why="adopting: the recorded trainer cannot be verified",
                      message=f"trainer lost{hint}", exited=True)
@@ -197,7 +198,7 @@ class Attempts:
         if not stopped:
             return
         adopted = checkpoints.adopt_checkpoints(self.output_dir(), self.store.run_id)
-        self.io.record("stray", f"stopped trainer group(s) {stopped} that a previous supervisor "
+        self.io.record(EventKind.STRAYS_STOPPED, f"stopped trainer group(s) {stopped} that a previous supervisor "
                        "started but never recorded (two trainers must not share a run)"
                        + (f"; adopted {', '.join(adopted)}" if adopted else ""), level="warning")
 
@@ -209,10 +210,10 @@ class Attempts:
         results = checkpoints.finish_pending_deletes(out, self.store.path / "deletions.log")
         for r in results:
             if r.ok:
-                self.io.record("checkpoint_pruned", f"finished the interrupted delete of {r.name}",
+                self.io.record(EventKind.CHECKPOINT_PRUNED, f"finished the interrupted delete of {r.name}",
                                evidence={"bytes": r.size_bytes})
             else:
-                self.io.record("prune_failed", f"could not finish deleting {r.name}: {r.error}",
+                self.io.record(EventKind.PRUNE_FAILED, f"could not finish deleting {r.name}: {r.error}",
                                level="warning")
 
     def _prelaunch_checks(self) -> list[Action]:
@@ -237,7 +238,7 @@ class Attempts:
             checkpoints.claim_output_dir(out, self.store.run_id)
             out_st = os.stat(out)
         except Exception as e:  # noqa: BLE001 - a bad output folder is a config error
-            self.fail(f"output folder {out}: {e}", kind="config_error")
+            self.fail(f"output folder {out}: {e}", kind=EventKind.CONFIG_REJECTED)
             return
         env = dict(os.environ)
         env.update(recipe.env)
@@ -253,16 +254,16 @@ class Attempts:
         cwd = Path(self.run_info.cwd or os.getcwd())
         try:  # the ladder's settings, three ways: QLW_* env, {placeholders}, an axolotl copy
             ho = handoff.prepare(recipe, procgroup.trainer_argv(recipe),
-                                 rungs=self.recipe.oom_ladder[: rung + 1] if rung is not None else [],
+                                 rungs=ladder.changes(self.recipe, rung),
                                  resume=resume, attempt=attempt, rung=rung, output_dir=out,
                                  cwd=cwd, attempt_dir=adir)
         except (handoff.HandoffError, OSError) as e:
-            self.fail(f"cannot launch the command: {e}", kind="config_error")
+            self.fail(f"cannot launch the command: {e}", kind=EventKind.CONFIG_REJECTED)
             return
         argv = ho.argv
         env.update(ho.env)
         for copy in ho.rewritten:
-            io.record("config_rewritten", f"attempt {attempt} runs with {copy} (the ladder's "
+            io.record(EventKind.CONFIG_REWRITTEN, f"attempt {attempt} runs with {copy} (the ladder's "
                       "settings, resume_from_checkpoint and output_dir written in)")
         self.events.follow_attempt(attempt)
         self.events.new_attempt()
@@ -276,7 +277,7 @@ class Attempts:
                 log_backups=recipe.supervisor.log_backups,
             )
         except OSError as e:
-            self.fail(f"cannot start the trainer wrapper: {e}", kind="config_error")
+            self.fail(f"cannot start the trainer wrapper: {e}", kind=EventKind.CONFIG_REJECTED)
             return
         ident = await asyncio.to_thread(procgroup.identity_after_exec, self.proc.pid, list(self.proc.args))
         launched = time.time()
@@ -295,9 +296,9 @@ class Attempts:
                        "per_device_batch": recipe.train.per_device_batch,
                        "grad_accum": recipe.train.grad_accum},
         )
-        io.record("launch", f"attempt {attempt} started{what} (pid {self.proc.pid})",
+        io.record(EventKind.LAUNCHED, f"attempt {attempt} started{what} (pid {self.proc.pid})",
                   evidence={"argv": redact_argv(argv)[:3], "resume": resume, "rung": rung,
-                            "output_dir": str(out)})
+                            "rung_label": ladder.label(rung), "output_dir": str(out)})
 
     # -- polling ----------------------------------------------------------------------
     async def poll(self) -> None:
@@ -318,7 +319,7 @@ class Attempts:
             self.stop_deadline = None
             if w and procgroup.signal_group(w["pid"], signal.SIGKILL):
                 self.stop_killed = True
-                self.io.record("stop", f"trainer did not exit within {self.recipe.supervisor.stop_grace_s:.0f} s "
+                self.io.record(EventKind.STOP_SENT, f"trainer did not exit within {self.recipe.supervisor.stop_grace_s:.0f} s "
                                f"of {self.recipe.trainer.stop_signal}: killed the process group",
                                level="warning")
         if self.next_launch_mono is not None and time.monotonic() >= self.next_launch_mono:
@@ -337,7 +338,7 @@ class Attempts:
         # No exit file: the wrapper itself was killed (SIGKILL to the group).
         rc = self.child_rc
         return {"returncode": rc, "signal": -rc if rc is not None and rc < 0 else None,
-                "tail": self.events.log_ring[-TAIL_LINES:], "no_exit_file": True}
+                "tail": self.events.log_ring[-TAIL_LINES:], "no_exit_file": True}  # as the wrapper keeps
 
     async def handle_exit(self, info: dict[str, Any]) -> None:
         st, io = self.st, self.io
@@ -359,7 +360,7 @@ class Attempts:
             gpu_lost=self.gpu_lost(),
             spawn_error=info.get("spawn_error"), stop_requested=self.stop_reason is not None,
         )
-        io.record("trainer_exited", f"attempt {st.attempt} exited: {cls.describe()}",
+        io.record(EventKind.TRAINER_EXITED, f"attempt {st.attempt} exited: {cls.describe()}",
                   level="info" if cls.kind in ("completed", "stopped") else "error",
                   evidence={"returncode": rc, "signal": sig, "class": cls.kind,
                             "last_lines": tail[-5:]})
@@ -411,16 +412,16 @@ class Attempts:
         if now:
             procgroup.signal_group(pgid, signal.SIGKILL)
             self.stop_killed = self.stop_now = True
-            io.record("stop", f"{reason}: killed the process group (--now)", level="warning")
+            io.record(EventKind.STOP_SENT, f"{reason}: killed the process group (--now)", level="warning")
             return
         name = self.recipe.trainer.stop_signal  # SIGINT for scripts that save on KeyboardInterrupt
         procgroup.signal_group(pgid, getattr(signal, name))
         procgroup.signal_group(pgid, signal.SIGCONT)  # a stopped trainer must see the signal
         self.stop_deadline = time.monotonic() + self.recipe.supervisor.stop_grace_s
-        io.record("stop", f"{reason}: {name} sent; the trainer saves a checkpoint "
+        io.record(EventKind.STOP_SENT, f"{reason}: {name} sent; the trainer saves a checkpoint "
                   f"(grace {self.recipe.supervisor.stop_grace_s:.0f} s)")
 
-    def fail(self, message: str, kind: str = "failed", state: RunState = RunState.FAILED) -> None:
+    def fail(self, message: str, kind: str = EventKind.RUN_FAILED, state: RunState = RunState.FAILED) -> None:
         self.io.record(kind, message, level="error")
         self.io.set_state(state, why=f"{kind}: {_first_line(message)}", message=message, exited=True)
 
@@ -433,10 +434,10 @@ class Attempts:
             procgroup.signal_group(w["pid"], signal.SIGKILL)
             await asyncio.to_thread(procgroup.wait_gone, w["pid"], 10.0)
             io.set_state(exited=True)
-        io.record("relaunch", a.message, level="warning", guard=a.guard, evidence=a.evidence)
+        io.record(EventKind.RELAUNCH_SCHEDULED, a.message, level="warning", guard=a.guard, evidence=a.evidence)
         io.set_state(RunState.BACKOFF, why=f"{a.reason}: relaunch in {a.delay_s:g} s",
                      next_launch_in_s=a.delay_s,
-                     restarts=(st.restarts or 0) + (0 if a.rung_index != st.rung else 1))
+                     restarts=restarts_after(st.restarts or 0, "relaunch", rung_before=st.rung, rung_after=a.rung))
         self.pending = a
         self.next_launch_mono = time.monotonic() + max(0.0, a.delay_s)
 
@@ -451,12 +452,13 @@ class Attempts:
                    and (newest is None or i.step > newest.step)]
         if partial:
             checkpoints.quarantine(self.output_dir(), partial)
-            self.io.record("checkpoint_quarantined", f"set aside incomplete {', '.join(partial)}",
+            self.io.record(EventKind.CHECKPOINT_QUARANTINED, f"set aside incomplete {', '.join(partial)}",
                            level="warning")
-        rung = a.rung_index
+        rung = a.rung
         if rung != self.st.rung and rung is not None:
-            desc = describe_rung(self.effective_recipe(rung - 1 if rung > 0 else None),
-                                 self.recipe.oom_ladder[rung])
+            # what this rung changes, from the rung below as this run had it (its --set included)
+            desc = ladder.describe_change(self.effective_recipe(ladder.previous(rung)),
+                                          ladder.change(self.recipe, rung))
             self.io.set_state(rung_desc=f"{desc} after OOM")
         await self.launch(resume=a.resume_from, rung=rung, fresh=a.fresh_output)
 
@@ -484,7 +486,7 @@ class Attempts:
                 return True
             await asyncio.sleep(0.2)
         if mib is None:
-            self.io.record("gpu_release", "could not confirm that the GPU memory was released "
+            self.io.record(EventKind.GPU_RELEASE_UNCONFIRMED, "could not confirm that the GPU memory was released "
                            "(NVML did not answer); relaunching anyway", level="warning")
             return True
         self.fail(f"GPU memory still held ({mib:.0f} MiB) by the old trainer's processes "

@@ -39,7 +39,7 @@ from supervisor.daemon.trainer_events import LOG_RING, TrainerEvents
 from supervisor.guards.base import Action, Window
 from supervisor.preflight.emulation import card_total_mib
 from supervisor.recipe import Recipe, recipe_from_json
-from supervisor.records import Event, Sample, to_dict
+from supervisor.records import Event, EventKind, Sample, to_dict
 from supervisor.sinks import notify
 from supervisor.sinks.trackers import from_recipe as trackers_for
 from supervisor.states import RunState
@@ -119,7 +119,7 @@ class Supervisor:
         st = self.status
         if new is not None and new.terminal and st.state != new:
             msg = fields.get("message") or st.message or ""
-            self.notifier.maybe_send(Event(t=time.time(), kind="state", message=f"run {new.value}: {msg}"),
+            self.notifier.maybe_send(Event(t=time.time(), kind=EventKind.STATE_CHANGED, message=f"run {new.value}: {msg}"),
                                      state_after=new.value)
         st.change(new, why, **fields)
         if not persist:

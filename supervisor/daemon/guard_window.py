@@ -81,7 +81,7 @@ def build_window(*, status: RunStatus, recipe: Any, samples: list[Sample], steps
         samples=samples,
         steps=steps,
         attempt=int(status.attempt or 1),
-        rung_index=status.rung,
+        rung=status.rung,
         restarts_since_progress=int(status.restarts or 0),
         last_checkpoint_step=status.last_checkpoint_step,
         last_progress_t=_float(status.last_progress_t),

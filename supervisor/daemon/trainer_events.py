@@ -21,7 +21,8 @@ from supervisor.daemon import foreign
 from supervisor.daemon.followers import JsonlFollower, LogFollower
 from supervisor.daemon.logprogress import LogProgress
 from supervisor.daemon.runio import RunIO
-from supervisor.records import Step, step_from_dict, to_dict
+from supervisor.guards.relaunch import restarts_after
+from supervisor.records import EventKind, Step, to_dict
 from supervisor.states import RunState
 
 log = logging.getLogger("qlora-watch.events")
@@ -106,7 +107,7 @@ class TrainerEvents:
             else:
                 io.set_state(**fields)
             if phase not in ("saving", "training") or not st.step:
-                io.record("phase", f"trainer phase: {phase}")  # not every save's toggles
+                io.record(EventKind.PHASE_CHANGED, f"trainer phase: {phase}")  # not every save's toggles
         elif kind == "checkpoint":
             path = Path(str(obj.get("path", "")))
             info = checkpoints.checkpoint_status(path)
@@ -114,27 +115,28 @@ class TrainerEvents:
                 try:
                     checkpoints.mark_checkpoint(path, io.store.run_id)
                 except OSError as e:  # ENOSPC: a full disk must not take the supervisor down
-                    io.record("checkpoint_unmarked", f"{path.name} is complete but could not be "
+                    io.record(EventKind.CHECKPOINT_UNMARKED, f"{path.name} is complete but could not be "
                               f"marked as this run's ({e.strerror or e}); it will not be "
                               "resumed from automatically", level="warning")
                     return
                 self.accepted(info)
             else:
-                io.record("checkpoint_incomplete", f"{path.name}: {info.reason}", level="warning")
+                io.record(EventKind.CHECKPOINT_INCOMPLETE, f"{path.name}: {info.reason}", level="warning")
         elif kind == "finished":
             io.set_state(adapter_path=obj.get("adapter_path"), phase="finished")
-            io.record("finished", f"adapter saved to {obj.get('adapter_path')}")
+            io.record(EventKind.TRAINING_FINISHED, f"adapter saved to {obj.get('adapter_path')}")
         elif kind == "notice":
-            io.record("notice", str(obj.get("message", ""))[:2000])
+            io.record(EventKind.TRAINER_NOTED, str(obj.get("message", ""))[:2000])
         elif kind == "settings":  # effective_settings() was called: the ladder reaches it
             io.set_state(settings_read=True)
 
     def accepted(self, info: Any) -> None:
         """A complete checkpoint of this run: progress (it resets the crash budget)."""
         self.io.set_state(last_checkpoint=str(info.path), last_checkpoint_step=info.step,
-                          last_checkpoint_bytes=info.size_bytes, restarts=0,
+                          last_checkpoint_bytes=info.size_bytes,
+                          restarts=restarts_after(self.io.status.restarts or 0, "progress"),
                           last_progress_t=time.time())
-        self.io.record("checkpoint_saved", f"{info.name} saved ({info.size_bytes / 1e6:.1f} MB)",
+        self.io.record(EventKind.CHECKPOINT_SAVED, f"{info.name} saved ({info.size_bytes / 1e6:.1f} MB)",
                        evidence={"step": info.step, "bytes": info.size_bytes})
 
     def discover_checkpoints(self) -> None:
@@ -150,7 +152,7 @@ class TrainerEvents:
         for info in no_adapter[-1:]:
             if "no_adapter" not in self.said:  # said once, not every scan
                 self.said.add("no_adapter")
-                self.io.record("checkpoint_no_adapter", foreign.no_adapter_message(info), level="warning")
+                self.io.record(EventKind.CHECKPOINT_WITHOUT_ADAPTER, foreign.no_adapter_message(info), level="warning")
 
     # -- the log ------------------------------------------------------------------------
     def read_log(self) -> None:
@@ -174,7 +176,7 @@ class TrainerEvents:
         self.step_source = source
         st = self.io.status
         attempt = st.attempt or 1
-        new_steps = [s for s in (_to_step(o, attempt) for o in objs) if s is not None]
+        new_steps = [s for s in (Step.from_trainer(o, attempt) for o in objs) if s is not None]
         if not new_steps:
             return
         lineage = st.lineage or 1
@@ -236,34 +238,6 @@ def eta_s(recent: list[Step], last: Step) -> float | None:
     if dt <= 0 or ds <= 0:
         return None
     return max(0.0, (last.max_steps - last.step) * dt / ds)
-
-
-def _to_step(obj: dict[str, Any], attempt: int) -> Step | None:
-    """A step record from the trainer; garbage values become None, never exceptions."""
-    try:
-        step = int(obj["step"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    d = {"t": _num(obj.get("t")) or time.time(), "step": step, "attempt": attempt}
-    for k in ("loss", "grad_norm", "lr", "epoch", "tokens_per_s", "step_time_s"):
-        d[k] = _num(obj.get(k))
-    for k in ("tokens", "max_steps"):
-        v = _num(obj.get(k))
-        d[k] = int(v) if v is not None and v == v and abs(v) < 1e18 else None
-    return step_from_dict(d)
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return None
-    return None
 
 
 def _size(p: Path) -> int:

@@ -26,8 +26,7 @@ from supervisor.guards.host_ram import prelaunch_host_ram
 from supervisor.guards.relaunch import (
     backoff_delay,
     decide_relaunch,
-    effective_recipe,
-    restarts_after_exit,
+    restarts_after,
     resume_target,
 )
 
@@ -36,8 +35,8 @@ if TYPE_CHECKING:  # config types only: guards import no pydantic
 
 __all__ = [
     "Action", "CaptureStacks", "ExitClass", "Fail", "PruneCheckpoints", "Relaunch", "StopRun",
-    "Warn", "Window", "backoff_delay", "classify_exit", "decide_relaunch", "effective_recipe",
-    "prelaunch_host_ram", "restarts_after_exit", "resume_target", "run_guards",
+    "Warn", "Window", "backoff_delay", "classify_exit", "decide_relaunch",
+    "prelaunch_host_ram", "restarts_after", "resume_target", "run_guards",
 ]
 
 
