@@ -267,13 +267,18 @@ def request(store: RunStore, cmd: str, **kw: Any) -> dict[str, Any]:
     return sock_request(paths.socket_path(store.run_id), cmd, **kw)
 
 
+STOP_REPLY_S = 30.0
+
+
 def stop(store: RunStore, now: bool) -> int:
     if not is_live(store):
         print(f"run {store.run_id} is already {store.read_state().get('state')}")
         return 0
     ensure_supervisor(store)
     try:
-        request(store, "stop_now" if now else "stop")
+        # A supervisor that was just (re)started answers once it has re-adopted the trainer: on a
+        # loaded box that takes seconds, so a stop waits longer than a status query does.
+        request(store, "stop_now" if now else "stop", timeout=STOP_REPLY_S)
     except Exception as e:  # noqa: BLE001
         print(f"qlora-watch: cannot reach the supervisor of {store.run_id}: {e}", file=sys.stderr)
         return 1
