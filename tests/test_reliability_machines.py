@@ -103,3 +103,93 @@ def test_r4_preempted_while_waiting_to_relaunch(qlw_home: Path, tmp_path: Path) 
         reap(sup, 5)
     assert read_state(qlw_home, store.run_id)["state"] == "preempted"
     wait_for(lambda: supervisor_pid(qlw_home, store.run_id) is None, what="supervisor gone")
+
+
+# ------------------------------------------------------------------------------ 6. redaction
+
+_HF = "hf_" + "aB3dE6gH9jK2mN5pQ8sT1vW4yZ7bC0eF3h"
+_GHP = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
+_PAT = "github_pat_" + "11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUV"
+_S = "s3cr3t-Value-4711"  # a value with no shape: only its name marks it
+
+SECRETS = [  # (line, the secret that must not survive)
+    (f"HF_TOKEN={_HF}", _HF),
+    (f"loading with token {_HF}", _HF),
+    (f"git clone https://x:{_GHP}@github.com/o/r", _GHP),
+    (f"GH_TOKEN={_GHP}", _GHP),
+    (f"using {_PAT} for the push", _PAT),
+    ("discord://4174216298/JHMHI8qBe7bk2ZwO5U711o3dV_js", "JHMHI8qBe7bk2ZwO5U711o3dV_js"),
+    ("notify: slack://T1JJ3T3L2/A1BRTD4JD/TIiajkdnlazkcOXrIdevi7FQ", "TIiajkdnlazkcOXrIdevi7FQ"),
+    ("ntfys://alice:hunter2pass@ntfy.example.com/topic", "hunter2pass"),
+    ("tgram://123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw/4242", "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"),
+    ("mailtos://user:mailpass99@smtp.example.com", "mailpass99"),
+    ("postgres://trainer:db-pass-77@10.0.0.5:5432/runs", "db-pass-77"),
+    ("https://hooks.slack.com/services/T000/B000/XXXXXXXXXXXXXXXXXXXXXXXX", "XXXXXXXXXXXXXXXXXXXXXXXX"),
+    ("https://discord.com/api/webhooks/1234567/abcDEF_ghiJKL-mno", "abcDEF_ghiJKL-mno"),
+    ("OPENAI_API_KEY=sk-proj-abcdefghijklmnopqrstuvwxyz012345", "sk-proj-abcdefghij"),
+    ("key sk-ant-api03-abcdefghijklmnopqrstuvwx in use", "sk-ant-api03-abcdefghij"),
+    ("SLACK_BOT=xoxb-123456789012-abcdefghijkl", "xoxb-123456789012"),
+    ("google AIzaSyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q", "AIzaSyA1b2C3d4E5f6G7h8"),
+    ("AWS_ACCESS_KEY_ID=AKIAABCDEFGHIJKLMNOP", "AKIAABCDEFGHIJKLMNOP"),
+    ("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "wJalrXUtnFEMI"),
+    ("Authorization: Bearer abcdefgh12345678", "abcdefgh12345678"),
+    ("jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+     "dozjgNryP4J3jVmNHl0w5N"),
+    ("wandb: Appending key for api.wandb.ai: 0123456789abcdef0123456789abcdef01234567",
+     "0123456789abcdef0123456789abcdef01234567"),
+    (f"python train.py --hub_token {_S} --push_to_hub", _S),
+    (f"python train.py --hub-token={_S}", _S),
+    (f"{{'hub_token': '{_S}', 'loss': 1.2}}", _S),
+    (f'{{"api_key": "{_S}"}}', _S),
+    (f"['--hub_token', '{_S}']", _S),
+    (f"DB_PASSWORD: {_S}", _S),
+    (f"MY_SECRET_THING={_S}", _S),
+    (f"password=1234 and {_S}", "1234"),
+    (f"accessToken: {_S}", _S),
+    (f"GET /models?access_token={_S}&x=1", _S),
+    ("npm_abcdefghijklmnopqrstuvwxyz0123456789 published", "npm_abcdefghijklmnop"),
+    ("glpat-abcdefghijklmnopqrst12 for gitlab", "glpat-abcdefghijklmnopqrst12"),
+]
+
+KEPT = [  # metrics, arguments and words that contain "token" or "key": unchanged
+    "{'loss': '1.2345', 'grad_norm': '0.5', 'learning_rate': '0.0001', 'num_tokens': '40960.0'}",
+    "{'mean_token_accuracy': '0.6123', 'epoch': '0.5'}",
+    "{'train_runtime': '12.5', 'train_tokens_per_second': '3800.1', 'train_loss': '1.1'}",
+    "generate(max_new_tokens=128, do_sample=False)",
+    "python train.py --tokenizer_name ./tok --max_new_tokens 128",
+    "{'num_input_tokens_seen': 1048576}",
+    "pad_token: <|pad|> eos_token=</s> bos_token_id: 1 pad_token_id=0",
+    "tokens/s 3800 max_tokens 2048 tokenizer: ./tok",
+    "token: 42 key: loss",
+    "dataset_text_key: text, sort_key=length, metric_for_best_model=eval_loss",
+    "checkpoint-500 saved (12.3 MB) to https://huggingface.co/org/model",
+    "HF_TOKEN_PATH=/home/u/.cache/huggingface/token",
+    "the tokenizer adds 3 special tokens; keys: ['input_ids', 'attention_mask']",
+    "https://example.com:8080/path?page=2",
+]
+
+
+@pytest.mark.parametrize("line, secret", SECRETS)
+def test_r6_secret_shapes_are_masked(line: str, secret: str) -> None:
+    from supervisor.redact import redact
+
+    out = redact(line)
+    assert secret not in out and "***" in out, out
+
+
+@pytest.mark.parametrize("line", KEPT)
+def test_r6_metrics_and_arguments_are_kept(line: str) -> None:
+    from supervisor.redact import redact
+
+    assert redact(line) == line
+
+
+def test_r6_lists_are_long_enough_and_argv() -> None:
+    from supervisor.redact import redact_argv
+
+    assert len(SECRETS) >= 20 and len(KEPT) >= 10
+    argv = ["python", "t.py", "--tokenizer_name", "./tok", "--max_new_tokens", "128",
+            "--hub_token", _S, "--api-key", _S, "--num_tokens", "7", f"WANDB_API_KEY={_S}"]
+    assert redact_argv(argv) == ["python", "t.py", "--tokenizer_name", "./tok", "--max_new_tokens",
+                                 "128", "--hub_token", "***", "--api-key", "***", "--num_tokens", "7",
+                                 "WANDB_API_KEY=***"]
