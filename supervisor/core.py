@@ -41,6 +41,7 @@ HISTORY_STEPS = 2_500
 LOG_RING = 500
 STEP_SOURCES = ("events", "log", "history")
 DISCOVER_EVERY_S = 2.0  # scans of a foreign trainer's output folder for new checkpoints
+REBIND_EVERY_S = 1.0  # how soon a removed socket (or its folder) is bound again
 
 
 class AlreadySupervised(Exception):
@@ -93,6 +94,7 @@ class Supervisor:
         self.step_source: str | None = None
         self.log_progress = LogProgress()
         self._last_discover_mono = 0.0
+        self._last_bind_check = 0.0
         self.log_follower = LogFollower(store.log_path)
         self.log_follower.offset = _size(store.log_path)
         self.log_follower.ino = _ino(store.log_path)
@@ -222,6 +224,9 @@ class Supervisor:
         if time.monotonic() - self._last_discover_mono >= DISCOVER_EVERY_S:
             self._last_discover_mono = time.monotonic()
             self.attempts.discover_checkpoints()
+        if self.server is not None and time.monotonic() - self._last_bind_check >= REBIND_EVERY_S:
+            self._last_bind_check = time.monotonic()
+            await self.server.ensure_bound()  # removed at logout: bound again (issue #14)
         self.attempts.run_guards()
 
     def _follow_events(self) -> None:

@@ -86,10 +86,14 @@ def start_failure(store: RunStore, settle_s: float = 1.5) -> str | None:
 
 def spawn_supervisor(store: RunStore) -> subprocess.Popen:
     """The detached supervisor: new session, no terminal, stdin from /dev/null."""
+    from supervisor.logind import scope_argv
+
+    # logind's KillUserProcesses without linger: a scope of its own outlives the login session
+    argv, _ = scope_argv([sys.executable, "-m", "supervisor", "_supervise", str(store.path)])
     out = os.fdopen(os.open(store.path / "supervisor.out", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "_supervise", str(store.path)],
+            argv,
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, cwd=store.info().get("cwd") or os.getcwd(),
         )

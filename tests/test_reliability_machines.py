@@ -193,3 +193,120 @@ def test_r6_lists_are_long_enough_and_argv() -> None:
     assert redact_argv(argv) == ["python", "t.py", "--tokenizer_name", "./tok", "--max_new_tokens",
                                  "128", "--hub_token", "***", "--api-key", "***", "--num_tokens", "7",
                                  "WANDB_API_KEY=***"]
+
+
+# ------------------------------------------------------------------------------ 1. logout
+
+
+async def _attach_snapshot(sock: Path) -> dict:
+    from supervisor.client import AsyncRunClient
+
+    c = AsyncRunClient(sock)
+    try:
+        return await c.connect()
+    finally:
+        await c.close()
+
+
+def _attach_ok(sock: Path) -> bool:
+    import asyncio
+
+    try:
+        return bool(asyncio.run(asyncio.wait_for(_attach_snapshot(sock), 3)).get("state"))
+    except Exception:  # noqa: BLE001 - not bound again yet
+        return False
+
+
+@pytest.mark.parametrize("what", ["folder", "socket"])
+def test_r1_socket_removed_under_a_live_supervisor_is_bound_again(
+        qlw_home: Path, tmp_path: Path, what: str) -> None:
+    """pam_systemd removes the runtime dir at logout (or a tmp cleaner the socket): `attach`
+    works again within 5 s, with the folder 0700 and the socket 0600 again."""
+    import shutil
+    import stat
+
+    from supervisor import paths
+    from tests.rel_helpers import start, stop_now
+
+    recipe = fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.05"])
+    run_id = start(recipe)
+    try:
+        wait_step(qlw_home, run_id, 2)
+        sock = paths.socket_path(run_id)
+        assert _attach_ok(sock)
+        t0 = time.monotonic()
+        if what == "folder":
+            shutil.rmtree(sock.parent)
+        else:
+            sock.unlink()
+        assert not _attach_ok(sock)
+        wait_for(lambda: _attach_ok(sock), timeout=5, what="attach after the socket was removed")
+        took = time.monotonic() - t0
+        assert took < 5
+        assert stat.S_IMODE(os.lstat(sock.parent).st_mode) == 0o700
+        assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o600
+        assert (qlw_home / "runs" / run_id / "supervisor.log").read_text().count("bound again") == 1
+    finally:
+        stop_now(run_id)
+
+
+def test_r1_socket_dir_is_per_uid_in_tmp_not_the_runtime_dir(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    from supervisor import paths
+
+    monkeypatch.delenv("QLORA_WATCH_HOME", raising=False)
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    assert paths.socket_path("abc") == Path(f"/tmp/qlora-watch-{os.geteuid()}/abc.sock")
+
+
+def _logind_root(tmp_path: Path, kill: bool, linger: bool) -> Path:
+    from supervisor.logind import user_name
+
+    root = tmp_path / "root"
+    (root / "run/systemd/system").mkdir(parents=True)
+    (root / "etc/systemd/logind.conf.d").mkdir(parents=True)
+    (root / "etc/systemd/logind.conf").write_text("[Login]\n#KillUserProcesses=no\n")
+    if kill:
+        (root / "etc/systemd/logind.conf.d/50-kill.conf").write_text("[Login]\nKillUserProcesses=yes\n")
+    (root / "var/lib/systemd/linger").mkdir(parents=True)
+    if linger:
+        (root / "var/lib/systemd/linger" / user_name()).write_text("")
+    return root
+
+
+@pytest.mark.parametrize("kill, linger, said", [(True, False, True), (True, True, False),
+                                                (False, False, False)])
+def test_r1_start_says_when_logout_would_end_the_run(qlw_home: Path, tmp_path: Path,
+                                                     kill: bool, linger: bool, said: bool) -> None:
+    from supervisor.logind import user_name
+    from tests.rel_helpers import wait_end
+
+    root = _logind_root(tmp_path, kill, linger)
+    recipe = fake_recipe(tmp_path, ["--steps", "3", "--step-time", "0.01"])
+    env = {**os.environ, "QLW_LOGIND_ROOT": str(root), "PATH": "/usr/bin:/bin"}  # no systemd-run
+    res = qlw("start", str(recipe), "--detach", "--force", env=env)
+    assert res.returncode == 0, res.stderr
+    fix = f"loginctl enable-linger {user_name()}"
+    assert (fix in res.stderr and "KillUserProcesses=yes" in res.stderr) == said, res.stderr
+    assert wait_end(res.stdout.strip().splitlines()[-1], 30) == 0
+
+
+def test_r1_scope_when_systemd_run_is_usable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from supervisor import logind
+
+    state = logind.Logind(in_use=True, kill_user_processes=True, linger=False, user="u")
+    fake = tmp_path / "bin" / "systemd-run"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    (tmp_path / "rt" / "systemd").mkdir(parents=True)
+    (tmp_path / "rt" / "systemd" / "private").write_text("")
+    monkeypatch.setenv("PATH", str(fake.parent))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "rt"))
+    argv, scoped = logind.scope_argv(["python", "-m", "supervisor"], state)
+    assert scoped and argv[:5] == [str(fake), "--user", "--scope", "--quiet", "--collect"]
+    assert "systemd-run --user --scope" in state.note(scoped=True)
+    monkeypatch.setenv("QLW_NO_SCOPE", "1")
+    assert logind.scope_argv(["x"], state) == (["x"], False)
