@@ -115,6 +115,7 @@ class AttemptRunner:
         state = st.get("state")
         if not state:
             self.sup.set_state(RunState.STARTING, attempt=0, lineage=1, rung=None, restarts=0,
+                               restarts_since_progress=0,
                                started_at=time.time(), output_dir=self.sup.run_info["output_dir"])
             self._finish_pending_deletes()
             await self.execute(self._prelaunch_checks())
@@ -416,7 +417,7 @@ class AttemptRunner:
     def _accepted(self, info: Any) -> None:
         """A complete checkpoint of this run: progress (it resets the crash budget)."""
         self.sup.set_state(last_checkpoint=str(info.path), last_checkpoint_step=info.step,
-                           last_checkpoint_bytes=info.size_bytes, restarts=0,
+                           last_checkpoint_bytes=info.size_bytes, restarts_since_progress=0,
                            last_progress_t=time.time())
         self.sup.record("checkpoint_saved", f"{info.name} saved ({info.size_bytes / 1e6:.1f} MB)",
                         evidence={"step": info.step, "bytes": info.size_bytes})
@@ -589,8 +590,12 @@ class AttemptRunner:
                 await asyncio.to_thread(launcher.wait_gone, w["pid"], 10.0)
                 self.sup.set_state(exited=True)
             self.sup.record("relaunch", a.message, level="warning", guard=a.guard, evidence=a.evidence)
+            # restarts: every relaunch of the run (what `status --json` and the report count);
+            # restarts_since_progress: the crash budget, reset by each new complete checkpoint,
+            # not spent by a ladder rung change
+            since = (self.st.get("restarts_since_progress") or 0) + (0 if a.rung_index != self.st.get("rung") else 1)
             self.sup.set_state(RunState.BACKOFF, next_launch_in_s=a.delay_s,
-                               restarts=(self.st.get("restarts") or 0) + (0 if a.rung_index != self.st.get("rung") else 1))
+                               restarts=(self.st.get("restarts") or 0) + 1, restarts_since_progress=since)
             self.pending = a
             self.next_launch_mono = time.monotonic() + max(0.0, a.delay_s)
 

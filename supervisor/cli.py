@@ -585,4 +585,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:  # noqa: BLE001 - errors in words, never a traceback (errors.py)
+        from supervisor.errors import explain
+
+        msg = explain(e)
+        if msg is None:
+            raise
+        print(f"qlora-watch: {msg}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 

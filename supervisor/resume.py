@@ -152,7 +152,7 @@ def request_resume(store: RunStore, from_ckpt: str | None = None,
               resume_request={"from": plan.from_path, "fresh": plan.fresh, "overrides": plan.overrides,
                               "requested_at": time.time(), "after": st.get("state")},
               overrides=list(st.get("overrides") or []) + plan.overrides,
-              restarts=0, stop_state=None, ended_at=None, next_launch_in_s=None)
+              restarts_since_progress=0, stop_state=None, ended_at=None, next_launch_in_s=None)
     store.write_state(st)
     from supervisor.records import Event
 

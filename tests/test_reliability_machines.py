@@ -310,3 +310,113 @@ def test_r1_scope_when_systemd_run_is_usable(tmp_path: Path, monkeypatch: pytest
     assert "systemd-run --user --scope" in state.note(scoped=True)
     monkeypatch.setenv("QLW_NO_SCOPE", "1")
     assert logind.scope_argv(["x"], state) == (["x"], False)
+
+
+# ------------------------------------------------------------------------------ 8. errors in words
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="drops privileges / mounts: needs root")
+
+
+def _as_nobody(argv: list[str]) -> list[str]:
+    """argv run as uid/gid 65534 (util-linux setpriv: the venv's interpreter stays reachable)."""
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+
+
+def _one_line_exit_2(res: subprocess.CompletedProcess, *words: str) -> None:
+    err = res.stderr.strip()
+    assert res.returncode == 2, (res.returncode, res.stdout, err)
+    assert "Traceback" not in err and "Error:" not in err, err
+    last = err.splitlines()[-1]
+    assert last.startswith("qlora-watch: ") and all(w in last for w in words), last
+
+
+@needs_root
+@pytest.mark.parametrize("cmd", [["ls"], ["status"], ["stop"], ["attach"], ["start", "RECIPE", "--detach"]])
+def test_r8_another_users_home_is_one_line_exit_2(tmp_path: Path, cmd: list[str]) -> None:
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="qlw-", dir="/tmp"))
+    try:
+        base.chmod(0o711)
+        home = base / "home"
+        (home / "runs").mkdir(parents=True, mode=0o700)
+        home.chmod(0o700)  # root's
+        recipe = fake_recipe(base, ["--steps", "3"])
+        base.chmod(0o755)
+        recipe.chmod(0o644)
+        (base / "data.jsonl").chmod(0o644)
+        args = [str(recipe) if a == "RECIPE" else a for a in cmd]
+        res = subprocess.run(_as_nobody([sys.executable, "-m", "supervisor", *args]), capture_output=True,
+                             text=True, cwd=str(base), timeout=60,
+                             env={**os.environ, "QLORA_WATCH_HOME": str(home), "PYTHONPATH": str(ROOT)})
+        _one_line_exit_2(res, str(home), "QLORA_WATCH_HOME", "belongs to root")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@needs_root
+def test_r8_stale_lock_of_another_user_is_one_line_exit_2(tmp_path: Path) -> None:
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="qlw-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        home = base / "home"
+        home.mkdir()
+        env = {**os.environ, "QLORA_WATCH_HOME": str(home), "PYTHONPATH": str(ROOT)}
+        recipe = fake_recipe(base, ["--steps", "3"])
+        made = subprocess.run([sys.executable, "-c", "import sys; from tests.rel_helpers import create_run;"
+                               "from pathlib import Path; print(create_run(Path(sys.argv[1])).run_id)",
+                               str(recipe)], capture_output=True, text=True, cwd=str(ROOT), env=env, check=True)
+        run_id = made.stdout.strip().splitlines()[-1]
+        subprocess.run(["chown", "-R", "65534:65534", str(home)], check=True)
+        lock = home / "runs" / run_id / "supervisor.lock"
+        lock.write_text("4242")
+        lock.chmod(0o600)  # root's: a lock left by a supervisor another user ran
+        res = subprocess.run(_as_nobody([sys.executable, "-m", "supervisor", "status", run_id]),
+                             capture_output=True, text=True, cwd=str(ROOT), timeout=60, env=env)
+        _one_line_exit_2(res, str(lock), "belongs to root")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+MOUNTED_HOME = r"""
+import json, os, subprocess, sys
+mnt, recipe, mode = sys.argv[0].rsplit("/", 1)[0] + "/home", sys.argv[1], sys.argv[2]
+os.makedirs(mnt + "/runs", exist_ok=True)
+if mode == "ro":
+    subprocess.run(["mount", "-o", "remount,ro", mnt], check=True)
+else:
+    with open(mnt + "/fill", "wb") as f:
+        try:
+            f.write(b"x" * 10_000_000)
+        except OSError:
+            pass
+env = {**os.environ, "QLORA_WATCH_HOME": mnt}
+res = subprocess.run([sys.executable, "-m", "supervisor", "start", recipe, "--detach", "--force"],
+                     capture_output=True, text=True, env=env, timeout=60)
+print(json.dumps({"rc": res.returncode, "err": res.stderr, "out": res.stdout}))
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("mode, words", [("ro", ("read-only file system", "QLORA_WATCH_HOME")),
+                                         ("full", ("no space left", "free", "QLORA_WATCH_HOME"))])
+def test_r8_read_only_or_full_home_is_one_line_exit_2(tmp_path: Path, mode: str, words: tuple) -> None:
+    from tests.rel_helpers import run_in_tmpfs
+
+    recipe = fake_recipe(tmp_path, ["--steps", "3"])
+    driver = MOUNTED_HOME.replace('sys.argv[1], sys.argv[2]', f'{str(recipe)!r}, {mode!r}')
+    got = run_in_tmpfs(tmp_path / "home", "256k", driver, env={"PYTHONPATH": str(ROOT)})
+    _one_line_exit_2(subprocess.CompletedProcess([], got["rc"], got["out"], got["err"]), *words)
+
+
+def test_r8_sizes_in_units_that_fit() -> None:
+    from supervisor.guards.base import gib
+    from supervisor.units import size
+
+    assert [size(x) for x in (0, 512, 400 * 1024, 2**30 * 3.1, 2**40 * 5)] == [
+        "0 B", "512 B", "400.0 KB", "3.1 GB", "5.0 TB"]
+    assert gib(0) == "0 B" and gib(420_000) == "410.2 KB"  # not "0.0 GB free, needs ~0.0 GB"

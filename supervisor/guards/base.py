@@ -163,7 +163,10 @@ def mean(xs: Iterable[float | None]) -> float | None:
 
 
 def gib(n: float | None) -> str:
-    return "n/a" if n is None else f"{n / GIB:,.1f} GB"
+    """Bytes as a size in a unit that fits (units.py): `0.4 MB`, not `0.0 GB`."""
+    from supervisor.units import size
+
+    return size(n)
 
 
 def num(x: float) -> str:
