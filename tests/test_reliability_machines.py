@@ -420,3 +420,68 @@ def test_r8_sizes_in_units_that_fit() -> None:
     assert [size(x) for x in (0, 512, 400 * 1024, 2**30 * 3.1, 2**40 * 5)] == [
         "0 B", "512 B", "400.0 KB", "3.1 GB", "5.0 TB"]
     assert gib(0) == "0 B" and gib(420_000) == "410.2 KB"  # not "0.0 GB free, needs ~0.0 GB"
+
+
+# ------------------------------------------------------------------------------ 7. serve's key
+
+
+def test_r7_serve_needs_its_token(tmp_path: Path) -> None:
+    """`qlora-watch serve` prints one URL with a random token; a request without it (or with a
+    wrong one, or a foreign Host) is refused, the page with it sets a cookie that lets the
+    page's static files and websocket through; it listens on 127.0.0.1 only."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    import psutil
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "serve", "--port", str(port)],
+                            cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        first = proc.stdout.readline()
+        assert "?token=" in first, first
+        url = first.split(" at ")[-1].strip()
+        token = url.split("token=")[1]
+        assert len(token) >= 32
+        base = f"http://127.0.0.1:{port}"
+
+        def get(path: str, **headers: str) -> tuple[int, str, dict]:
+            req = urllib.request.Request(base + path, headers=headers)
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    return r.status, r.read().decode(errors="replace"), dict(r.headers)
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode(errors="replace"), dict(e.headers)
+
+        def ready() -> bool:
+            try:
+                return get("/")[0] == 403
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=30, what="serve listening")
+        assert get("/")[0] == 403
+        assert get("/?token=" + "x" * len(token))[0] == 403
+        assert get("/static/js/textual.js")[0] == 403
+        assert get("/ws")[0] == 403
+        assert get(f"/?token={token}", Host=f"evil.example:{port}")[0] == 403  # DNS rebinding
+        code, page, headers = get(f"/?token={token}")
+        assert code == 200 and "qlora-watch" in page
+        cookie = headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        jar = cookie.split(";")[0]
+        assert get("/static/js/textual.js", Cookie=jar)[0] == 200
+        assert get("/ws", Cookie="qlora_watch_token=nope")[0] == 403
+        conns = [c for c in psutil.Process(proc.pid).net_connections("inet") if c.status == "LISTEN"]
+        assert conns and all(c.laddr.ip == "127.0.0.1" for c in conns)
+        # a second serve gets another token
+        from supervisor.tui.serve import make_server
+
+        assert make_server(["x"], port=1).token != make_server(["x"], port=1).token != token
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
