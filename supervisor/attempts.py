@@ -419,7 +419,9 @@ class AttemptRunner:
         self.sup.set_state(last_checkpoint=str(info.path), last_checkpoint_step=info.step,
                            last_checkpoint_bytes=info.size_bytes, restarts_since_progress=0,
                            last_progress_t=time.time())
-        self.sup.record("checkpoint_saved", f"{info.name} saved ({info.size_bytes / 1e6:.1f} MB)",
+        from supervisor.units import size
+
+        self.sup.record("checkpoint_saved", f"{info.name} saved ({size(info.size_bytes)})",
                         evidence={"step": info.step, "bytes": info.size_bytes})
 
     def discover_checkpoints(self) -> None:

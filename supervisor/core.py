@@ -72,6 +72,9 @@ class Supervisor:
         self.sampler = sampler
         if self.recipe.hardware.emulate_vram_gib is not None and hasattr(sampler, "emulate"):
             sampler.emulate(card_total_mib(self.recipe.hardware.emulate_vram_gib))
+        if hasattr(sampler, "set_visible"):  # only the run's GPUs drive its guards
+            env = {**os.environ, **self.recipe.env}
+            sampler.set_visible(env.get("CUDA_VISIBLE_DEVICES"))
         self.socket_path = socket_path
         self.state: dict[str, Any] = store.read_state() or {}
         self.server: Any = None

@@ -485,3 +485,83 @@ def test_r7_serve_needs_its_token(tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
+
+
+# ------------------------------------------------------------------------------ 2. shared GPUs
+
+
+def test_r2_cuda_visible_devices_to_nvml() -> None:
+    from supervisor.telemetry.visible import Device, resolve
+
+    devs = [Device(0, "GPU-8f2a1111-aaaa-bbbb-cccc-000000000000"),
+            Device(1, "GPU-77c02222-aaaa-bbbb-cccc-000000000001",
+                   ("MIG-3b1e0000-0000-0000-0000-00000000000a",)),
+            Device(2, "GPU-8f2a3333-aaaa-bbbb-cccc-000000000002")]
+    assert resolve(None, devs) is None  # unset: all
+    assert resolve("", devs) == set()
+    assert resolve("1", devs) == {1}
+    assert resolve("2,0", devs) == {0, 2}
+    assert resolve("GPU-77c0", devs) == {1}  # a unique prefix
+    assert resolve("77c02222", devs) == {1}  # GPU- optional
+    assert resolve("GPU-8f2a", devs) == set()  # ambiguous: nothing, like CUDA
+    assert resolve("MIG-3b1e0000-0000-0000-0000-00000000000a", devs) == {1}
+    assert resolve("MIG-GPU-8f2a3333-aaaa-bbbb-cccc-000000000002/1/0", devs) == {2}
+    assert resolve("0,7,2", devs) == {0}  # CUDA stops at the first bad entry
+    assert resolve("-1", devs) == set()
+    assert resolve("1,1", devs) == {1}
+
+
+def _nvml_gpus_guarded(qlw_home: Path, tmp_path: Path, cvd: str | None) -> list[dict]:
+    """2 FakeNVML GPUs: GPU 0 idle and hot (another job's card), GPU 1 busy and cool. The
+    utilisation and thermal guards see a short window."""
+    import json as _json
+
+    from tests.rel_helpers import PATCHED, events
+
+    extra = f'[env]\nCUDA_VISIBLE_DEVICES = "{cvd}"\n' if cvd is not None else ""
+    recipe = fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.05", "--save-every", "100000"],
+                         extra=extra + """
+        [guards.utilisation]
+        window_s = 2
+        threshold_pct = 50
+        [guards.thermal]
+        margin_c = 5
+    """)
+    store = create_run(recipe)
+    scenario = {"nvml": {"devices": [
+        {"util_pct": 0, "temp_c": 86, "processes": {"1": 20000}},  # idle; 1 C from T.Limit
+        {"util_pct": 97, "temp_c": 60}]}}
+    out = open(store.path / "supervisor.out", "ab")
+    sup = subprocess.Popen([sys.executable, str(PATCHED), str(store.path), _json.dumps(scenario)],
+                           stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                           start_new_session=True, cwd=str(ROOT))
+    out.close()
+    try:
+        wait_step(qlw_home, store.run_id, 80, timeout=60)  # > 4 s of training: two windows
+        time.sleep(1.5)
+        evs = [e for e in events(qlw_home, store.run_id) if e["kind"] == "guard"]
+        snap = __import__("asyncio").run(_attach_snapshot(
+            __import__("supervisor.paths", fromlist=["x"]).socket_path(store.run_id)))
+        last = snap["samples"][-1]["gpus"]
+    finally:
+        qlw("stop", store.run_id, "--now")
+        reap(sup, 30)
+    return evs, last
+
+
+def test_r2_only_the_runs_gpus_drive_its_guards(qlw_home: Path, tmp_path: Path) -> None:
+    """CUDA_VISIBLE_DEVICES=1: no warning from the idle, hot GPU 0; the dashboard still gets
+    GPU 0's readings, marked as not this run's, with the other job's memory told apart."""
+    evs, gpus = _nvml_gpus_guarded(qlw_home, tmp_path, "1")
+    assert evs == [], [e["message"] for e in evs]
+    by = {g["index"]: g for g in gpus}
+    assert by[0]["this_run"] is False and by[1]["this_run"] is True
+    assert by[0]["others_mem_mib"] == pytest.approx(20000)
+
+
+def test_r2_without_cuda_visible_devices_both_gpus_are_the_runs(qlw_home: Path, tmp_path: Path) -> None:
+    """The control: with every GPU visible, idle GPU 0 halves the mean and GPU 0 is hot."""
+    evs, gpus = _nvml_gpus_guarded(qlw_home, tmp_path, None)
+    msgs = " | ".join(e["message"] for e in evs)
+    assert "GPU utilisation averaged" in msgs and "GPU 0 is 1 C from its slowdown" in msgs, msgs
+    assert all(g["this_run"] for g in gpus)
