@@ -277,6 +277,7 @@ class AttemptRunner:
         except OSError as e:
             self._fail(f"cannot start the trainer wrapper: {e}", kind="config_error")
             return
+        self.sup.download.on_launch(env, recipe.model.name if recipe.model else None)
         ident = await asyncio.to_thread(launcher.identity_after_exec, self.proc.pid, list(self.proc.args))
         launched = time.time()
         self.mark_time(launched)

@@ -21,6 +21,7 @@ from typing import Any
 from supervisor import launcher, notify
 from supervisor import protocol as proto
 from supervisor.attempts import AttemptRunner
+from supervisor.download import DownloadTracker
 from supervisor.emulation import card_total_mib
 from supervisor.logprogress import LogProgress
 from supervisor.preempt import Preemption, sigterm_preempts
@@ -85,6 +86,7 @@ class Supervisor:
         self.tb = trackers_for(self.recipe, store.run_id, self.run_info["output_dir"], store.path)
         self.attempts = AttemptRunner(self)
         self.preemption = Preemption(self)
+        self.download = DownloadTracker(self)  # a slow model download is progress (download.py)
         self.notifier = notify.from_recipe(self.recipe, store.run_id)
         self._stop_event = asyncio.Event()
         self._last_sample_mono = 0.0
@@ -224,6 +226,7 @@ class Supervisor:
         self._follow_events()
         self._follow_log()
         await self._maybe_sample()
+        await self.download.tick()
         if time.monotonic() - self._last_discover_mono >= DISCOVER_EVERY_S:
             self._last_discover_mono = time.monotonic()
             self.attempts.discover_checkpoints()

@@ -229,6 +229,10 @@ def render_status(d: dict[str, Any]) -> str:
     ]
     if not ended:  # an ended run has no time left
         lines.append(f"ETA       {fmt_duration(d.get('eta_s'))}")
+        from supervisor.download import describe
+
+        if dl := describe(d.get("download")):
+            lines.append(f"download  {dl}")
     if d.get("last_checkpoint"):
         lines.append(f"checkpoint {_clean(d['last_checkpoint'])}")
     lines += [

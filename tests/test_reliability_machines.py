@@ -565,3 +565,77 @@ def test_r2_without_cuda_visible_devices_both_gpus_are_the_runs(qlw_home: Path, 
     msgs = " | ".join(e["message"] for e in evs)
     assert "GPU utilisation averaged" in msgs and "GPU 0 is 1 C from its slowdown" in msgs, msgs
     assert all(g["this_run"] for g in gpus)
+
+
+# ------------------------------------------------------------------------------ 3. downloads
+
+
+def _download_recipe(tmp_path: Path, into: Path) -> Path:
+    """A trainer that 'downloads' 1 MiB at 128 KiB/s (8 s) while loading, with the loading
+    stall limit at 3 s: without the download counted as progress it would be relaunched."""
+    cache = tmp_path / "hf" / "hub"
+    return fake_recipe(tmp_path, ["--steps", "5", "--step-time", "0.02", "--download", str(into),
+                                  "--download-bytes", str(1 << 20), "--download-rate", str(128 * 1024)],
+                       extra=f'[env]\nHF_HUB_CACHE = "{cache}"\n[guards.stall]\nloading_s = 3\n')
+
+
+def test_r3_slow_download_is_progress_not_a_stall(qlw_home: Path, tmp_path: Path) -> None:
+    from tests.rel_helpers import events, start
+
+    repo = tmp_path / "hf" / "hub" / "models--fake-model"  # the recipe's model.name
+    run_id = start(_download_recipe(tmp_path, repo))
+    seen = wait_for(lambda: (read_state(qlw_home, run_id).get("download") or {}).get("active")
+                    and qlw("status", run_id).stdout, timeout=20, what="a download in status")
+    assert "downloading the model:" in seen and "/s" in seen, seen
+    js = __import__("json").loads(qlw("status", run_id, "--json", check=True).stdout)
+    assert js["download"]["bytes"] > 0 and js["download"]["rate_bps"] > 0
+    assert wait_end(run_id, 60) == 0
+    st = read_state(qlw_home, run_id)
+    assert st["state"] == "completed" and st["attempt"] == 1, st  # no stall relaunch
+    ks = kinds(qlw_home, run_id)
+    assert "relaunch" not in ks and "download" in ks
+    done = [e["message"] for e in events(qlw_home, run_id) if e["kind"] == "download"]
+    assert any("download done: 1.0 MB" in m for m in done), done
+
+
+def test_r3_the_control_bytes_elsewhere_are_a_stall(qlw_home: Path, tmp_path: Path) -> None:
+    """The same trainer writing outside the HF cache: the stall guard relaunches it."""
+    from tests.rel_helpers import start, stop_now
+
+    run_id = start(_download_recipe(tmp_path, tmp_path / "elsewhere"))
+    try:
+        wait_for(lambda: "relaunch" in kinds(qlw_home, run_id), timeout=30, what="a stall relaunch")
+    finally:
+        stop_now(run_id)
+
+
+def test_r3_disk_checked_against_the_cached_download_size(qlw_home: Path, tmp_path: Path) -> None:
+    """The Hub's index (metadata.total_size) is in the cache already: a download larger than
+    the cache's free disk is said at launch."""
+    import json as _json
+
+    from tests.rel_helpers import events, start
+
+    repo = tmp_path / "hf" / "hub" / "models--fake-model"
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors.index.json").write_text(_json.dumps(
+        {"metadata": {"total_size": 141 * 10**15}, "weight_map": {}}))  # 141 PB
+    recipe = fake_recipe(tmp_path, ["--steps", "3", "--step-time", "0.02"],
+                         extra=f'[env]\nHF_HUB_CACHE = "{tmp_path / "hf" / "hub"}"\n')
+    run_id = start(recipe)
+    assert wait_end(run_id, 60) == 0
+    msgs = [e["message"] for e in events(qlw_home, run_id) if e["kind"] == "download_disk"]
+    assert msgs and "the model download needs about 125.2 PB more" in msgs[0] and "HF_HOME" in msgs[0], msgs
+
+
+def test_r3_hub_cache_paths() -> None:
+    from supervisor.download import describe, hub_cache, repo_folder
+
+    assert hub_cache({"HF_HUB_CACHE": "/c"}) == Path("/c")
+    assert hub_cache({"HF_HOME": "/h"}) == Path("/h/hub")
+    assert hub_cache({"XDG_CACHE_HOME": "/x"}) == Path("/x/huggingface/hub")
+    assert repo_folder("meta-llama/Llama-3.1-8B") == "models--meta-llama--Llama-3.1-8B"
+    assert repo_folder("./local/model") is None and repo_folder(None) is None
+    assert describe({"active": True, "bytes": 3 * 2**30, "total": 16 * 2**30, "rate_bps": 45 * 2**20,
+                     "eta_s": 296}) == "downloading the model: 3.0 GB of 16.0 GB at 45.0 MB/s, ETA 4m56s"

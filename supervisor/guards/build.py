@@ -85,6 +85,7 @@ def window_from_supervisor(sup: Any) -> Window:
         last_checkpoint_step=st.get("last_checkpoint_step"),
         last_progress_t=_float(st.get("last_progress_t")),
         attempt_started_t=_float(st.get("launched_at")),
+        download_progress_t=_float((st.get("download") or {}).get("progress_t")),
         checkpoints=infos,
         keep_checkpoints=sup.recipe.train.save_total_limit,
         run_id=getattr(sup.store, "run_id", None),
