@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from supervisor import checkpoints, foreign, handoff, launcher, trackers
+from supervisor import checkpoints, foreign, handoff, launcher, runenv, trackers
 from supervisor import guards as guardlib
 from supervisor.prune import newest_complete_of, prune_plan
 from supervisor.recipe import Recipe, describe_rung, recipe_to_json
@@ -238,7 +238,7 @@ class AttemptRunner:
         except Exception as e:  # noqa: BLE001 - a bad output folder is a config error
             self._fail(f"output folder {out}: {e}", kind="config_error")
             return
-        env = dict(os.environ)
+        env = runenv.for_run(self.sup.store.path)  # captured at start, not this supervisor's own
         env.update(recipe.env)
         env.update({
             "QLW_RECIPE": str(adir / "recipe.json"), "QLW_EVENTS": str(events),

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor import launcher, notify
+from supervisor import launcher, logrotate, notify
 from supervisor import protocol as proto
 from supervisor.attempts import AttemptRunner
 from supervisor.download import DownloadTracker
@@ -74,7 +74,9 @@ class Supervisor:
         if self.recipe.hardware.emulate_vram_gib is not None and hasattr(sampler, "emulate"):
             sampler.emulate(card_total_mib(self.recipe.hardware.emulate_vram_gib))
         if hasattr(sampler, "set_visible"):  # only the run's GPUs drive its guards
-            env = {**os.environ, **self.recipe.env}
+            from supervisor.runenv import for_run
+
+            env = {**for_run(store.path), **self.recipe.env}  # what the trainer gets
             sampler.set_visible(env.get("CUDA_VISIBLE_DEVICES"))
         self.socket_path = socket_path
         self.state: dict[str, Any] = store.read_state() or {}
@@ -100,6 +102,7 @@ class Supervisor:
         self.log_progress = LogProgress()
         self._last_discover_mono = 0.0
         self._last_bind_check = 0.0
+        self._last_out_check = 0.0
         self.log_follower = LogFollower(store.log_path)
         self.log_follower.offset = _size(store.log_path)
         self.log_follower.ino = _ino(store.log_path)
@@ -173,7 +176,9 @@ class Supervisor:
         launcher.become_subreaper()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # a closed terminal is not a stop
-        preempt_on_term = sigterm_preempts()
+        from supervisor.runenv import for_run
+
+        preempt_on_term = sigterm_preempts({**for_run(self.store.path), **os.environ})
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig.name, sig == signal.SIGTERM and preempt_on_term)
         self.preemption.install(loop)  # SIGUSR1: Slurm's warning ahead of the end
@@ -230,6 +235,13 @@ class Supervisor:
         if time.monotonic() - self._last_discover_mono >= DISCOVER_EVERY_S:
             self._last_discover_mono = time.monotonic()
             self.attempts.discover_checkpoints()
+        if time.monotonic() - self._last_out_check >= logrotate.CHECK_EVERY_S:
+            self._last_out_check = time.monotonic()
+            cfg = self.recipe.supervisor
+            try:  # our own stdout/stderr file: copy and truncate, we cannot reopen it
+                logrotate.copy_truncate(self.store.path / "supervisor.out", cfg.log_max_bytes, cfg.log_backups)
+            except OSError as e:
+                log.warning("supervisor.out not rotated: %s", e)
         if self.server is not None and time.monotonic() - self._last_bind_check >= REBIND_EVERY_S:
             self._last_bind_check = time.monotonic()
             await self.server.ensure_bound()  # removed at logout: bound again (issue #14)
@@ -360,10 +372,16 @@ def run_supervisor(run_dir: Path, *, socket_path: Path | None, with_telemetry: b
     """Entry point of the detached supervisor process (`qlora-watch _supervise`)."""
     os.umask(0o077)
     store = RunStore(run_dir)
-    logging.basicConfig(
-        filename=str(run_dir / "supervisor.log"), level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-    )
+    from supervisor import logrotate
+
+    try:
+        cfg = recipe_from_json((run_dir / "recipe.json").read_text()).supervisor
+        max_bytes, backups = cfg.log_max_bytes, cfg.log_backups
+    except (OSError, ValueError):
+        max_bytes, backups = 50 * 1024 * 1024, 3
+    # rotated like the trainer log (they grew without bound)
+    logging.basicConfig(level=logging.INFO,
+                        handlers=[logrotate.log_handler(run_dir / "supervisor.log", max_bytes, backups)])
     sampler = None
     if with_telemetry:
         try:

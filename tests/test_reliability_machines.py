@@ -639,3 +639,65 @@ def test_r3_hub_cache_paths() -> None:
     assert repo_folder("./local/model") is None and repo_folder(None) is None
     assert describe({"active": True, "bytes": 3 * 2**30, "total": 16 * 2**30, "rate_bps": 45 * 2**20,
                      "eta_s": 296}) == "downloading the model: 3.0 GB of 16.0 GB at 45.0 MB/s, ETA 4m56s"
+
+
+# ------------------------------------------------------------------------------ 5. the run's environment
+
+
+def test_r5_relaunch_after_readoption_uses_the_start_environment(qlw_home: Path, tmp_path: Path) -> None:
+    """Start with QLW_TEST_PROBE=from-start; SIGKILL the supervisor; `status` from a shell with
+    another value restarts it (re-adoption); the trainer is killed: the relaunch gets the value
+    captured at start, and env.json is 0600."""
+    import stat
+
+    from tests.rel_helpers import launches, stop_now, trainer_pid
+
+    rec = tmp_path / "rec.jsonl"
+    recipe = fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.02", "--record", str(rec)])
+    res = qlw("start", str(recipe), "--detach", "--force", check=True,
+              env={**os.environ, "QLW_TEST_PROBE": "from-start", "HF_TOKEN": _HF})
+    run_id = res.stdout.strip().splitlines()[-1]
+    try:
+        wait_step(qlw_home, run_id, 3)
+        envf = qlw_home / "runs" / run_id / "env.json"
+        assert stat.S_IMODE(envf.stat().st_mode) == 0o600
+        os.kill(supervisor_pid(qlw_home, run_id), signal.SIGKILL)
+        wait_for(lambda: supervisor_pid(qlw_home, run_id) is None, what="supervisor gone")
+        other = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+        qlw("status", run_id, check=True, env={**other, "QLW_TEST_PROBE": "from-a-later-shell"})
+        wait_for(lambda: "adopted" in kinds(qlw_home, run_id), what="re-adoption")
+        os.kill(trainer_pid(qlw_home, run_id), signal.SIGKILL)
+        wait_for(lambda: len(launches(rec)) == 2, timeout=30, what="the relaunch")
+        second = launches(rec)[1]
+        assert second["qlw_env"]["QLW_TEST_PROBE"] == "from-start"
+        assert "HF_TOKEN" in second["env_keys"]
+        st = qlw("status", run_id, "--json", check=True).stdout
+        assert _HF not in st and "from-start" not in st  # the environment is never shown
+    finally:
+        stop_now(run_id)
+
+
+def test_r5_supervisor_logs_rotate(qlw_home: Path, tmp_path: Path) -> None:
+    """supervisor.log through a RotatingFileHandler; supervisor.out (the supervisor's own
+    stdout) by copy-and-truncate while it runs: both stay near log_max_bytes, backups kept."""
+    import stat
+
+    from tests.rel_helpers import start, stop_now
+
+    recipe = fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.01", "--save-every", "1"],
+                         extra="")
+    recipe.write_text(recipe.read_text().replace("stop_grace_s = 5", "stop_grace_s = 5\nlog_max_bytes = 4096\nlog_backups = 2"))
+    run_id = start(recipe)
+    run = qlw_home / "runs" / run_id
+    try:
+        wait_for(lambda: (run / "supervisor.log.2").exists(), timeout=60, what="supervisor.log rotated twice")
+        with open(run / "supervisor.out", "a") as f:  # what a chatty library prints on stderr
+            f.write("x" * 10_000 + "\n")
+        wait_for(lambda: (run / "supervisor.out.1").exists(), timeout=10, what="supervisor.out rotated")
+        for name in ("supervisor.log", "supervisor.log.1", "supervisor.log.2", "supervisor.out.1"):
+            assert stat.S_IMODE((run / name).stat().st_mode) == 0o600, name
+        assert not (run / "supervisor.log.3").exists()
+        assert (run / "supervisor.log").stat().st_size <= 4096 + 512
+        assert (run / "supervisor.out").stat().st_size <= 4096
+    finally:
+        stop_now(run_id)
