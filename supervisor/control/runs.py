@@ -54,6 +54,9 @@ def create(recipe_path: str | None, recipe: Recipe, report: Any, start_rung: int
     if recipe.foreign and recipe.trainer.command:
         info["command"] = redact_argv(recipe.trainer.command)
     store = create_run(runs_root, info, run_id=run_id)
+    from supervisor import runenv
+
+    runenv.capture(store.path)  # every launch of this run gets this environment (runenv.py)
     if recipe_path:
         atomic_write(store.path / "recipe.toml", raw.decode("utf-8"))  # 0600
     atomic_write(store.path / "recipe.json", recipe_to_json(recipe))  # 0600, like every run file
@@ -86,10 +89,22 @@ def start_failure(store: RunStore, settle_s: float = 1.5) -> str | None:
 
 def spawn_supervisor(store: RunStore) -> subprocess.Popen:
     """The detached supervisor: new session, no terminal, stdin from /dev/null."""
+    from supervisor.logind import scope_argv
+
+    # logind's KillUserProcesses without linger: a scope of its own outlives the login session
+    argv, _ = scope_argv([sys.executable, "-m", "supervisor", "_supervise", str(store.path)])
+    from supervisor import logrotate
+    from supervisor.recipe import recipe_from_json
+
+    try:  # an earlier supervisor's output, past the size limit: to supervisor.out.1 first
+        cfg = recipe_from_json((store.path / "recipe.json").read_text()).supervisor
+        logrotate.rotate(store.path / "supervisor.out", cfg.log_max_bytes, cfg.log_backups)
+    except (OSError, ValueError):
+        pass
     out = os.fdopen(os.open(store.path / "supervisor.out", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "_supervise", str(store.path)],
+            argv,
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, cwd=store.info().get("cwd") or os.getcwd(),
         )
@@ -225,6 +240,10 @@ def render_status(d: dict[str, Any]) -> str:
     ]
     if not ended:  # an ended run has no time left
         lines.append(f"ETA       {fmt_duration(d.get('eta_s'))}")
+        from supervisor.download import describe
+
+        if dl := describe(d.get("download")):
+            lines.append(f"download  {dl}")
     if d.get("last_checkpoint"):
         lines.append(f"checkpoint {_clean(d['last_checkpoint'])}")
     lines += [
