@@ -43,7 +43,7 @@ def _supervise(store, env: dict[str, str] | None = None) -> subprocess.Popen:
 
 
 def test_r4_sigterm_mode() -> None:
-    from supervisor.preempt import sigterm_preempts
+    from supervisor.daemon.preempt import sigterm_preempts
 
     assert not sigterm_preempts({}, pid=4242)  # a workstation: SIGTERM detaches (A12)
     assert sigterm_preempts({"SLURM_JOB_ID": "77"}, pid=4242)
@@ -262,7 +262,7 @@ def test_r1_socket_dir_is_per_uid_in_tmp_not_the_runtime_dir(monkeypatch: pytest
 
 
 def _logind_root(tmp_path: Path, kill: bool, linger: bool) -> Path:
-    from supervisor.logind import user_name
+    from supervisor.control.logind import user_name
 
     root = tmp_path / "root"
     (root / "run/systemd/system").mkdir(parents=True)
@@ -280,7 +280,7 @@ def _logind_root(tmp_path: Path, kill: bool, linger: bool) -> Path:
                                                 (False, False, False)])
 def test_r1_start_says_when_logout_would_end_the_run(qlw_home: Path, tmp_path: Path,
                                                      kill: bool, linger: bool, said: bool) -> None:
-    from supervisor.logind import user_name
+    from supervisor.control.logind import user_name
     from tests.rel_helpers import wait_end
 
     root = _logind_root(tmp_path, kill, linger)

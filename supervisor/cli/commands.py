@@ -588,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as e:  # noqa: BLE001 - errors in words, never a traceback (errors.py)
-        from supervisor.errors import explain
+        from supervisor.cli.errors import explain
 
         msg = explain(e)
         if msg is None:

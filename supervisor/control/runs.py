@@ -89,7 +89,7 @@ def start_failure(store: RunStore, settle_s: float = 1.5) -> str | None:
 
 def spawn_supervisor(store: RunStore) -> subprocess.Popen:
     """The detached supervisor: new session, no terminal, stdin from /dev/null."""
-    from supervisor.logind import scope_argv
+    from supervisor.control.logind import scope_argv
 
     # logind's KillUserProcesses without linger: a scope of its own outlives the login session
     argv, _ = scope_argv([sys.executable, "-m", "supervisor", "_supervise", str(store.path)])

@@ -23,8 +23,8 @@ from supervisor import protocol as proto
 from supervisor.daemon.attempts import AttemptRunner
 from supervisor.daemon.followers import JsonlFollower, LogFollower
 from supervisor.daemon.logprogress import LogProgress
+from supervisor.daemon.preempt import Preemption, sigterm_preempts
 from supervisor.download import DownloadTracker
-from supervisor.preempt import Preemption, sigterm_preempts
 from supervisor.preflight.emulation import card_total_mib
 from supervisor.recipe import Recipe, recipe_from_json
 from supervisor.records import Event, Sample, Step, step_from_dict, to_dict
