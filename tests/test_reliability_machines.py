@@ -294,7 +294,7 @@ def test_r1_start_says_when_logout_would_end_the_run(qlw_home: Path, tmp_path: P
 
 
 def test_r1_scope_when_systemd_run_is_usable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from supervisor import logind
+    from supervisor.control import logind
 
     state = logind.Logind(in_use=True, kill_user_processes=True, linger=False, user="u")
     fake = tmp_path / "bin" / "systemd-run"

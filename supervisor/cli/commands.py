@@ -132,7 +132,7 @@ def _create_and_launch(args: argparse.Namespace, recipe: Any, recipe_path: str |
     except runs.StartError as e:
         print(f"qlora-watch: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from supervisor import logind
+    from supervisor.control import logind
 
     state = logind.check()  # does logout end the run? (KillUserProcesses without linger)
     if note := state.note(scoped=logind.scope_argv([], state)[1]):
