@@ -105,12 +105,14 @@ def cmd_start(args: argparse.Namespace) -> int:
     if os.geteuid() == 0:  # rented GPU boxes often only offer root; say it, don't refuse
         print("qlora-watch: note: running as root; the run's files and socket are root-only (0600)",
               file=sys.stderr)
+    from supervisor import ladder
+
     report = estimate(recipe)
     start_rung = None
     if not report.fits:
         if args.auto_fit and report.first_fitting_rung is not None:
             start_rung = report.first_fitting_rung
-            print(f"qlora-watch: --auto-fit: starting at ladder rung {start_rung + 1} "
+            print(f"qlora-watch: --auto-fit: starting at ladder {ladder.label(start_rung)} "
                   f"({report.first_fitting_rung_desc})")
         elif not args.force:
             print(render_table(report))
@@ -231,6 +233,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from supervisor import ladder
     from supervisor.control import runs
 
     rows = [runs.summary(s) for s in runs.all_runs()]
@@ -248,7 +251,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         loss_s = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
         ckpt = Path(r["last_checkpoint"]).name if r.get("last_checkpoint") else "-"
         print(f"{r['run_id']:<22} {str(r.get('recipe'))[:18]:<18} {r.get('state') or '?':<10} "
-              f"{step:>11} {loss_s:>8} {runs.rung_label(r.get('rung')):<7} {ckpt[:16]:<16} "
+              f"{step:>11} {loss_s:>8} {ladder.label(r.get('rung')):<7} {ckpt[:16]:<16} "
               f"{runs.fmt_duration(r.get('wall_s')):>9}  {r.get('started')}")
     return 0
 
