@@ -45,6 +45,8 @@ class GpuSample:
     pcie_tx_kbs: float | None = None
     pcie_rx_kbs: float | None = None
     proc_mem_mib: float | None = None  # the trainer's processes on this GPU
+    others_mem_mib: float | None = None  # other processes on this GPU (another job, another user)
+    this_run: bool = True  # in the trainer's CUDA_VISIBLE_DEVICES (telemetry/visible.py)
     lost: bool = False
 
 
@@ -130,6 +132,10 @@ class EventKind(StrEnum):
     RUN_FAILED = "failed"  # the run ended in FAILED
     CONFIG_REJECTED = "config_error"  # the recipe, data or command cannot run: not retried
     STATE_CHANGED = "state"  # the run reached a terminal state (notifications only)
+    PREEMPTION_RECEIVED = "preempt"  # SIGUSR1/SIGTERM said the machine is being taken away
+    # the model download (while loading)
+    DOWNLOAD_SEEN = "download"  # the model download was seen starting or finishing in the HF cache
+    DOWNLOAD_DISK_LOW = "download_disk"  # the download will not fit the disk
     # guards
     GUARD_FIRED = "guard"  # a guard warned or stopped the run
     STACKS_CAPTURED = "stacks"  # the trainer's Python stacks were dumped (or could not be)

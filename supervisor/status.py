@@ -40,7 +40,8 @@ class RunStatus:
     lineage: int | None = None  # a chain of attempts resuming in one output folder
     rung: int | None = None  # the OOM-ladder rung it runs at: rung 1 is the first change (ladder.py)
     rung_desc: str | None = None  # what that rung changed, for the dashboard header
-    restarts: int | None = None  # relaunches since the last progress (the crash budget)
+    restarts: int | None = None  # every relaunch of the run (what `status --json` and the report count)
+    restarts_since_progress: int | None = None  # the crash budget (guards.relaunch.restarts_after)
     overrides: list[str] = field(default_factory=list)  # the --set of every `qlora-watch resume`
     effective: dict[str, Any] | None = None  # the settings this attempt runs with
     output_dir: str | None = None
@@ -56,6 +57,7 @@ class RunStatus:
     exit_code: int | None = None
     exit_signal: int | None = None
     oom_kills_at_launch: int | None = None  # the kernel's oom_kill count when it started
+    download: dict[str, Any] | None = None  # a model download seen while loading (download.py)
     stop_state: RunState | None = None  # where a stop in progress ends (STOPPED, DIVERGED, ...)
     next_launch_in_s: float | None = None  # BACKOFF's delay
     # -- what the trainer said ------------------------------------------------------------------

@@ -15,6 +15,7 @@ STORED = {
     "trainer_exited", "relaunch", "resume", "stop", "failed", "config_error", "state", "guard",
     "stacks", "gpu_release", "checkpoint_saved", "checkpoint_incomplete", "checkpoint_unmarked",
     "checkpoint_no_adapter", "checkpoint_quarantined", "checkpoint_pruned", "prune_failed",
+    "preempt", "download", "download_disk",  # robustness (#14)
 }
 
 

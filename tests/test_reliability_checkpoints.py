@@ -55,16 +55,16 @@ def test_c3_incomplete_checkpoint_reason_is_an_event(tmp_path: Path) -> None:
     from tests.fakes.runio import memory_io
 
     recorded: list[tuple[str, str, str]] = []
-    io = memory_io(RunStore(tmp_path / "r1"), {"restarts": 2}, recorded)
+    io = memory_io(RunStore(tmp_path / "r1"), {"restarts_since_progress": 2}, recorded)
     runner = TrainerEvents(io, recipe=None, tb=None, mark_time=lambda t: None, output_dir=lambda: tmp_path)
     bad = make_ckpt(tmp_path, 40)
     (bad / "trainer_state.json").write_text(json.dumps({"global_step": 39}))
     runner.on_trainer_event({"event": "checkpoint", "step": 40, "path": str(bad)})
     assert recorded == [("checkpoint_incomplete", "checkpoint-40: global_step 39 != 40", "warning")]
-    assert io.status.restarts == 2 and io.status.last_checkpoint is None
+    assert io.status.restarts_since_progress == 2 and io.status.last_checkpoint is None
     good = make_ckpt(tmp_path, 50)
     runner.on_trainer_event({"event": "checkpoint", "step": 50, "path": str(good)})
-    assert recorded[-1][0] == "checkpoint_saved" and io.status.restarts == 0
+    assert recorded[-1][0] == "checkpoint_saved" and io.status.restarts_since_progress == 0
 
 
 # ------------------------------------------------------------------------------ C5

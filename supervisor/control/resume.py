@@ -102,6 +102,9 @@ def plan_resume(store: RunStore, from_ckpt: str | None = None,
                 overrides: Iterable[str] = ()) -> ResumePlan:
     """Check that the run can be resumed as asked; raises ResumeError saying why not."""
     overrides = list(overrides)
+    from supervisor import runenv
+
+    runenv.capture(store.path)  # a resume may run elsewhere (a requeued job): its environment
     st = store.read_status()
     state = st.run_state.value
     rid = store.run_id
@@ -145,14 +148,17 @@ def request_resume(store: RunStore, from_ckpt: str | None = None,
     _wait_while_stopping(store)
     plan = plan_resume(store, from_ckpt, overrides)
     atomic_write(store.path / "recipe.json", recipe_to_json(plan.recipe))  # the settings from now on
+    from supervisor import runenv
+
+    runenv.capture(store.path)  # a resume may run elsewhere (a requeued job): its environment
     st = store.read_status()
     st.change(RunState.STARTING, why="qlora-watch resume: a new attempt", message=plan.describe(),
               exited=True,
               resume_request={"from": plan.from_path, "fresh": plan.fresh, "overrides": plan.overrides,
                               "requested_at": time.time(), "after": st.state.value if st.state else None},
               overrides=list(st.overrides) + plan.overrides,
-              restarts=restarts_after(st.restarts or 0, "resume"), stop_state=None, ended_at=None,
-              next_launch_in_s=None)
+              restarts_since_progress=restarts_after(st.restarts_since_progress or 0, "resume"),
+              stop_state=None, ended_at=None, next_launch_in_s=None)
     store.write_status(st)
     from supervisor.records import Event, EventKind
 

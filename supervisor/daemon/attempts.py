@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable
 import psutil
 
 from supervisor import guards as guardlib
-from supervisor import ladder, procgroup
+from supervisor import ladder, procgroup, runenv
 from supervisor.checkpoints import folders as checkpoints
 from supervisor.checkpoints.plan import newest_complete_of, prune_plan
 from supervisor.daemon import handoff
@@ -50,7 +50,7 @@ class Attempts:
     def __init__(self, io: RunIO, *, recipe: Recipe, run_info: RunInfo, events: TrainerEvents,
                  execute: Callable[[list[Action]], Awaitable[None]], window: Callable[[], Any],
                  mark_time: Callable[[float], None], sampler: Any = None,
-                 gpu_lost: Callable[[], bool] = lambda: False,
+                 gpu_lost: Callable[[], bool] = lambda: False, download: Any = None,
                  helper_pids: Callable[[], Any] = lambda: ()) -> None:
         self.io = io
         self.recipe = recipe
@@ -61,6 +61,7 @@ class Attempts:
         self.mark_time = mark_time
         self.sampler = sampler  # tree_pids (the GPU release check), nvml
         self.gpu_lost = gpu_lost  # a recent sample saw a GPU fall off the bus
+        self.download = download  # download.DownloadTracker: a new attempt's cache baseline
         self.helper_pids = helper_pids  # the trackers' own processes: not orphans to kill
         self.proc: Any = None  # Popen of the wrapper when it is our child
         self.child_rc: int | None = None
@@ -121,7 +122,8 @@ class Attempts:
         st, io = self.st, self.io
         if st.state is None:
             io.set_state(RunState.STARTING, why="a new run", attempt=0, lineage=1, rung=None,
-                         restarts=0, started_at=time.time(), output_dir=self.run_info.output_dir)
+                         restarts=0, restarts_since_progress=0, started_at=time.time(),
+                         output_dir=self.run_info.output_dir)
             self._finish_pending_deletes()
             await self.execute(self._prelaunch_checks())  # warnings only
             await self.launch(resume=None, rung=self.run_info.start_rung)  # --auto-fit
@@ -240,7 +242,7 @@ class Attempts:
         except Exception as e:  # noqa: BLE001 - a bad output folder is a config error
             self.fail(f"output folder {out}: {e}", kind=EventKind.CONFIG_REJECTED)
             return
-        env = dict(os.environ)
+        env = runenv.for_run(self.store.path)  # captured at start, not this supervisor's own
         env.update(recipe.env)
         env.update({
             "QLW_RECIPE": str(adir / "recipe.json"), "QLW_EVENTS": str(events),
@@ -279,6 +281,8 @@ class Attempts:
         except OSError as e:
             self.fail(f"cannot start the trainer wrapper: {e}", kind=EventKind.CONFIG_REJECTED)
             return
+        if self.download is not None:
+            self.download.on_launch(env, recipe.model.name if recipe.model else None)
         ident = await asyncio.to_thread(procgroup.identity_after_exec, self.proc.pid, list(self.proc.args))
         launched = time.time()
         self.mark_time(launched)
@@ -437,7 +441,11 @@ class Attempts:
         io.record(EventKind.RELAUNCH_SCHEDULED, a.message, level="warning", guard=a.guard, evidence=a.evidence)
         io.set_state(RunState.BACKOFF, why=f"{a.reason}: relaunch in {a.delay_s:g} s",
                      next_launch_in_s=a.delay_s,
-                     restarts=restarts_after(st.restarts or 0, "relaunch", rung_before=st.rung, rung_after=a.rung))
+                     # restarts: every relaunch of the run (what `status --json` and the report count);
+                     # restarts_since_progress: the crash budget (guards.relaunch.restarts_after)
+                     restarts=(st.restarts or 0) + 1,
+                     restarts_since_progress=restarts_after(st.restarts_since_progress or 0, "relaunch",
+                                                            rung_before=st.rung, rung_after=a.rung))
         self.pending = a
         self.next_launch_mono = time.monotonic() + max(0.0, a.delay_s)
 

@@ -29,13 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import guards as guardlib
-from supervisor import procgroup
+from supervisor import logrotate, procgroup
 from supervisor import protocol as proto
 from supervisor.daemon.actions import Actions
 from supervisor.daemon.attempts import Attempts
 from supervisor.daemon.guard_window import GuardClock, build_window
+from supervisor.daemon.preempt import Preemption, sigterm_preempts
 from supervisor.daemon.runio import RunIO
 from supervisor.daemon.trainer_events import LOG_RING, TrainerEvents
+from supervisor.download import DownloadTracker
 from supervisor.guards.base import Action, Window
 from supervisor.preflight.emulation import card_total_mib
 from supervisor.recipe import Recipe, recipe_from_json
@@ -54,6 +56,7 @@ TICK_S = 0.2
 HISTORY_SAMPLES = 3_000
 HISTORY_STEPS = 2_500
 GUARD_EVERY_S = 1.0
+REBIND_EVERY_S = 1.0  # how soon a removed socket (or its folder) is bound again
 DISCOVER_EVERY_S = 2.0  # scans of a foreign trainer's output folder for new checkpoints
 
 
@@ -85,6 +88,11 @@ class Supervisor:
         self.sampler = sampler
         if self.recipe.hardware.emulate_vram_gib is not None and hasattr(sampler, "emulate"):
             sampler.emulate(card_total_mib(self.recipe.hardware.emulate_vram_gib))
+        if hasattr(sampler, "set_visible"):  # only the run's GPUs drive its guards
+            from supervisor.runenv import for_run
+
+            env = {**for_run(store.path), **self.recipe.env}  # what the trainer gets
+            sampler.set_visible(env.get("CUDA_VISIBLE_DEVICES"))
         self.socket_path = socket_path
         self.status: RunStatus = store.read_status()
         self.server: Any = None
@@ -95,20 +103,25 @@ class Supervisor:
         self.clock = GuardClock()  # the guards' clock, anchored at what the core last saw
         self.io = RunIO(store=store, status=self.status, set_state=self.set_state, record=self.record,
                         broadcast=self.broadcast)
+        self.download = DownloadTracker(self.io)  # a slow model download is progress (download.py)
         self.events = TrainerEvents(self.io, recipe=self.recipe, tb=self.tb, mark_time=self.clock.mark,
                                     output_dir=lambda: self.attempts.output_dir())
         self.attempts = Attempts(
             self.io, recipe=self.recipe, run_info=self.run_info, events=self.events,
             execute=lambda actions: self.actions.execute(actions), window=self.window,
             mark_time=self.clock.mark, sampler=sampler, helper_pids=self.tb.helper_pids,
-            gpu_lost=lambda: any(g.lost for s in self.recent_samples[-3:] for g in s.gpus))
+            gpu_lost=lambda: any(g.lost for s in self.recent_samples[-3:] for g in s.gpus),
+            download=self.download)
         self.actions = Actions(self.io, self.attempts)
+        self.preemption = Preemption(self.io, self.attempts)
         self._stop_event = asyncio.Event()
         self._last_sample_mono = 0.0
         self._sampling = False
         self._signals = 0
         self._last_discover_mono = 0.0
         self._last_guard_mono = 0.0
+        self._last_bind_check = 0.0
+        self._last_out_check = 0.0
         self._acting = False  # a guard's decisive action (stop, relaunch) is being carried out
 
     # -- state ------------------------------------------------------------------------
@@ -182,8 +195,12 @@ class Supervisor:
         procgroup.become_subreaper()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # a closed terminal is not a stop
+        from supervisor.runenv import for_run
+
+        preempt_on_term = sigterm_preempts({**for_run(self.store.path), **os.environ})
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal)
+            loop.add_signal_handler(sig, self._on_signal, sig.name, sig == signal.SIGTERM and preempt_on_term)
+        self.preemption.install(loop)  # SIGUSR1: Slurm's warning ahead of the end
         await self._start_server()
         await asyncio.to_thread(self.tb.start)  # trackers open before the first launch
         try:
@@ -196,6 +213,7 @@ class Supervisor:
                     await asyncio.wait_for(self._stop_event.wait(), TICK_S)
             await self.tick()  # last events and log lines
         finally:
+            self.preemption.settle(loop, preempt_on_term)  # a late SIGTERM must not make exit 0 a -15
             self.broadcast(proto.bye(f"run {self.run_state.value if self.status.state else None}"))
             await asyncio.sleep(0.05)
             if self.server is not None:
@@ -207,8 +225,12 @@ class Supervisor:
             os.close(lock_fd)
         return 0
 
-    def _on_signal(self) -> None:
-        """SIGTERM/SIGINT: save state and leave; the trainer goes on (re-adopted later)."""
+    def _on_signal(self, name: str = "SIGTERM", preempt: bool = False) -> None:
+        """SIGTERM/SIGINT: save state and leave; the trainer goes on (re-adopted later). Under
+        Slurm or as a container's pid 1, SIGTERM is a preemption instead (preempt.py)."""
+        if preempt or self.preemption.active:
+            self.preemption.on_signal(name)
+            return
         self._signals += 1
         if self._signals > 1:
             os._exit(0)  # fast path on the second signal
@@ -227,9 +249,20 @@ class Supervisor:
         await self.attempts.poll()
         self.events.read()
         await self._maybe_sample()
+        await self.download.tick()
         if time.monotonic() - self._last_discover_mono >= DISCOVER_EVERY_S:
             self._last_discover_mono = time.monotonic()
             self.events.discover_checkpoints()
+        if time.monotonic() - self._last_out_check >= logrotate.CHECK_EVERY_S:
+            self._last_out_check = time.monotonic()
+            cfg = self.recipe.supervisor
+            try:  # our own stdout/stderr file: copy and truncate, we cannot reopen it
+                logrotate.copy_truncate(self.store.path / "supervisor.out", cfg.log_max_bytes, cfg.log_backups)
+            except OSError as e:
+                log.warning("supervisor.out not rotated: %s", e)
+        if self.server is not None and time.monotonic() - self._last_bind_check >= REBIND_EVERY_S:
+            self._last_bind_check = time.monotonic()
+            await self.server.ensure_bound()  # removed at logout: bound again (issue #14)
         self.run_guards()
 
     # -- guards -----------------------------------------------------------------------
@@ -297,10 +330,16 @@ def run_supervisor(run_dir: Path, *, socket_path: Path | None, with_telemetry: b
     """Entry point of the detached supervisor process (`qlora-watch _supervise`)."""
     os.umask(0o077)
     store = RunStore(run_dir)
-    logging.basicConfig(
-        filename=str(run_dir / "supervisor.log"), level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-    )
+    from supervisor import logrotate
+
+    try:
+        cfg = recipe_from_json((run_dir / "recipe.json").read_text()).supervisor
+        max_bytes, backups = cfg.log_max_bytes, cfg.log_backups
+    except (OSError, ValueError):
+        max_bytes, backups = 50 * 1024 * 1024, 3
+    # rotated like the trainer log (they grew without bound)
+    logging.basicConfig(level=logging.INFO,
+                        handlers=[logrotate.log_handler(run_dir / "supervisor.log", max_bytes, backups)])
     sampler = None
     if with_telemetry:
         try:

@@ -134,9 +134,12 @@ class TrainerEvents:
         """A complete checkpoint of this run: progress (it resets the crash budget)."""
         self.io.set_state(last_checkpoint=str(info.path), last_checkpoint_step=info.step,
                           last_checkpoint_bytes=info.size_bytes,
-                          restarts=restarts_after(self.io.status.restarts or 0, "progress"),
+                          restarts_since_progress=restarts_after(self.io.status.restarts_since_progress or 0,
+                                                                 "progress"),
                           last_progress_t=time.time())
-        self.io.record(EventKind.CHECKPOINT_SAVED, f"{info.name} saved ({info.size_bytes / 1e6:.1f} MB)",
+        from supervisor.units import size
+
+        self.io.record(EventKind.CHECKPOINT_SAVED, f"{info.name} saved ({size(info.size_bytes)})",
                        evidence={"step": info.step, "bytes": info.size_bytes})
 
     def discover_checkpoints(self) -> None:
