@@ -26,7 +26,7 @@ from supervisor import guards as guardlib
 from supervisor import ladder, procgroup, runenv
 from supervisor.checkpoints import folders as checkpoints
 from supervisor.checkpoints.plan import newest_complete_of, prune_plan
-from supervisor.daemon import handoff
+from supervisor.daemon import handoff, leftovers
 from supervisor.daemon.runio import RunIO
 from supervisor.daemon.trainer_events import TrainerEvents
 from supervisor.guards.base import Action, PruneCheckpoints, Relaunch
@@ -124,7 +124,7 @@ class Attempts:
             io.set_state(RunState.STARTING, why="a new run", attempt=0, lineage=1, rung=None,
                          restarts=0, restarts_since_progress=0, started_at=time.time(),
                          output_dir=self.run_info.output_dir)
-            self._finish_pending_deletes()
+            leftovers.finish_pending_deletes(self.io, self.output_dir())
             await self.execute(self._prelaunch_checks())  # warnings only
             await self.launch(resume=None, rung=self.run_info.start_rung)  # --auto-fit
             return
@@ -135,12 +135,12 @@ class Attempts:
             # The last attempt's wrapper is history now: any process of it still alive (a LOST
             # run's trainer) is a stray, and two trainers must not share the output folder.
             io.set_state(resume_request=None, wrapper=None)
-            self._finish_pending_deletes()
-            await self._stop_strays()
+            leftovers.finish_pending_deletes(self.io, self.output_dir())
+            await leftovers.stop_strays(self.io, self.output_dir())
             await self.launch(resume=request.get("from"), rung=st.rung, fresh=bool(request.get("fresh")))
             return
-        self._finish_pending_deletes()  # a supervisor killed mid-delete left .deleting-<ts>
-        await self._stop_strays()  # a supervisor killed between spawn and record left one
+        leftovers.finish_pending_deletes(self.io, self.output_dir())  # a supervisor killed mid-delete left .deleting-<ts>
+        await leftovers.stop_strays(self.io, self.output_dir())  # a supervisor killed between spawn and record left one
         wrapper = st.wrapper
         attempt = st.attempt or 1
         exit_file = self.attempt_dir() / "exit.json"
@@ -168,55 +168,6 @@ class Attempts:
                   f"reused); it was not signalled{hint}", level="error")
         io.set_state(RunState.LOST, why="adopting: the recorded trainer cannot be verified",
                      message=f"trainer lost{hint}", exited=True)
-
-    async def _stop_strays(self) -> None:
-        """Stop trainer groups of this run that the state does not name.
-
-        A supervisor killed between spawning the wrapper and recording it in state.json leaves
-        a trainer nobody tracks; launching again would put two trainers on one output folder.
-        Such a wrapper is recognised by its --exit-file inside this run's folder (and our uid);
-        its group is killed, and the complete checkpoints it wrote are adopted so that the
-        relaunch resumes from them.
-        """
-        known = (self.st.wrapper or {}).get("pid")
-        prefix = str(self.store.path / "attempts") + os.sep
-        stopped = []
-        for p in psutil.process_iter(["pid", "cmdline", "uids"]):
-            try:
-                cmd = p.info.get("cmdline") or []
-                if p.pid == known or "supervisor.wrapper" not in cmd or "--exit-file" not in cmd:
-                    continue
-                exit_file = cmd[cmd.index("--exit-file") + 1]
-                uids = p.info.get("uids")
-                if not exit_file.startswith(prefix) or uids is None or uids.real != os.getuid():
-                    continue
-                if p.status() == psutil.STATUS_ZOMBIE:
-                    continue
-            except (psutil.Error, IndexError):
-                continue
-            procgroup.signal_group(p.pid, signal.SIGKILL)
-            await asyncio.to_thread(procgroup.wait_gone, p.pid, 10.0)
-            stopped.append(p.pid)
-        if not stopped:
-            return
-        adopted = checkpoints.adopt_checkpoints(self.output_dir(), self.store.run_id)
-        self.io.record(EventKind.STRAYS_STOPPED, f"stopped trainer group(s) {stopped} that a previous supervisor "
-                       "started but never recorded (two trainers must not share a run)"
-                       + (f"; adopted {', '.join(adopted)}" if adopted else ""), level="warning")
-
-    def _finish_pending_deletes(self) -> None:
-        """Complete the phase 2 of deletes that an earlier supervisor did not finish."""
-        out = self.output_dir()
-        if not out.is_dir():
-            return
-        results = checkpoints.finish_pending_deletes(out, self.store.path / "deletions.log")
-        for r in results:
-            if r.ok:
-                self.io.record(EventKind.CHECKPOINT_PRUNED, f"finished the interrupted delete of {r.name}",
-                               evidence={"bytes": r.size_bytes})
-            else:
-                self.io.record(EventKind.PRUNE_FAILED, f"could not finish deleting {r.name}: {r.error}",
-                               level="warning")
 
     def _prelaunch_checks(self) -> list[Action]:
         """Host RAM against what the run needs (model loading + paged optimiser state)."""
