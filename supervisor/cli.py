@@ -290,7 +290,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     if args.ssh:
         from supervisor.remote import attach_over_ssh
 
-        return attach_over_ssh(args.ssh, args.run)
+        return attach_over_ssh(args.ssh, args.run, args.remote_cmd)
     from supervisor import runs
 
     if args.run is None:
@@ -515,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("attach", cmd_attach, "open the dashboard on a run (d detaches, the run goes on)")
     p.add_argument("run", nargs="?")
     p.add_argument("--ssh", metavar="USER@HOST", help="attach to a run on a remote box over ssh")
+    p.add_argument("--remote-cmd", metavar="PATH", default=None,
+                   help="qlora-watch on the remote box, when ssh's PATH lacks it "
+                        "(default: $QLORA_WATCH_REMOTE_CMD, else qlora-watch)")
 
     p = add("serve", cmd_serve, "serve the dashboard to a browser on 127.0.0.1")
     p.add_argument("run", nargs="?")
