@@ -22,12 +22,9 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from supervisor.units import size
-
-if TYPE_CHECKING:
-    from supervisor.core import Supervisor
 
 log = logging.getLogger("qlora-watch.download")
 
@@ -140,7 +137,7 @@ class _Watch:
 class DownloadTracker:
     """The supervisor's part: measure the cache while the trainer loads, record progress."""
 
-    def __init__(self, sup: "Supervisor"):
+    def __init__(self, sup: Any):  # the daemon's Supervisor (not imported: the dashboard imports describe)
         self.sup = sup
         self.watch: _Watch | None = None
         self._last_poll = 0.0

@@ -43,7 +43,7 @@ def _supervise(store, env: dict[str, str] | None = None) -> subprocess.Popen:
 
 
 def test_r4_sigterm_mode() -> None:
-    from supervisor.preempt import sigterm_preempts
+    from supervisor.daemon.preempt import sigterm_preempts
 
     assert not sigterm_preempts({}, pid=4242)  # a workstation: SIGTERM detaches (A12)
     assert sigterm_preempts({"SLURM_JOB_ID": "77"}, pid=4242)
@@ -58,7 +58,7 @@ def test_r4_preemption_saves_records_preempted_exits_0_and_resumes(
     """Slurm's --signal=USR1@120 then SIGTERM (or SIGTERM alone in a Slurm job) to the
     supervisor's process group: the trainer saves a complete checkpoint, the run is PREEMPTED,
     the supervisor exits 0, and `qlora-watch resume` completes the run from that checkpoint."""
-    from supervisor.checkpoints import checkpoint_status
+    from supervisor.checkpoints.folders import checkpoint_status
 
     recipe = fake_recipe(tmp_path, ["--steps", "60", "--step-time", "0.05", "--save-every", "1000"])
     store = create_run(recipe)
@@ -199,7 +199,7 @@ def test_r6_lists_are_long_enough_and_argv() -> None:
 
 
 async def _attach_snapshot(sock: Path) -> dict:
-    from supervisor.client import AsyncRunClient
+    from supervisor.control.client import AsyncRunClient
 
     c = AsyncRunClient(sock)
     try:
@@ -262,7 +262,7 @@ def test_r1_socket_dir_is_per_uid_in_tmp_not_the_runtime_dir(monkeypatch: pytest
 
 
 def _logind_root(tmp_path: Path, kill: bool, linger: bool) -> Path:
-    from supervisor.logind import user_name
+    from supervisor.control.logind import user_name
 
     root = tmp_path / "root"
     (root / "run/systemd/system").mkdir(parents=True)
@@ -280,7 +280,7 @@ def _logind_root(tmp_path: Path, kill: bool, linger: bool) -> Path:
                                                 (False, False, False)])
 def test_r1_start_says_when_logout_would_end_the_run(qlw_home: Path, tmp_path: Path,
                                                      kill: bool, linger: bool, said: bool) -> None:
-    from supervisor.logind import user_name
+    from supervisor.control.logind import user_name
     from tests.rel_helpers import wait_end
 
     root = _logind_root(tmp_path, kill, linger)
@@ -294,7 +294,7 @@ def test_r1_start_says_when_logout_would_end_the_run(qlw_home: Path, tmp_path: P
 
 
 def test_r1_scope_when_systemd_run_is_usable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from supervisor import logind
+    from supervisor.control import logind
 
     state = logind.Logind(in_use=True, kill_user_processes=True, linger=False, user="u")
     fake = tmp_path / "bin" / "systemd-run"

@@ -87,7 +87,7 @@ def forwarding_refused_message(host: str) -> str:
 
 def _probe(local: Path, timeout: float = 10.0) -> BaseException | None:
     """A `ping` through the forward: None when the remote supervisor answers."""
-    from supervisor.client import request
+    from supervisor.control.client import request
 
     try:
         request(local, "ping", timeout=timeout)
@@ -183,7 +183,7 @@ class Link:
 def attach_over_ssh(host: str, run: str | None, remote_cmd: str | None = None) -> int:
     import asyncio
 
-    from supervisor.client import AsyncRunClient
+    from supervisor.control.client import AsyncRunClient
     from supervisor.tui.app import make_app
 
     try:

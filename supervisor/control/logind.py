@@ -58,7 +58,7 @@ class Logind:
 
 
 def check() -> Logind:
-    from supervisor.doctor import logind_kill_user_processes
+    from supervisor.preflight.doctor import logind_kill_user_processes
 
     root = _root()
     user = user_name()
