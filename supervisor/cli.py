@@ -183,6 +183,28 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _launched(store, args, "resumed", spawn=False)
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    """`qlora-watch submit RECIPE`: the run as a Slurm batch job (slurm_runs.py, docs/slurm.md)."""
+    recipe = _load(args.recipe, args.set)
+    from supervisor.catalog import resolve
+    from supervisor.slurm_runs import submit
+    from supervisor.slurm_script import SubmitOptions
+
+    if not recipe.foreign and not Path(recipe.data.path).is_file():
+        print(f"qlora-watch: {args.recipe}: data.path {recipe.data.path} does not exist "
+              "(set it with --set data.path=/path/to/train.jsonl)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    opts = SubmitOptions(partition=args.partition, gpus=args.gpus, time=args.time,
+                         sbatch_args=list(args.sbatch_arg or []), job_name=args.job_name)
+    return submit(resolve(args.recipe), recipe, opts, dry_run=args.dry_run)
+
+
+def cmd_slurm_job(args: argparse.Namespace) -> int:
+    from supervisor.slurm_job import main as job_main
+
+    return job_main(args.run_dir)
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     from supervisor import catalog
 
@@ -227,15 +249,20 @@ def cmd_supervise(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     from supervisor import runs
 
-    rows = [runs.summary(s) for s in runs.all_runs()]
+    stores = runs.all_runs()
+    rows = [runs.summary(s) for s in stores]
+    from supervisor.slurm_runs import annotate
+
+    note = annotate(stores, rows)  # Slurm runs: job id, PENDING (reason) / RUNNING on NODE
     if args.json:
         print(json.dumps(rows, indent=1, default=str))
         return 0
     if not rows:
         print("no runs yet: start one with `qlora-watch start RECIPE`")
         return 0
+    job_col = any("job" in r for r in rows)
     print(f"{'RUN':<22} {'RECIPE':<18} {'STATE':<10} {'STEP':>11} {'LOSS':>8} {'RUNG':<7} "
-          f"{'CHECKPOINT':<16} {'WALL':>9}  STARTED")
+          f"{'CHECKPOINT':<16} {'WALL':>9}  {'STARTED':<16}" + ("  SLURM JOB" if job_col else ""))
     for r in rows:
         step = f"{r.get('step') or 0}/{r.get('max_steps') or '?'}"
         loss = r.get("last_loss")
@@ -243,7 +270,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         ckpt = Path(r["last_checkpoint"]).name if r.get("last_checkpoint") else "-"
         print(f"{r['run_id']:<22} {str(r.get('recipe'))[:18]:<18} {r.get('state') or '?':<10} "
               f"{step:>11} {loss_s:>8} {runs.rung_label(r.get('rung')):<7} {ckpt[:16]:<16} "
-              f"{runs.fmt_duration(r.get('wall_s')):>9}  {r.get('started')}")
+              f"{runs.fmt_duration(r.get('wall_s')):>9}  {str(r.get('started')):<16}"
+              + (f"  {r.get('job', '')}" if job_col else ""))
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 
@@ -271,6 +301,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from supervisor import runs
 
     store = _find(args.run)
+    from supervisor.slurm_runs import is_slurm
+
+    if is_slurm(store):  # graceful stop on its node, then scancel
+        from supervisor.slurm_runs import stop as slurm_stop
+
+        return slurm_stop(store, now=args.now)
     return runs.stop(store, now=args.now)
 
 
@@ -298,6 +334,19 @@ def cmd_attach(args: argparse.Namespace) -> int:
                 return 0
             args.run = picked
     store = _find(args.run)
+    from supervisor.slurm_runs import is_slurm
+
+    if is_slurm(store):  # find the job's node: here, or over ssh like --ssh NODE
+        from supervisor import paths
+        from supervisor.remote import attach_over_ssh
+        from supervisor.slurm_runs import attach_target
+
+        how, where = attach_target(store)
+        if how == "wait":
+            print(f"qlora-watch: {where}", file=sys.stderr)
+            return 1
+        if how == "ssh":
+            return attach_over_ssh(str(where), store.run_id, home=paths.state_home())
     return _attach(store, args)
 
 
@@ -458,6 +507,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="start and return; no dashboard")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
 
+    p = add("submit", cmd_submit, "submit a run as a Slurm batch job (requeued jobs resume it); "
+            "prints RUN_ID JOB_ID")
+    p.add_argument("recipe")
+    sets(p)
+    p.add_argument("--partition", metavar="P", help="the Slurm partition")
+    p.add_argument("--gpus", type=int, metavar="N", help="GPUs per node (default: the recipe's "
+                   "hardware.gpus; 0: none)")
+    p.add_argument("--time", metavar="T", help="the time limit, e.g. 24:00:00 (USR1 comes "
+                   "stop_grace_s + 60 s before it: checkpoint, requeue)")
+    p.add_argument("--sbatch-arg", action="append", metavar="OPT", default=[],
+                   help="one more sbatch option, e.g. --sbatch-arg=--account=proj (repeat)")
+    p.add_argument("--job-name", metavar="NAME", help="the job name (default: qlw-RUN_ID)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script; create and submit nothing")
+
     p = add("resume", cmd_resume, "continue a stopped, failed or lost run: a new attempt in the same run")
     p.add_argument("run", nargs="?", help="run id or unique prefix (default: latest)")
     p.add_argument("--from", dest="from_ckpt", metavar="checkpoint-N",
@@ -546,6 +609,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("_socket", help=argparse.SUPPRESS)
     p.add_argument("run", nargs="?")
     p.set_defaults(fn=cmd_socket)
+
+    p = sub.add_parser("_slurm_job", help=argparse.SUPPRESS)
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_slurm_job)
 
     p = sub.add_parser("_tui", help=argparse.SUPPRESS)
     p.add_argument("--socket", required=True)

@@ -132,8 +132,9 @@ def is_live(store: RunStore) -> bool:
 
 
 def ensure_supervisor(store: RunStore) -> bool:
-    """Restart a supervisor for a live run whose supervisor died; it re-adopts the trainer."""
-    if not is_live(store) or supervisor_running(store):
+    """Restart a supervisor for a live run whose supervisor died; it re-adopts the trainer.
+    Never for a Slurm run: its supervisor runs only inside its job (slurm_job.py)."""
+    if not is_live(store) or supervisor_running(store) or (store.path / "slurm.json").exists():
         return False
     spawn_supervisor(store)
     deadline = time.monotonic() + 10
