@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import slurm
-from supervisor.slurm_node import node_argv
-from supervisor.slurm_script import SubmitOptions, render
+from supervisor.slurm import commands as slurm
+from supervisor.slurm.node import node_argv
+from supervisor.slurm.script import SubmitOptions, render
 from tests import slurm_cluster
 from tests.conftest import ROOT, fake_recipe, qlw, read_state, wait_for
 
@@ -61,7 +61,7 @@ def test_submit_without_slurm_says_so_in_one_line(qlw_home: Path, tmp_path: Path
 
 
 def test_multinode_trainer_is_srun_then_accelerate_with_each_nodes_rank() -> None:
-    from supervisor.launcher import trainer_argv
+    from supervisor.procgroup import trainer_argv
     from supervisor.recipe import load_recipe
 
     argv = trainer_argv(load_recipe(TINY, ["hardware.nodes=2", "hardware.gpus=4"]))

@@ -54,7 +54,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
         print(f"qlora-watch: {args.recipe}: preflight needs [model] (a [trainer]-only recipe runs a "
               "command whose model qlora-watch does not know)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from supervisor.preflight import run_preflight
+    from supervisor.preflight.memory import run_preflight
 
     text, code = run_preflight(recipe, args.gpu_mem, args.host_ram, args.json)
     print(text)
@@ -91,7 +91,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     require_for_run(recipe)
     if recipe.foreign:  # a [trainer]-only recipe: the same as `qlora-watch run`
         return _create_and_launch(args, recipe, resolve(args.recipe), None, None)
-    from supervisor.preflight import estimate, margin_line, render_table
+    from supervisor.preflight.memory import estimate, margin_line, render_table
 
     if not Path(recipe.data.path).is_file():
         print(f"qlora-watch: {args.recipe}: data.path {recipe.data.path} does not exist "
@@ -125,7 +125,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def _create_and_launch(args: argparse.Namespace, recipe: Any, recipe_path: str | None,
                        report: Any, start_rung: int | None) -> int:
-    from supervisor import runs
+    from supervisor.control import runs
 
     try:
         store = runs.create(recipe_path, recipe, report, start_rung=start_rung)
@@ -138,7 +138,7 @@ def _create_and_launch(args: argparse.Namespace, recipe: Any, recipe_path: str |
 def _launched(store: Any, args: argparse.Namespace, what: str, spawn: bool = True) -> int:
     """Spawn the supervisor (unless already), then print the run id or open the dashboard;
     a run that fails at once is reported with its reason and a non-zero exit."""
-    from supervisor import runs
+    from supervisor.control import runs
 
     if spawn:
         runs.spawn_supervisor(store)
@@ -160,7 +160,7 @@ def _launched(store: Any, args: argparse.Namespace, what: str, spawn: bool = Tru
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Supervise any training command: `qlora-watch run --output-dir D -- python train.py`."""
-    from supervisor.foreign_cli import FOREIGN_ERRORS, recipe_for_command
+    from supervisor.cli.foreign import FOREIGN_ERRORS, recipe_for_command
 
     try:
         recipe = recipe_for_command(args)
@@ -171,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from supervisor.resume import ResumeError, resume_run
+    from supervisor.control.resume import ResumeError, resume_run
 
     store = _find(args.run)
     try:
@@ -184,11 +184,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    """`qlora-watch submit RECIPE`: the run as a Slurm batch job (slurm_runs.py, docs/slurm.md)."""
+    """`qlora-watch submit RECIPE`: the run as a Slurm batch job (supervisor/slurm/, docs/slurm.md)."""
     recipe = _load(args.recipe, args.set)
     from supervisor.catalog import resolve
-    from supervisor.slurm_runs import submit
-    from supervisor.slurm_script import SubmitOptions
+    from supervisor.slurm.runs import submit
+    from supervisor.slurm.script import SubmitOptions
 
     if not recipe.foreign and not Path(recipe.data.path).is_file():
         print(f"qlora-watch: {args.recipe}: data.path {recipe.data.path} does not exist "
@@ -200,7 +200,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_slurm_job(args: argparse.Namespace) -> int:
-    from supervisor.slurm_job import main as job_main
+    from supervisor.slurm.job import main as job_main
 
     return job_main(args.run_dir)
 
@@ -225,13 +225,14 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from supervisor import doctor
+    from supervisor.preflight import doctor
 
     return doctor.main(args.json)
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
-    from supervisor import catalog, completion
+    from supervisor import catalog
+    from supervisor.cli import completion
 
     sys.stdout.write(completion.script(args.shell, build_parser(), catalog.names()))
     return 0
@@ -239,7 +240,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 def cmd_supervise(args: argparse.Namespace) -> int:
     from supervisor import paths
-    from supervisor.core import run_supervisor
+    from supervisor.daemon.core import run_supervisor
 
     run_dir = Path(args.run_dir)
     sock = paths.socket_path(run_dir.name)
@@ -247,11 +248,11 @@ def cmd_supervise(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from supervisor import runs
+    from supervisor.control import runs
 
     stores = runs.all_runs()
     rows = [runs.summary(s) for s in stores]
-    from supervisor.slurm_runs import annotate
+    from supervisor.slurm.runs import annotate
 
     note = annotate(stores, rows)  # Slurm runs: job id, PENDING (reason) / RUNNING on NODE
     if args.json:
@@ -278,7 +279,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from supervisor import runs
+    from supervisor.control import runs
 
     store = _find(args.run)
     runs.ensure_supervisor(store)
@@ -291,27 +292,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from supervisor import runs
+    from supervisor.control import runs
 
     store = _find(args.run)
     return runs.print_logs(store, follow=args.follow, lines=args.lines)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from supervisor import runs
+    from supervisor.control import runs
 
     store = _find(args.run)
-    from supervisor.slurm_runs import is_slurm
+    from supervisor.slurm.runs import is_slurm
 
     if is_slurm(store):  # graceful stop on its node, then scancel
-        from supervisor.slurm_runs import stop as slurm_stop
+        from supervisor.slurm.runs import stop as slurm_stop
 
         return slurm_stop(store, now=args.now)
     return runs.stop(store, now=args.now)
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    from supervisor import runs
+    from supervisor.control import runs
 
     store = _find(args.run)
     return runs.wait(store, timeout=args.timeout)
@@ -319,10 +320,10 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 def cmd_attach(args: argparse.Namespace) -> int:
     if args.ssh:
-        from supervisor.remote import attach_over_ssh
+        from supervisor.control.remote import attach_over_ssh
 
         return attach_over_ssh(args.ssh, args.run)
-    from supervisor import runs
+    from supervisor.control import runs
 
     if args.run is None:
         live = [s for s in runs.all_runs() if runs.is_live(s)]
@@ -334,12 +335,12 @@ def cmd_attach(args: argparse.Namespace) -> int:
                 return 0
             args.run = picked
     store = _find(args.run)
-    from supervisor.slurm_runs import is_slurm
+    from supervisor.slurm.runs import is_slurm
 
     if is_slurm(store):  # find the job's node: here, or over ssh like --ssh NODE
         from supervisor import paths
-        from supervisor.remote import attach_over_ssh
-        from supervisor.slurm_runs import attach_target
+        from supervisor.control.remote import attach_over_ssh
+        from supervisor.slurm.runs import attach_target
 
         how, where = attach_target(store)
         if how == "wait":
@@ -351,7 +352,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def _attach(store: Any, args: argparse.Namespace) -> int:
-    from supervisor import runs
+    from supervisor.control import runs
 
     client = runs.client_for(store)
     try:
@@ -376,7 +377,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_socket(args: argparse.Namespace) -> int:
     """Used by `attach --ssh` on the remote side: print the run's socket path."""
-    from supervisor import paths, runs
+    from supervisor import paths
+    from supervisor.control import runs
 
     store = _find(args.run)
     runs.ensure_supervisor(store)
@@ -392,7 +394,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from supervisor.extras import require
 
     require("report", "report (its plots)")
-    from supervisor.report import ReportError, generate_report
+    from supervisor.report.data import ReportError, generate_report
 
     store = _find(args.run)
     other = _find(args.compare).path if args.compare else None
@@ -407,7 +409,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from supervisor.merge import RemoveError, describe_removal, remove_run
+    from supervisor.control.merge import RemoveError, describe_removal, remove_run
 
     store = _find(args.run)
     text = describe_removal(store.path, args.checkpoints)
@@ -435,7 +437,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from supervisor.extras import require
 
     require("train", "merge")
-    from supervisor.merge import MergeError, find_adapter, merge_adapter
+    from supervisor.control.merge import MergeError, find_adapter, merge_adapter
 
     src = Path(args.run)
     if not (os.sep in args.run and src.is_dir()):  # a run id, else an adapter/output folder path
@@ -452,7 +454,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_tui_client(args: argparse.Namespace) -> int:
     """Used by `attach --ssh`: run the dashboard against a local (forwarded) socket."""
-    from supervisor.client import AsyncRunClient
+    from supervisor.control.client import AsyncRunClient
     from supervisor.tui.app import make_app
 
     make_app(AsyncRunClient(Path(args.socket))).run()
@@ -463,7 +465,7 @@ def cmd_tui_client(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from supervisor.cli_help import Parser, epilog
+    from supervisor.cli.help import Parser, epilog
 
     ap = Parser(
         prog="qlora-watch",
@@ -625,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else argv
     if not __version__ and args_in[:1] != ["doctor"]:
-        from supervisor.doctor import SEPARATE_VENV
+        from supervisor.preflight.doctor import SEPARATE_VENV
 
         print("qlora-watch: the `supervisor` package here is not qlora-watch's (the PyPI package "
               f"supervisor, supervisord, uses the same name); use a separate venv: {SEPARATE_VENV}",

@@ -2,7 +2,7 @@
 and `attach` (finds the node; ssh stream-local forwarding unless the node is this machine).
 
 A Slurm run is an ordinary run folder with a slurm.json beside info.json: the job id, the
-script and one record per job start (node, restart count, environment; slurm_job.py). The
+script and one record per job start (node, restart count, environment; slurm/job.py). The
 run's supervisor runs only inside the job: nothing here starts one on the login node.
 """
 
@@ -12,7 +12,8 @@ import sys
 import time
 from typing import Any
 
-from supervisor import paths, slurm
+from supervisor import paths
+from supervisor.slurm import commands as slurm
 from supervisor.states import TERMINAL_VALUES, RunState
 from supervisor.store import RunStore, atomic_write, read_json
 
@@ -46,8 +47,8 @@ def submit(recipe_path: str, recipe: Any, opts: Any, dry_run: bool = False) -> i
     """Create the run, write job.sbatch into it and sbatch it; print `RUN_ID JOB_ID`."""
     import os
 
-    from supervisor import runs
-    from supervisor.slurm_script import ScriptError, render
+    from supervisor.control import runs
+    from supervisor.slurm.script import ScriptError, render
     from supervisor.store import new_run_id
 
     home = paths.state_home()
@@ -175,7 +176,7 @@ def stop(store: RunStore, now: bool) -> int:
 
 def _graceful(store: RunStore, j: slurm.Job) -> int:
     """Ask the run's supervisor (on its node) to stop; wait for the run to end."""
-    from supervisor import runs
+    from supervisor.control import runs
 
     node = j.first_node
     if slurm.is_local(node):
@@ -186,7 +187,7 @@ def _graceful(store: RunStore, j: slurm.Job) -> int:
                   file=sys.stderr)
             return 0
     else:
-        from supervisor.remote import RemoteError, run_remote
+        from supervisor.control.remote import RemoteError, run_remote
 
         try:
             run_remote(node or "", ["stop", store.run_id], home=paths.state_home())

@@ -147,7 +147,7 @@ def trainer_argv(recipe: object) -> list[str]:
     if tr.command:
         return list(tr.command)
     if getattr(hw, "nodes", 1) > 1:  # a Slurm job on several nodes: srun, one launcher per node
-        from supervisor.slurm_node import srun_argv
+        from supervisor.slurm.node import srun_argv
 
         return srun_argv(recipe)
     if hw.gpus <= 1:

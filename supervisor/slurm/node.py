@@ -1,7 +1,7 @@
 """Multi-node training inside a Slurm job (`hardware.nodes > 1`): Slurm's and accelerate's job.
 
 The supervisor runs in the batch step on the job's first node. Its trainer command is
-`srun --nodes=N --ntasks-per-node=1 python -m supervisor.slurm_node -- ACCELERATE_ARGV`: one
+`srun --nodes=N --ntasks-per-node=1 python -m supervisor.slurm.node -- ACCELERATE_ARGV`: one
 task per node, each of which execs `accelerate launch` with that node's rank
 (SLURM_NODEID), the machine count and the first node of SLURM_JOB_NODELIST as the main
 process. srun forwards the supervisor's stop signal to every task; the events and checkpoint
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from supervisor.slurm import first_node
+from supervisor.slurm.commands import first_node
 
 PORT_BASE = 29500
 
@@ -23,13 +23,13 @@ def srun_argv(recipe: object) -> list[str]:
     """The trainer's argv in a job of hardware.nodes nodes (launcher.trainer_argv)."""
     hw = recipe.hardware  # type: ignore[attr-defined]
     return ["srun", f"--nodes={hw.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-            sys.executable, "-m", "supervisor.slurm_node", "--", *accelerate_argv(recipe)]
+            sys.executable, "-m", "supervisor.slurm.node", "--", *accelerate_argv(recipe)]
 
 
 def accelerate_argv(recipe: object) -> list[str]:
     """The single-node FSDP command with every node's processes counted; the per-node flags
     (rank, main process) are added by main() in each task."""
-    from supervisor.launcher import trainer_argv
+    from supervisor.procgroup import trainer_argv
 
     hw = recipe.hardware  # type: ignore[attr-defined]
     # the accelerate form of one node (gpus >= 2 selects it), then counted over all nodes
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["--"]:
         args = args[1:]
     if not args:
-        print("usage: python -m supervisor.slurm_node -- ACCELERATE_ARGV", file=sys.stderr)
+        print("usage: python -m supervisor.slurm.node -- ACCELERATE_ARGV", file=sys.stderr)
         return 2
     cmd = node_argv(args, dict(os.environ))
     os.execv(cmd[0], cmd)

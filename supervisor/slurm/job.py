@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor import paths, slurm
+from supervisor import paths
+from supervisor.slurm import commands as slurm
 from supervisor.states import TERMINAL_VALUES, RunState
 from supervisor.store import RunStore
 
@@ -48,7 +49,7 @@ def _event(store: RunStore, message: str, level: str = "info", **evidence: Any) 
 
 
 def _gap_text(s: float) -> str:
-    from supervisor.runs import fmt_duration
+    from supervisor.control.runs import fmt_duration
 
     return fmt_duration(s)
 
@@ -65,7 +66,7 @@ def _last_alive(store: RunStore, starts: list[dict[str, Any]], st: dict[str, Any
 
 
 def _wait_for_lock(store: RunStore) -> bool:
-    from supervisor.runs import supervisor_running
+    from supervisor.control.runs import supervisor_running
 
     deadline = time.monotonic() + LOCK_WAIT_S
     while supervisor_running(store):
@@ -76,7 +77,7 @@ def _wait_for_lock(store: RunStore) -> bool:
 
 
 def main(run_dir: str) -> int:
-    from supervisor.slurm_runs import read_meta, write_meta
+    from supervisor.slurm.runs import read_meta, write_meta
 
     store = RunStore(Path(run_dir))
     if not store.path.is_dir():
@@ -115,7 +116,7 @@ def main(run_dir: str) -> int:
             st.update(state=RunState.LOST.value, message=why, exited=True, ended_at=last_alive or now)
             store.write_state(st)
             _event(store, why, level="warning")
-        from supervisor.resume import ResumeError, request_resume
+        from supervisor.control.resume import ResumeError, request_resume
 
         try:
             plan = request_resume(store)
@@ -134,7 +135,7 @@ def main(run_dir: str) -> int:
     store.write_state(st)
     store.close()
 
-    from supervisor.core import run_supervisor
+    from supervisor.daemon.core import run_supervisor
 
     rc = run_supervisor(store.path, socket_path=paths.socket_path(store.run_id))
     final = store.read_state().get("state")
@@ -158,7 +159,7 @@ def _requeue_if_running(job_id: str) -> None:
 
 
 def _end(store: RunStore, meta: dict[str, Any], message: str, code: int) -> int:
-    from supervisor.slurm_runs import write_meta
+    from supervisor.slurm.runs import write_meta
 
     if meta.get("starts"):
         meta["starts"][-1].update(ended_at=time.time(), outcome=store.read_state().get("state"))
