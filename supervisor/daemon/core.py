@@ -23,6 +23,7 @@ from supervisor import protocol as proto
 from supervisor.daemon.attempts import AttemptRunner
 from supervisor.daemon.followers import JsonlFollower, LogFollower
 from supervisor.daemon.logprogress import LogProgress
+from supervisor.preempt import Preemption, sigterm_preempts
 from supervisor.preflight.emulation import card_total_mib
 from supervisor.recipe import Recipe, recipe_from_json
 from supervisor.records import Event, Sample, Step, step_from_dict, to_dict
@@ -80,6 +81,7 @@ class Supervisor:
         # train.report_to: TensorBoard (telemetry beside the trainer's logs), W&B, MLflow
         self.tb = trackers_for(self.recipe, store.run_id, self.run_info["output_dir"], store.path)
         self.attempts = AttemptRunner(self)
+        self.preemption = Preemption(self)
         self.notifier = notify.from_recipe(self.recipe, store.run_id)
         self._stop_event = asyncio.Event()
         self._last_sample_mono = 0.0
@@ -165,8 +167,10 @@ class Supervisor:
         procgroup.become_subreaper()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # a closed terminal is not a stop
+        preempt_on_term = sigterm_preempts()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal)
+            loop.add_signal_handler(sig, self._on_signal, sig.name, sig == signal.SIGTERM and preempt_on_term)
+        self.preemption.install(loop)  # SIGUSR1: Slurm's warning ahead of the end
         await self._start_server()
         await asyncio.to_thread(self.tb.start)  # trackers open before the first launch
         try:
@@ -179,6 +183,7 @@ class Supervisor:
                     await asyncio.wait_for(self._stop_event.wait(), TICK_S)
             await self.tick()  # last events and log lines
         finally:
+            self.preemption.settle(loop, preempt_on_term)  # a late SIGTERM must not make exit 0 a -15
             self.broadcast(proto.bye(f"run {self.state.get('state')}"))
             await asyncio.sleep(0.05)
             if self.server is not None:
@@ -190,8 +195,12 @@ class Supervisor:
             os.close(lock_fd)
         return 0
 
-    def _on_signal(self) -> None:
-        """SIGTERM/SIGINT: save state and leave; the trainer goes on (re-adopted later)."""
+    def _on_signal(self, name: str = "SIGTERM", preempt: bool = False) -> None:
+        """SIGTERM/SIGINT: save state and leave; the trainer goes on (re-adopted later). Under
+        Slurm or as a container's pid 1, SIGTERM is a preemption instead (preempt.py)."""
+        if preempt or self.preemption.active:
+            self.preemption.on_signal(name)
+            return
         self._signals += 1
         if self._signals > 1:
             os._exit(0)  # fast path on the second signal
