@@ -164,8 +164,12 @@ def test_submit_pending_running_attach_requeue_resumes_from_checkpoint(
     wait_for(lambda: str(read_state(qlw_home, rid).get("last_checkpoint") or "").endswith("checkpoint-10"),
              timeout=60, interval=0.2, what="checkpoint-10")
     cluster.cmd("scontrol", "requeue", jid)  # SIGTERM to the job, then pending again
+    wait_for(lambda: read_state(qlw_home, rid).get("state") == "preempted", timeout=40, interval=0.2,
+             what="PREEMPTED (the supervisor saved a checkpoint on SIGTERM)")
+    saved = read_state(qlw_home, rid)["last_checkpoint"]
     wait_for(lambda: _ls(cluster, rid)["slurm"]["state"] == "PENDING", timeout=40, interval=0.3,
              what="requeued job pending")
+    assert _ls(cluster, rid)["state"] == "requeued" and "PENDING (BeginTime)" in _ls_line(cluster, rid)
     # Slurm holds a requeued job ~2 min (BeginTime); a test need not wait for that
     cluster.cmd("scontrol", "update", f"jobid={jid}", "StartTime=now")
     wait_for(lambda: read_state(qlw_home, rid).get("state") == "completed", timeout=150, interval=0.5,
@@ -173,8 +177,9 @@ def test_submit_pending_running_attach_requeue_resumes_from_checkpoint(
     st = read_state(qlw_home, rid)
     assert st["attempt"] == 2 and st["step"] == 40
     assert st["slurm"]["restart"] == 1 and st["slurm"]["job_id"] == jid
-    ckpt = int(Path(st["resume_from"]).name.split("-")[1])
-    assert 10 <= ckpt < 40, st["resume_from"]  # from its checkpoint, not from scratch
+    assert Path(st["resume_from"]).name == Path(saved).name  # the checkpoint the preemption saved
+    ckpt = int(Path(saved).name.split("-")[1])
+    assert 10 <= ckpt < 40, saved
     msgs = [m for k, m in _events(qlw_home, rid) if k == "slurm"]
     assert msgs[0] == f"Slurm job {jid} started on {cluster.host}"
     assert any(f"restart 1: resuming {rid} from checkpoint-{ckpt}" in m and "gap" in m for m in msgs), msgs
@@ -203,3 +208,27 @@ def test_stop_a_running_slurm_run_stops_gracefully_and_leaves_no_job(
     assert cluster.squeue() == []
     assert read_state(qlw_home, rid2)["state"] == "stopped"
     assert f"{jid2} ended" in _ls_line(cluster, rid2)
+
+
+@pytest.mark.timeout(120)
+def test_usr1_time_limit_warning_preempts_requeues_and_resumes(cluster, qlw_home: Path, tmp_path: Path) -> None:
+    """`--signal=B:USR1@grace` before the time limit: checkpoint, PREEMPTED, the job step
+    requeues its own job (Slurm would just end it), and the next start resumes."""
+    recipe = fake_recipe(tmp_path, ["--steps", "120", "--step-time", "0.05", "--save-every", "20"])
+    rid, jid = _submit(cluster, tmp_path, str(recipe))
+    wait_for(lambda: (read_state(qlw_home, rid).get("step") or 0) >= 25, timeout=60, interval=0.2,
+             what="steps")
+    cluster.cmd("scancel", "--signal=USR1", "--batch", jid)  # what Slurm sends at time - grace
+    wait_for(lambda: read_state(qlw_home, rid).get("state") == "preempted", timeout=30, interval=0.2,
+             what="PREEMPTED")
+    saved = read_state(qlw_home, rid)["last_checkpoint"]
+    wait_for(lambda: (cluster.squeue() or [""])[0].startswith(f"{jid} PENDING"), timeout=30, interval=0.3,
+             what="the job requeued by its own step")
+    cluster.cmd("scontrol", "update", f"jobid={jid}", "StartTime=now")
+    wait_for(lambda: read_state(qlw_home, rid).get("state") == "completed", timeout=60, interval=0.3,
+             what="the resumed run to complete")
+    st = read_state(qlw_home, rid)
+    assert st["attempt"] == 2 and Path(st["resume_from"]).name == Path(saved).name
+    out = (qlw_home / "runs" / rid / f"slurm-{jid}.out").read_text()
+    assert f"requeued job {jid}" in out
+    wait_for(lambda: not cluster.squeue(), timeout=30, interval=0.3, what="the job to leave squeue")
