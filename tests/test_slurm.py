@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -218,6 +219,8 @@ def test_usr1_time_limit_warning_preempts_requeues_and_resumes(cluster, qlw_home
     rid, jid = _submit(cluster, tmp_path, str(recipe))
     wait_for(lambda: (read_state(qlw_home, rid).get("step") or 0) >= 25, timeout=60, interval=0.2,
              what="steps")
+    waiter = subprocess.Popen([sys.executable, "-m", "supervisor", "wait", rid, "--timeout", "90"],
+                              env=_env(cluster), stdout=subprocess.PIPE, text=True)
     cluster.cmd("scancel", "--signal=USR1", "--batch", jid)  # what Slurm sends at time - grace
     wait_for(lambda: read_state(qlw_home, rid).get("state") == "preempted", timeout=30, interval=0.2,
              what="PREEMPTED")
@@ -229,6 +232,43 @@ def test_usr1_time_limit_warning_preempts_requeues_and_resumes(cluster, qlw_home
              what="the resumed run to complete")
     st = read_state(qlw_home, rid)
     assert st["attempt"] == 2 and Path(st["resume_from"]).name == Path(saved).name
+    # `wait` went on through PREEMPTED while the job was queued again
+    assert waiter.wait(30) == 0 and waiter.stdout.read().strip() == f"{rid}: completed"
+    status = qlw("status", rid, env=_env(cluster), check=True).stdout
+    assert f"slurm     job {jid} not in the queue (ended); started on {cluster.host}, " \
+           f"{cluster.host} (restart 1)" in status, status
     out = (qlw_home / "runs" / rid / f"slurm-{jid}.out").read_text()
     assert f"requeued job {jid}" in out
     wait_for(lambda: not cluster.squeue(), timeout=30, interval=0.3, what="the job to leave squeue")
+
+
+@pytest.mark.timeout(120)
+def test_stop_and_attach_from_another_host_go_through_ssh_to_the_node(
+        cluster, qlw_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a login node the job's node is another machine: stop runs `qlora-watch stop` there
+    and attach asks it for the socket, both with the run store's QLORA_WATCH_HOME."""
+    from supervisor.control.remote import SSH_OPTS, remote_socket
+    from supervisor.slurm import commands
+    from supervisor.slurm import runs as slurm_runs
+    from supervisor.store import RunStore
+
+    recipe = fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.05", "--save-every", "20"])
+    rid, jid = _submit(cluster, tmp_path, str(recipe))
+    wait_for(lambda: (read_state(qlw_home, rid).get("step") or 0) >= 5, timeout=60, interval=0.2,
+             what="steps")
+    log = tmp_path / "ssh.log"
+    for k, v in {**_env(cluster), "QLORA_WATCH_SSH": str(ROOT / "tests" / "fakes" / "fake_ssh.py"),
+                 "FAKE_SSH_LOG": str(log),
+                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(commands, "is_local", lambda node: False)  # we are "the login node"
+    store = RunStore(qlw_home / "runs" / rid)
+    assert slurm_runs.attach_target(store) == ("ssh", cluster.host)
+    sock = remote_socket(str(ROOT / "tests" / "fakes" / "fake_ssh.py"), cluster.host, rid, qlw_home)
+    assert sock.endswith(f"{rid}.sock")
+    assert slurm_runs.stop(store, now=False) == 0
+    assert cluster.squeue() == [] and read_state(qlw_home, rid)["state"] == "stopped"
+    calls = [json.loads(x) for x in log.read_text().splitlines()]
+    assert calls[0] == [*SSH_OPTS, cluster.host, "env", f"QLORA_WATCH_HOME={qlw_home}", "qlora-watch",
+                        "_socket", rid]
+    assert calls[1][-3:] == ["qlora-watch", "stop", rid]

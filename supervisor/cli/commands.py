@@ -284,10 +284,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = _find(args.run)
     runs.ensure_supervisor(store)
     data = runs.status(store)
+    from supervisor.slurm.runs import is_slurm, read_meta, status_line
+
+    slurm_run = is_slurm(store)
+    if slurm_run:
+        data["slurm_job"] = read_meta(store)
     if args.json:
         print(json.dumps(data, indent=1, default=str))
     else:
         print(runs.render_status(data))
+        if slurm_run:
+            print(status_line(store))
     return 0
 
 

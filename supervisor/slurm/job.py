@@ -77,7 +77,7 @@ def _wait_for_lock(store: RunStore) -> bool:
 
 
 def main(run_dir: str) -> int:
-    from supervisor.slurm.runs import read_meta, write_meta
+    from supervisor.slurm.runs import meta_lock, read_meta, write_meta
 
     store = RunStore(Path(run_dir))
     if not store.path.is_dir():
@@ -87,16 +87,17 @@ def main(run_dir: str) -> int:
     job_id = os.environ.get("SLURM_JOB_ID", "")
     node = os.environ.get("SLURMD_NODENAME") or slurm.short_hostname()
     restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    meta = read_meta(store)
-    starts: list[dict[str, Any]] = meta.setdefault("starts", [])
     st = store.read_state()
     state = st.get("state")
-    last_alive = _last_alive(store, starts, st)
-    prev_node = starts[-1].get("node") if starts else None
     now = time.time()
-    starts.append({"job_id": job_id, "node": node, "restart": restart, "t": now, "env": capture_env()})
-    meta["job_id"] = job_id or meta.get("job_id")
-    write_meta(store, meta)
+    with meta_lock(store):  # `submit` may be recording the job id right now
+        meta = read_meta(store)
+        starts: list[dict[str, Any]] = meta.setdefault("starts", [])
+        last_alive = _last_alive(store, starts, st)
+        prev_node = starts[-1].get("node") if starts else None
+        starts.append({"job_id": job_id, "node": node, "restart": restart, "t": now, "env": capture_env()})
+        meta["job_id"] = job_id or meta.get("job_id")
+        write_meta(store, meta)
     print(f"qlora-watch: job {job_id} (restart {restart}) on {node}: run {store.run_id} is "
           f"{state or 'new'}", flush=True)
 
@@ -159,10 +160,12 @@ def _requeue_if_running(job_id: str) -> None:
 
 
 def _end(store: RunStore, meta: dict[str, Any], message: str, code: int) -> int:
-    from supervisor.slurm.runs import write_meta
+    from supervisor.slurm.runs import meta_lock, read_meta, write_meta
 
-    if meta.get("starts"):
-        meta["starts"][-1].update(ended_at=time.time(), outcome=store.read_state().get("state"))
-    write_meta(store, meta)
+    with meta_lock(store):
+        meta = read_meta(store) or meta
+        if meta.get("starts"):
+            meta["starts"][-1].update(ended_at=time.time(), outcome=store.read_state().get("state"))
+        write_meta(store, meta)
     print(f"qlora-watch: {message}", file=sys.stderr if code else sys.stdout, flush=True)
     return code

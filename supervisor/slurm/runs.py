@@ -8,9 +8,12 @@ run's supervisor runs only inside the job: nothing here starts one on the login 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from supervisor import paths
 from supervisor.slurm import commands as slurm
@@ -40,13 +43,46 @@ def job_id(store: RunStore) -> str | None:
     return read_meta(store).get("job_id") or None
 
 
+@contextlib.contextmanager
+def meta_lock(store: RunStore) -> Iterator[None]:
+    """submit and the job's first start both update slurm.json: one at a time."""
+    fd = os.open(store.path / "slurm.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def job_in_queue(store: RunStore) -> bool:
+    """Is the run's job still in squeue (pending, running, completing)? False when unknown."""
+    jid = job_id(store)
+    try:
+        return bool(jid) and slurm.job(jid) is not None
+    except slurm.SlurmError:
+        return False
+
+
+def status_line(store: RunStore) -> str:
+    """`status`'s Slurm line: the job now, and where the run's job starts were."""
+    meta = read_meta(store)
+    jid = meta.get("job_id")
+    try:
+        j = slurm.job(jid) if jid else None
+        now = j.describe() if j else "not in the queue (ended)"
+    except slurm.SlurmError as e:
+        now = f"? ({e})"
+    starts = meta.get("starts") or []
+    where = ", ".join(f"{s.get('node')}" + (f" (restart {s.get('restart')})" if s.get("restart") else "")
+                      for s in starts[-4:])
+    return f"slurm     job {jid or '-'} {now}" + (f"; started on {where}" if where else "")
+
+
 # ------------------------------------------------------------------------------ submit
 
 
 def submit(recipe_path: str, recipe: Any, opts: Any, dry_run: bool = False) -> int:
     """Create the run, write job.sbatch into it and sbatch it; print `RUN_ID JOB_ID`."""
-    import os
-
     from supervisor.control import runs
     from supervisor.slurm.script import ScriptError, render
     from supervisor.store import new_run_id
@@ -92,9 +128,10 @@ def submit(recipe_path: str, recipe: Any, opts: Any, dry_run: bool = False) -> i
         print(f"qlora-watch: {e} (run {store.run_id} marked failed; its script: {script})",
               file=sys.stderr)
         return 1
-    meta = read_meta(store)  # a job that already started has added its start
-    meta["job_id"] = meta.get("job_id") or jid
-    write_meta(store, meta)
+    with meta_lock(store):  # a job that already started has added its start
+        meta = read_meta(store)
+        meta["job_id"] = meta.get("job_id") or jid
+        write_meta(store, meta)
     print(f"{store.run_id} {jid}")
     print(f"submitted run {store.run_id} as Slurm job {jid}; `qlora-watch ls` shows it, "
           f"`qlora-watch attach {store.run_id}` once it runs", file=sys.stderr)
