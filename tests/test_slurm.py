@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from tests import slurm_cluster
 from tests.conftest import ROOT, fake_recipe, qlw, read_state, wait_for
 
 TINY = str(ROOT / "recipes" / "tiny.toml")
+STEP = re.compile(rb"step (?:\x1b\[[0-9;?]*[A-Za-z])*(\d[\d,]*)")
 
 
 # ------------------------------------------------------------------------------ no cluster
@@ -130,7 +133,14 @@ def _events(home: Path, rid: str) -> list[tuple[str, str]]:
 
 def _attach_sees_steps(cluster, home: Path, rid: str) -> None:
     pexpect = pytest.importorskip("pexpect")
-    from tests.test_tui_live import steps_seen
+
+    def steps_seen(child, n: int) -> list[int]:  # the dashboard's "step N" as it updates
+        seen: list[int] = []
+        deadline = time.monotonic() + 60
+        while len(set(seen)) < n and time.monotonic() < deadline:
+            child.expect(STEP)
+            seen.append(int(child.match.group(1).decode().replace(",", "")))
+        return seen
 
     env = {**_env(cluster), "QLORA_WATCH_HOME": str(home), "TERM": "xterm-256color"}
     child = pexpect.spawn(sys.executable, ["-m", "supervisor", "attach", rid], dimensions=(48, 160),
