@@ -215,6 +215,8 @@ def test_stop_a_running_slurm_run_stops_gracefully_and_leaves_no_job(
     rid2, jid2 = _submit(cluster, tmp_path, str(recipe), "--sbatch-arg=--hold",
                          "--set", f'train.output_dir="{tmp_path / "out2"}"')
     assert qlw("attach", rid2, env=_env(cluster)).returncode == 1  # "attach once it runs"
+    rm = qlw("rm", rid2, "--yes", env=_env(cluster))
+    assert rm.returncode == 1 and f"job {jid2} is still in the queue" in rm.stdout
     qlw("stop", rid2, env=_env(cluster), check=True)
     assert cluster.squeue() == []
     assert read_state(qlw_home, rid2)["state"] == "stopped"

@@ -419,6 +419,12 @@ def cmd_rm(args: argparse.Namespace) -> int:
     from supervisor.control.merge import RemoveError, describe_removal, remove_run
 
     store = _find(args.run)
+    from supervisor.slurm.runs import is_slurm, job_id, job_in_queue
+
+    if is_slurm(store) and job_in_queue(store):  # its next job start would find no run folder
+        print(f"refused: run {store.run_id}'s Slurm job {job_id(store)} is still in the queue; "
+              f"`qlora-watch stop {store.run_id}` first")
+        return 1
     text = describe_removal(store.path, args.checkpoints)
     print(text)
     if text.startswith("refused"):
