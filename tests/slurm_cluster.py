@@ -117,6 +117,16 @@ class Cluster:
         return "\n".join(out)
 
     def stop(self) -> None:
+        """Cancel what is left in the queue (a failed test's job), then stop the daemons."""
+        try:
+            ids = [x.split()[0] for x in self.squeue()]
+            if ids:
+                self.cmd("scancel", *ids, check=False)
+                deadline = time.monotonic() + 20
+                while self.squeue() and time.monotonic() < deadline:
+                    time.sleep(0.3)
+        except (OSError, RuntimeError, subprocess.SubprocessError):
+            pass
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

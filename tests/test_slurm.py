@@ -211,6 +211,18 @@ def test_stop_a_running_slurm_run_stops_gracefully_and_leaves_no_job(
     assert cluster.squeue() == []  # nothing pending, nothing running
     st = read_state(qlw_home, rid)
     assert st["state"] == "stopped" and "stopped by user" in st["message"]
+    saved = st["last_checkpoint"]
+    # `resume` of a Slurm run: a new job of the same script resumes it on its node
+    res = qlw("resume", rid, env=_env(cluster), check=True)
+    rid_again, jid_again = res.stdout.split()
+    assert rid_again == rid and jid_again != jid
+    wait_for(lambda: read_state(qlw_home, rid).get("attempt") == 2
+             and read_state(qlw_home, rid).get("state") == "training", timeout=60, interval=0.2,
+             what="the resumed attempt training")
+    assert Path(read_state(qlw_home, rid)["resume_from"]).name == Path(saved).name
+    assert qlw("resume", rid, env=_env(cluster)).returncode == 2  # its job is queued/running
+    qlw("stop", rid, env=_env(cluster), check=True)
+    assert cluster.squeue() == []
     # the queued case: never started, scancel only
     rid2, jid2 = _submit(cluster, tmp_path, str(recipe), "--sbatch-arg=--hold",
                          "--set", f'train.output_dir="{tmp_path / "out2"}"')

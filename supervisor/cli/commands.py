@@ -174,6 +174,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from supervisor.control.resume import ResumeError, resume_run
 
     store = _find(args.run)
+    from supervisor.slurm.runs import is_slurm
+
+    if is_slurm(store):  # a new job of the same script; it resumes the run on its node
+        from supervisor.slurm.runs import resubmit
+
+        return resubmit(store, from_ckpt=args.from_ckpt, overrides=args.set)
     try:
         plan = resume_run(store, from_ckpt=args.from_ckpt, overrides=args.set)
     except ResumeError as e:

@@ -106,7 +106,10 @@ def main(run_dir: str) -> int:
     if state in (RunState.FAILED.value, RunState.DIVERGED.value):
         return _end(store, meta, f"run {store.run_id} is {state}; not resumed automatically "
                     f"(`qlora-watch resume {store.run_id}` after a look)", 1)
-    if state:  # a restart: resume the same run
+    if state == RunState.STARTING.value and st.get("resume_request"):  # `qlora-watch resume`
+        _event(store, f"Slurm job {job_id} started on {node}: {st.get('message') or 'resuming'}",
+               job_id=job_id, node=node, restart=restart)
+    elif state:  # a restart: resume the same run
         if not _wait_for_lock(store):
             return _end(store, meta, f"run {store.run_id} is supervised elsewhere still "
                         f"(supervisor.lock held for {LOCK_WAIT_S:.0f} s); not starting a second", 1)

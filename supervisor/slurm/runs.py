@@ -138,6 +138,43 @@ def submit(recipe_path: str, recipe: Any, opts: Any, dry_run: bool = False) -> i
     return 0
 
 
+def resubmit(store: RunStore, from_ckpt: str | None = None, overrides: Any = ()) -> int:
+    """`qlora-watch resume` of a Slurm run: record the resume (checkpoint, --set) as for any run,
+    then sbatch the run's job.sbatch again; that job's start launches the resumed attempt."""
+    from supervisor.control.resume import ResumeError, request_resume
+
+    old = job_id(store)
+    try:
+        if old and slurm.job(old) is not None:
+            print(f"qlora-watch: run {store.run_id}'s Slurm job {old} is still in the queue; a "
+                  "requeued job resumes by itself (`qlora-watch stop` it first to change it)",
+                  file=sys.stderr)
+            return 2
+        slurm.binary("sbatch")
+    except slurm.SlurmError as e:
+        print(f"qlora-watch: {e}", file=sys.stderr)
+        return 2
+    try:
+        plan = request_resume(store, from_ckpt, overrides)
+    except ResumeError as e:
+        print(f"qlora-watch: {e}", file=sys.stderr)
+        return 2
+    try:
+        jid = slurm.sbatch(str(store.path / SCRIPT))
+    except slurm.SlurmError as e:
+        _refused(store, f"resume not submitted: {e}")
+        print(f"qlora-watch: {e}", file=sys.stderr)
+        return 1
+    with meta_lock(store):
+        meta = read_meta(store)
+        meta["jobs"] = [*meta.get("jobs", []), old] if old else meta.get("jobs", [])
+        meta["job_id"] = jid
+        write_meta(store, meta)
+    print(plan.describe(), file=sys.stderr)
+    print(f"{store.run_id} {jid}")
+    return 0
+
+
 def _refused(store: RunStore, message: str) -> None:
     st = store.read_state()
     st.update(state=RunState.FAILED.value, message=message, ended_at=time.time(), exited=True)
