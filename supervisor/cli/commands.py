@@ -269,7 +269,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     job_col = any("job" in r for r in rows)
     print(f"{'RUN':<22} {'RECIPE':<18} {'STATE':<10} {'STEP':>11} {'LOSS':>8} {'RUNG':<7} "
-          f"{'CHECKPOINT':<16} {'WALL':>9}  {'STARTED':<16}" + ("  SLURM JOB" if job_col else ""))
+          f"{'CHECKPOINT':<16} {'WALL':>9}  " + (f"{'STARTED':<16}  SLURM JOB" if job_col else "STARTED"))
     for r in rows:
         step = f"{r.get('step') or 0}/{r.get('max_steps') or '?'}"
         loss = r.get("last_loss")
@@ -277,8 +277,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         ckpt = Path(r["last_checkpoint"]).name if r.get("last_checkpoint") else "-"
         print(f"{r['run_id']:<22} {str(r.get('recipe'))[:18]:<18} {r.get('state') or '?':<10} "
               f"{step:>11} {loss_s:>8} {runs.rung_label(r.get('rung')):<7} {ckpt[:16]:<16} "
-              f"{runs.fmt_duration(r.get('wall_s')):>9}  {str(r.get('started')):<16}"
-              + (f"  {r.get('job', '')}" if job_col else ""))
+              f"{runs.fmt_duration(r.get('wall_s')):>9}  "
+              + (f"{str(r.get('started')):<16}  {r.get('job', '')}" if job_col else f"{r.get('started')}"))
     if note:
         print(note, file=sys.stderr)
     return 0

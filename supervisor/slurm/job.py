@@ -45,7 +45,7 @@ def _event(store: RunStore, message: str, level: str = "info", **evidence: Any) 
     from supervisor.records import Event
 
     store.add_event(Event(t=time.time(), kind="slurm", level=level, message=message,
-                          attempt=store.read_state().get("attempt"), evidence=evidence or None))
+                          attempt=store.read_state().get("attempt"), evidence=dict(evidence)))
 
 
 def _gap_text(s: float) -> str:
