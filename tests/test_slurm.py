@@ -296,3 +296,25 @@ def test_stop_and_attach_from_another_host_go_through_ssh_to_the_node(
     assert calls[0] == [*SSH_OPTS, cluster.host, "env", f"QLORA_WATCH_HOME={qlw_home}", "qlora-watch",
                         "_socket", rid]
     assert calls[1][-3:] == ["qlora-watch", "stop", rid]
+
+
+@pytest.mark.timeout(120)
+def test_a_job_killed_outright_is_resumed_by_the_next_start(cluster, qlw_home: Path, tmp_path: Path) -> None:
+    """SIGKILL (a node lost, an OOM-killed step): nothing records PREEMPTED; the next start
+    marks the run LOST with the reason and resumes it from its newest complete checkpoint."""
+    recipe = fake_recipe(tmp_path, ["--steps", "80", "--step-time", "0.05", "--save-every", "20"])
+    rid, jid = _submit(cluster, tmp_path, str(recipe))
+    wait_for(lambda: str(read_state(qlw_home, rid).get("last_checkpoint") or "").endswith("checkpoint-20"),
+             timeout=60, interval=0.2, what="checkpoint-20")
+    cluster.cmd("scancel", "--signal=KILL", "--batch", jid)  # the supervisor dies, no record
+    wait_for(lambda: not cluster.squeue(), timeout=30, interval=0.3, what="the killed job to end")
+    assert read_state(qlw_home, rid)["state"] not in ("preempted", "completed")
+    cluster.cmd("scontrol", "requeue", jid)  # what a node failure does with --requeue
+    cluster.cmd("scontrol", "update", f"jobid={jid}", "StartTime=now")
+    wait_for(lambda: read_state(qlw_home, rid).get("state") == "completed", timeout=60, interval=0.3,
+             what="the resumed run to complete")
+    st = read_state(qlw_home, rid)
+    assert st["attempt"] == 2 and int(Path(st["resume_from"]).name.split("-")[1]) >= 20
+    kinds = _events(qlw_home, rid)
+    assert any(k == "slurm" and "ended while the run was training" in m for k, m in kinds), kinds
+    wait_for(lambda: not cluster.squeue(), timeout=30, interval=0.3, what="the job to leave squeue")
