@@ -249,9 +249,16 @@ def stop(store: RunStore, now: bool) -> int:
 
 
 def _graceful(store: RunStore, j: slurm.Job) -> int:
-    """Ask the run's supervisor (on its node) to stop; wait for the run to end."""
+    """Ask the run's supervisor (on its node) to stop; wait for the run to end. If it cannot be
+    reached, the scancel that follows still sends SIGTERM: a save within Slurm's KillWait."""
     from supervisor.control import runs
 
+    try:
+        from supervisor.recipe import recipe_from_json
+
+        grace = recipe_from_json((store.path / "recipe.json").read_text()).supervisor.stop_grace_s
+    except (OSError, ValueError):
+        grace = 120.0
     node = j.first_node
     if slurm.is_local(node):
         try:
@@ -260,21 +267,17 @@ def _graceful(store: RunStore, j: slurm.Job) -> int:
             print(f"qlora-watch: cannot reach the supervisor of {store.run_id}: {e}; cancelling",
                   file=sys.stderr)
             return 0
-    else:
+    else:  # `qlora-watch stop` on the node: it stops, waits, and cancels there
         from supervisor.control.remote import RemoteError, run_remote
 
+        print(f"stopping {store.run_id} on {node} over ssh", flush=True)
         try:
-            run_remote(node or "", ["stop", store.run_id], home=paths.state_home())
+            run_remote(node or "", ["stop", store.run_id], home=paths.state_home(),
+                       timeout=grace + STOP_GONE_S + 60)
         except RemoteError as e:
             print(f"qlora-watch: {e}; cancelling the job instead", file=sys.stderr)
             return 0
     print(f"stopping {store.run_id} on {node} (the trainer saves a checkpoint first)", flush=True)
-    try:
-        from supervisor.recipe import recipe_from_json
-
-        grace = recipe_from_json((store.path / "recipe.json").read_text()).supervisor.stop_grace_s
-    except (OSError, ValueError):
-        grace = 120.0
     deadline = time.monotonic() + grace + 30
     while store.read_state().get("state") not in TERMINAL_VALUES and time.monotonic() < deadline:
         time.sleep(0.3)
