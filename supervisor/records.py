@@ -41,6 +41,8 @@ class GpuSample:
     pcie_tx_kbs: float | None = None
     pcie_rx_kbs: float | None = None
     proc_mem_mib: float | None = None  # the trainer's processes on this GPU
+    others_mem_mib: float | None = None  # other processes on this GPU (another job, another user)
+    this_run: bool = True  # in the trainer's CUDA_VISIBLE_DEVICES (telemetry/visible.py)
     lost: bool = False
 
 

@@ -456,8 +456,10 @@ def test_classify_spawn_error_and_describe():
 
 
 def test_classify_host_oom_confirmation_and_summary():
-    un = classify_exit(-9, None, ["loading"], oom_kill_delta=0)
+    un = classify_exit(-9, None, ["loading"], oom_kill_delta=None)  # /proc/vmstat unreadable
     assert un.kind == HOST_OOM_KILL and un.confirmed is False and "possible host OOM" in un.summary
+    moved_not = classify_exit(-9, None, ["loading"], oom_kill_delta=0)  # issue #14: not an OOM
+    assert moved_not.kind == CRASH and moved_not.summary == "killed by signal 9" and moved_not.retryable
     yes = classify_exit(-9, None, [], oom_kill_delta=1)
     assert yes.confirmed is True and "OOM killer" in yes.summary
     assert classify_exit(-signal.SIGKILL, None, []).retryable
@@ -594,7 +596,7 @@ def test_window_from_supervisor(tmp_path):
 
     out = tmp_path / "out"
     make_ckpt(out, 100)
-    st = {"phase": "training", "phase_since": T0, "attempt": 2, "rung": 0, "restarts": 1,
+    st = {"phase": "training", "phase_since": T0, "attempt": 2, "rung": 0, "restarts_since_progress": 1,
           "launched_at": T0, "last_progress_t": T0}
     sup = SimpleNamespace(
         state=st, run_state=RunState.TRAINING, recipe=recipe(env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),

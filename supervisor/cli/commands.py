@@ -132,6 +132,11 @@ def _create_and_launch(args: argparse.Namespace, recipe: Any, recipe_path: str |
     except runs.StartError as e:
         print(f"qlora-watch: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from supervisor.control import logind
+
+    state = logind.check()  # does logout end the run? (KillUserProcesses without linger)
+    if note := state.note(scoped=logind.scope_argv([], state)[1]):
+        print(f"qlora-watch: {note}", file=sys.stderr)
     return _launched(store, args, "started")
 
 
@@ -668,4 +673,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:  # noqa: BLE001 - errors in words, never a traceback (errors.py)
+        from supervisor.cli.errors import explain
+
+        msg = explain(e)
+        if msg is None:
+            raise
+        print(f"qlora-watch: {msg}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 

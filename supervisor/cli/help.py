@@ -8,7 +8,9 @@ import difflib
 from typing import Any
 
 HOME = "QLORA_WATCH_HOME   where runs live (default: ~/.local/state/qlora-watch)"
-RUNTIME = "XDG_RUNTIME_DIR    the control sockets' folder (with QLORA_WATCH_HOME set: its sock/)"
+RUNTIME = "(no variable)      control sockets: /tmp/qlora-watch-$UID/ (with QLORA_WATCH_HOME set: its sock/)"
+PREEMPT = ("QLW_ON_SIGTERM     preempt: SIGTERM to the supervisor saves and ends the run PREEMPTED "
+           "(the default under Slurm); detach: the trainer goes on. SIGUSR1 always preempts")
 SSH = "QLORA_WATCH_SSH    the ssh client for --ssh (default: ssh on PATH; ~/.ssh/config applies)"
 TRAINER = ("HF_TOKEN, HF_HOME, CUDA_VISIBLE_DEVICES, PYTORCH_CUDA_ALLOC_CONF, WANDB_*, MLFLOW_*: "
            "passed to the trainer")
@@ -16,7 +18,7 @@ TRAINER = ("HF_TOKEN, HF_HOME, CUDA_VISIBLE_DEVICES, PYTORCH_CUDA_ALLOC_CONF, WA
 EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
     # command: (examples, environment variables read)
     "start": (["qlora-watch start tiny", "qlora-watch start recipes/8b.toml --set data.path=train.jsonl",
-               "qlora-watch start my-8b.toml --auto-fit --detach"], [HOME, RUNTIME, TRAINER]),
+               "qlora-watch start my-8b.toml --auto-fit --detach"], [HOME, RUNTIME, PREEMPT, TRAINER]),
     "run": (["qlora-watch run --output-dir out -- python train.py",
              "qlora-watch run --output-dir out --set train.max_seq_len=2048 -- python train.py --len {max_seq_len}",
              "qlora-watch run --output-dir out --stop-signal SIGINT -- axolotl train qlora.yml"],

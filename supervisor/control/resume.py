@@ -147,12 +147,15 @@ def request_resume(store: RunStore, from_ckpt: str | None = None,
     _wait_while_stopping(store)
     plan = plan_resume(store, from_ckpt, overrides)
     atomic_write(store.path / "recipe.json", recipe_to_json(plan.recipe))  # the settings from now on
+    from supervisor import runenv
+
+    runenv.capture(store.path)  # a resume may run elsewhere (a requeued job): its environment
     st = store.read_state()
     st.update(state=RunState.STARTING.value, message=plan.describe(), exited=True,
               resume_request={"from": plan.from_path, "fresh": plan.fresh, "overrides": plan.overrides,
                               "requested_at": time.time(), "after": st.get("state")},
               overrides=list(st.get("overrides") or []) + plan.overrides,
-              restarts=0, stop_state=None, ended_at=None, next_launch_in_s=None)
+              restarts_since_progress=0, stop_state=None, ended_at=None, next_launch_in_s=None)
     store.write_state(st)
     from supervisor.records import Event
 

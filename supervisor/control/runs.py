@@ -54,6 +54,9 @@ def create(recipe_path: str | None, recipe: Recipe, report: Any, start_rung: int
     if recipe.foreign and recipe.trainer.command:
         info["command"] = redact_argv(recipe.trainer.command)
     store = create_run(runs_root, info, run_id=run_id)
+    from supervisor import runenv
+
+    runenv.capture(store.path)  # every launch of this run gets this environment (runenv.py)
     if recipe_path:
         atomic_write(store.path / "recipe.toml", raw.decode("utf-8"))  # 0600
     atomic_write(store.path / "recipe.json", recipe_to_json(recipe))  # 0600, like every run file
@@ -86,10 +89,22 @@ def start_failure(store: RunStore, settle_s: float = 1.5) -> str | None:
 
 def spawn_supervisor(store: RunStore) -> subprocess.Popen:
     """The detached supervisor: new session, no terminal, stdin from /dev/null."""
+    from supervisor.control.logind import scope_argv
+
+    # logind's KillUserProcesses without linger: a scope of its own outlives the login session
+    argv, _ = scope_argv([sys.executable, "-m", "supervisor", "_supervise", str(store.path)])
+    from supervisor import logrotate
+    from supervisor.recipe import recipe_from_json
+
+    try:  # an earlier supervisor's output, past the size limit: to supervisor.out.1 first
+        cfg = recipe_from_json((store.path / "recipe.json").read_text()).supervisor
+        logrotate.rotate(store.path / "supervisor.out", cfg.log_max_bytes, cfg.log_backups)
+    except (OSError, ValueError):
+        pass
     out = os.fdopen(os.open(store.path / "supervisor.out", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "_supervise", str(store.path)],
+            argv,
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, cwd=store.info().get("cwd") or os.getcwd(),
         )
@@ -226,6 +241,10 @@ def render_status(d: dict[str, Any]) -> str:
     ]
     if not ended:  # an ended run has no time left
         lines.append(f"ETA       {fmt_duration(d.get('eta_s'))}")
+        from supervisor.download import describe
+
+        if dl := describe(d.get("download")):
+            lines.append(f"download  {dl}")
     if d.get("last_checkpoint"):
         lines.append(f"checkpoint {_clean(d['last_checkpoint'])}")
     lines += [
@@ -268,13 +287,18 @@ def request(store: RunStore, cmd: str, **kw: Any) -> dict[str, Any]:
     return sock_request(paths.socket_path(store.run_id), cmd, **kw)
 
 
+STOP_REPLY_S = 30.0
+
+
 def stop(store: RunStore, now: bool) -> int:
     if not is_live(store):
         print(f"run {store.run_id} is already {store.read_state().get('state')}")
         return 0
     ensure_supervisor(store)
     try:
-        request(store, "stop_now" if now else "stop")
+        # A supervisor that was just (re)started answers once it has re-adopted the trainer: on a
+        # loaded box that takes seconds, so a stop waits longer than a status query does.
+        request(store, "stop_now" if now else "stop", timeout=STOP_REPLY_S)
     except Exception as e:  # noqa: BLE001
         print(f"qlora-watch: cannot reach the supervisor of {store.run_id}: {e}", file=sys.stderr)
         return 1

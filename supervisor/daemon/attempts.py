@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from supervisor import guards as guardlib
-from supervisor import procgroup
+from supervisor import procgroup, runenv
 from supervisor.checkpoints import folders as checkpoints
 from supervisor.checkpoints.plan import newest_complete_of, prune_plan
 from supervisor.daemon import foreign, handoff
@@ -118,6 +118,7 @@ class AttemptRunner:
         state = st.get("state")
         if not state:
             self.sup.set_state(RunState.STARTING, attempt=0, lineage=1, rung=None, restarts=0,
+                               restarts_since_progress=0,
                                started_at=time.time(), output_dir=self.sup.run_info["output_dir"])
             self._finish_pending_deletes()
             await self.execute(self._prelaunch_checks())
@@ -240,7 +241,7 @@ class AttemptRunner:
         except Exception as e:  # noqa: BLE001 - a bad output folder is a config error
             self._fail(f"output folder {out}: {e}", kind="config_error")
             return
-        env = dict(os.environ)
+        env = runenv.for_run(self.sup.store.path)  # captured at start, not this supervisor's own
         env.update(recipe.env)
         env.update({
             "QLW_RECIPE": str(adir / "recipe.json"), "QLW_EVENTS": str(events),
@@ -279,6 +280,7 @@ class AttemptRunner:
         except OSError as e:
             self._fail(f"cannot start the trainer wrapper: {e}", kind="config_error")
             return
+        self.sup.download.on_launch(env, recipe.model.name if recipe.model else None)
         ident = await asyncio.to_thread(procgroup.identity_after_exec, self.proc.pid, list(self.proc.args))
         launched = time.time()
         self.mark_time(launched)
@@ -419,9 +421,11 @@ class AttemptRunner:
     def _accepted(self, info: Any) -> None:
         """A complete checkpoint of this run: progress (it resets the crash budget)."""
         self.sup.set_state(last_checkpoint=str(info.path), last_checkpoint_step=info.step,
-                           last_checkpoint_bytes=info.size_bytes, restarts=0,
+                           last_checkpoint_bytes=info.size_bytes, restarts_since_progress=0,
                            last_progress_t=time.time())
-        self.sup.record("checkpoint_saved", f"{info.name} saved ({info.size_bytes / 1e6:.1f} MB)",
+        from supervisor.units import size
+
+        self.sup.record("checkpoint_saved", f"{info.name} saved ({size(info.size_bytes)})",
                         evidence={"step": info.step, "bytes": info.size_bytes})
 
     def discover_checkpoints(self) -> None:
@@ -592,8 +596,12 @@ class AttemptRunner:
                 await asyncio.to_thread(procgroup.wait_gone, w["pid"], 10.0)
                 self.sup.set_state(exited=True)
             self.sup.record("relaunch", a.message, level="warning", guard=a.guard, evidence=a.evidence)
+            # restarts: every relaunch of the run (what `status --json` and the report count);
+            # restarts_since_progress: the crash budget, reset by each new complete checkpoint,
+            # not spent by a ladder rung change
+            since = (self.st.get("restarts_since_progress") or 0) + (0 if a.rung_index != self.st.get("rung") else 1)
             self.sup.set_state(RunState.BACKOFF, next_launch_in_s=a.delay_s,
-                               restarts=(self.st.get("restarts") or 0) + (0 if a.rung_index != self.st.get("rung") else 1))
+                               restarts=(self.st.get("restarts") or 0) + 1, restarts_since_progress=since)
             self.pending = a
             self.next_launch_mono = time.monotonic() + max(0.0, a.delay_s)
 

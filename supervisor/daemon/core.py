@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor import procgroup
+from supervisor import logrotate, procgroup
 from supervisor import protocol as proto
 from supervisor.daemon.attempts import AttemptRunner
 from supervisor.daemon.followers import JsonlFollower, LogFollower
 from supervisor.daemon.logprogress import LogProgress
-from supervisor.preempt import Preemption, sigterm_preempts
+from supervisor.daemon.preempt import Preemption, sigterm_preempts
+from supervisor.download import DownloadTracker
 from supervisor.preflight.emulation import card_total_mib
 from supervisor.recipe import Recipe, recipe_from_json
 from supervisor.records import Event, Sample, Step, step_from_dict, to_dict
@@ -42,6 +43,7 @@ HISTORY_STEPS = 2_500
 LOG_RING = 500
 STEP_SOURCES = ("events", "log", "history")
 DISCOVER_EVERY_S = 2.0  # scans of a foreign trainer's output folder for new checkpoints
+REBIND_EVERY_S = 1.0  # how soon a removed socket (or its folder) is bound again
 
 
 class AlreadySupervised(Exception):
@@ -72,6 +74,11 @@ class Supervisor:
         self.sampler = sampler
         if self.recipe.hardware.emulate_vram_gib is not None and hasattr(sampler, "emulate"):
             sampler.emulate(card_total_mib(self.recipe.hardware.emulate_vram_gib))
+        if hasattr(sampler, "set_visible"):  # only the run's GPUs drive its guards
+            from supervisor.runenv import for_run
+
+            env = {**for_run(store.path), **self.recipe.env}  # what the trainer gets
+            sampler.set_visible(env.get("CUDA_VISIBLE_DEVICES"))
         self.socket_path = socket_path
         self.state: dict[str, Any] = store.read_state() or {}
         self.server: Any = None
@@ -82,6 +89,7 @@ class Supervisor:
         self.tb = trackers_for(self.recipe, store.run_id, self.run_info["output_dir"], store.path)
         self.attempts = AttemptRunner(self)
         self.preemption = Preemption(self)
+        self.download = DownloadTracker(self)  # a slow model download is progress (download.py)
         self.notifier = notify.from_recipe(self.recipe, store.run_id)
         self._stop_event = asyncio.Event()
         self._last_sample_mono = 0.0
@@ -94,6 +102,8 @@ class Supervisor:
         self.step_source: str | None = None
         self.log_progress = LogProgress()
         self._last_discover_mono = 0.0
+        self._last_bind_check = 0.0
+        self._last_out_check = 0.0
         self.log_follower = LogFollower(store.log_path)
         self.log_follower.offset = _size(store.log_path)
         self.log_follower.ino = _ino(store.log_path)
@@ -167,7 +177,9 @@ class Supervisor:
         procgroup.become_subreaper()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # a closed terminal is not a stop
-        preempt_on_term = sigterm_preempts()
+        from supervisor.runenv import for_run
+
+        preempt_on_term = sigterm_preempts({**for_run(self.store.path), **os.environ})
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig.name, sig == signal.SIGTERM and preempt_on_term)
         self.preemption.install(loop)  # SIGUSR1: Slurm's warning ahead of the end
@@ -220,9 +232,20 @@ class Supervisor:
         self._follow_events()
         self._follow_log()
         await self._maybe_sample()
+        await self.download.tick()
         if time.monotonic() - self._last_discover_mono >= DISCOVER_EVERY_S:
             self._last_discover_mono = time.monotonic()
             self.attempts.discover_checkpoints()
+        if time.monotonic() - self._last_out_check >= logrotate.CHECK_EVERY_S:
+            self._last_out_check = time.monotonic()
+            cfg = self.recipe.supervisor
+            try:  # our own stdout/stderr file: copy and truncate, we cannot reopen it
+                logrotate.copy_truncate(self.store.path / "supervisor.out", cfg.log_max_bytes, cfg.log_backups)
+            except OSError as e:
+                log.warning("supervisor.out not rotated: %s", e)
+        if self.server is not None and time.monotonic() - self._last_bind_check >= REBIND_EVERY_S:
+            self._last_bind_check = time.monotonic()
+            await self.server.ensure_bound()  # removed at logout: bound again (issue #14)
         self.attempts.run_guards()
 
     def _follow_events(self) -> None:
@@ -350,10 +373,16 @@ def run_supervisor(run_dir: Path, *, socket_path: Path | None, with_telemetry: b
     """Entry point of the detached supervisor process (`qlora-watch _supervise`)."""
     os.umask(0o077)
     store = RunStore(run_dir)
-    logging.basicConfig(
-        filename=str(run_dir / "supervisor.log"), level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-    )
+    from supervisor import logrotate
+
+    try:
+        cfg = recipe_from_json((run_dir / "recipe.json").read_text()).supervisor
+        max_bytes, backups = cfg.log_max_bytes, cfg.log_backups
+    except (OSError, ValueError):
+        max_bytes, backups = 50 * 1024 * 1024, 3
+    # rotated like the trainer log (they grew without bound)
+    logging.basicConfig(level=logging.INFO,
+                        handlers=[logrotate.log_handler(run_dir / "supervisor.log", max_bytes, backups)])
     sampler = None
     if with_telemetry:
         try:

@@ -50,6 +50,7 @@ class Window:
     last_checkpoint_step: int | None = None
     last_progress_t: float | None = None
     attempt_started_t: float | None = None
+    download_progress_t: float | None = None  # the last bytes into the HF cache while loading
     # The current attempt's output folder, as CheckpointInfo or dicts with the same keys
     # (name, step, complete, size_bytes, path, run_id, best_checkpoint).
     checkpoints: list[Any] = field(default_factory=list)
@@ -163,7 +164,10 @@ def mean(xs: Iterable[float | None]) -> float | None:
 
 
 def gib(n: float | None) -> str:
-    return "n/a" if n is None else f"{n / GIB:,.1f} GB"
+    """Bytes as a size in a unit that fits (units.py): `0.4 MB`, not `0.0 GB`."""
+    from supervisor.units import size
+
+    return size(n)
 
 
 def num(x: float) -> str:

@@ -193,11 +193,16 @@ def classify_exit(
     if disk_full_hint or _ENOSPC.search(tb_text) or (bnb is None and not tb and any(_ENOSPC.search(x) for x in last)):
         line = next((x.strip() for x in reversed(tb or last) if _ENOSPC.search(x)), None)
         return out(DISK_FULL, "disk full (No space left on device)", exception=exc, detail=line)
-    if sig == _signal.SIGKILL and (not tb or (oom_kill_delta or 0) > 0):
+    if sig == _signal.SIGKILL and (oom_kill_delta or 0) > 0 or sig == _signal.SIGKILL and not tb \
+            and oom_kill_delta is None:
+        # the kernel's oom_kill count: risen, a confirmed host OOM; unreadable, possibly one;
+        # unmoved, someone's SIGKILL (a user, a scheduler, a watchdog): below, not an OOM
         confirmed = (oom_kill_delta or 0) > 0
         summary = (f"killed by the kernel OOM killer (oom_kill +{oom_kill_delta})" if confirmed
                    else "killed by signal 9 (possible host OOM)")
         return out(HOST_OOM_KILL, summary, confirmed=confirmed)
+    if sig == _signal.SIGKILL:
+        return out(CRASH, "killed by signal 9", exception=exc, detail=exc_line)
     if sig:
         return out(CRASH, f"killed by {_signame(sig)}", exception=exc, detail=exc_line)
     if tb and _OOM.search(tb_text):

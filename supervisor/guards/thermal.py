@@ -32,7 +32,7 @@ def _series(samples: list[Sample], index: int) -> list[tuple[float, GpuSample]]:
     out = []
     for s in samples:
         for g in s.gpus:
-            if g.index == index and not g.lost:
+            if g.index == index and not g.lost and g.this_run:
                 out.append((s.t, g))
     return out
 
@@ -76,7 +76,7 @@ def check(window: Window, cfg: ThermalGuard) -> list[Action]:
         return []
     actions: list[Action] = []
     for g in latest.gpus:
-        if g.lost:
+        if g.lost or not g.this_run:  # another job's GPU is not this run's to warn about
             continue
         name = f"GPU {g.index}"
         base_ev: dict[str, Any] = {"gpu": g.index, "temp_c": g.temp_c, "margin_c": g.margin_c,

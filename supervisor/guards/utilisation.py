@@ -36,7 +36,7 @@ def check(window: Window, cfg: UtilisationGuard) -> list[Action]:
     samples = [s for s in window.samples if s.t >= start]
     per_sample = []
     for s in samples:
-        u = mean(g.util_pct for g in s.gpus if not g.lost)
+        u = mean(g.util_pct for g in s.gpus if not g.lost and g.this_run)  # not another job's GPU
         if u is not None:
             per_sample.append((s.t, u))
     if len(per_sample) < 2 or per_sample[-1][0] - per_sample[0][0] < COVERAGE * cfg.window_s:
@@ -50,7 +50,7 @@ def check(window: Window, cfg: UtilisationGuard) -> list[Action]:
     pcie = mean(
         ((g.pcie_rx_kbs or 0.0) + (g.pcie_tx_kbs or 0.0))
         for s in samples for g in s.gpus
-        if not g.lost and (finite(g.pcie_rx_kbs) or finite(g.pcie_tx_kbs))
+        if not g.lost and g.this_run and (finite(g.pcie_rx_kbs) or finite(g.pcie_tx_kbs))
     )
     cpu = mean(s.host.cpu_pct for s in samples)
     expandable = has_expandable_segments(window.env)

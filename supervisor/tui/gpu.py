@@ -129,7 +129,12 @@ class GpuCard(Widget):
         if not self._ready:
             return
         name = sanitize(str(g.get("name") or "GPU"))
-        self.border_title = f"GPU {self.index} · {name}" + ("  LOST" if g.get("lost") else "")
+        title = f"GPU {self.index} · {name}" + ("  LOST" if g.get("lost") else "")
+        if g.get("this_run") is False:  # outside CUDA_VISIBLE_DEVICES: shown, never guarded
+            title += "  · not this run's"
+        elif (finite(g.get("others_mem_mib")) or 0) >= 1:  # another job on the run's card
+            title += f"  · others hold {fmt_gib(g.get('others_mem_mib'))}"
+        self.border_title = title
         util = finite(g.get("util_pct"))
         used, total = finite(g.get("mem_used_mib")), finite(g.get("mem_total_mib"))
         vfrac = used / total if used is not None and total else None

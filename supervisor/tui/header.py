@@ -91,6 +91,16 @@ class RunHeader(Widget):
 
     def _progress(self, width: int) -> Text:
         st = self.model.state
+        dl = st.get("download") or {}
+        if dl.get("active") and st.get("step") is None:  # loading: the download is the progress
+            from supervisor.download import describe
+
+            total = finite(dl.get("total"))
+            got = finite(dl.get("bytes")) or 0.0
+            text = Text(sanitize(describe(dl) or "downloading"), "cyan")
+            frac = min(1.0, got / total) if total else None
+            room = width - len(text) - 1
+            return (bar(frac, max(4, room), "cyan") + Text(" ") + text) if frac is not None else text
         step, total = (
             finite(st.get("step")),
             finite(st.get("max_steps") or self.model.run.get("max_steps")),

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Mapping
 from supervisor.states import RunState
 
 if TYPE_CHECKING:
-    from supervisor.core import Supervisor
+    from supervisor.daemon.core import Supervisor
 
 PREEMPT_ENV = "QLW_ON_SIGTERM"
 GRACE_ENV = "QLW_PREEMPT_GRACE_S"  # caps the save grace: Slurm's KillWait after SIGTERM is 30 s
