@@ -177,6 +177,8 @@ class HardwareSection(_Strict):
         "ballast", description="how to rehearse: ballast (faithful) or fraction (allocator cap)"
     )
     gpus: int = Field(1, ge=1, le=64, description=">1: FSDP-QLoRA through accelerate launch")
+    nodes: int = Field(1, ge=1, le=1024, description=">1: several Slurm nodes (qlora-watch submit): "
+                       "srun + accelerate launch, hardware.gpus per node")
     fsdp_cpu_offload: bool = Field(True, description="with gpus > 1: offload shards to host RAM")
     gpu_mem_gib: float | None = Field(None, gt=0.0, description="preflight: assume this card size")
     host_ram_gib: float | None = Field(None, gt=0.0, description="preflight: assume this much RAM")

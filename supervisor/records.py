@@ -133,6 +133,7 @@ class EventKind(StrEnum):
     CONFIG_REJECTED = "config_error"  # the recipe, data or command cannot run: not retried
     STATE_CHANGED = "state"  # the run reached a terminal state (notifications only)
     PREEMPTION_RECEIVED = "preempt"  # SIGUSR1/SIGTERM said the machine is being taken away
+    SLURM_JOB_SEEN = "slurm"  # a Slurm job of the run started, was requeued or was refused (node, job id)
     # the model download (while loading)
     DOWNLOAD_SEEN = "download"  # the model download was seen starting or finishing in the HF cache
     DOWNLOAD_DISK_LOW = "download_disk"  # the download will not fit the disk

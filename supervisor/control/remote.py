@@ -9,6 +9,7 @@ TCP on either side.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -31,9 +32,32 @@ def ssh_binary() -> str:
     return ssh
 
 
-def remote_socket(ssh: str, host: str, run: str | None) -> str:
+def _remote_cmd(args: list[str], home: Path | None) -> list[str]:
+    """`qlora-watch ARGS` on the remote side; with `home`, under that QLORA_WATCH_HOME (a Slurm
+    run's store on the shared filesystem). ssh joins argv into one remote shell line: quoted."""
+    cmd = ["qlora-watch", *args]
+    if home is not None:
+        cmd = ["env", f"QLORA_WATCH_HOME={home}", *cmd]
+    return [shlex.quote(a) for a in cmd]
+
+
+def run_remote(host: str, args: list[str], home: Path | None = None, timeout: float = 120) -> str:
+    """Run `qlora-watch ARGS` on host; its stdout. RemoteError on failure."""
+    ssh = ssh_binary()
+    argv = [ssh, *SSH_OPTS, host, *_remote_cmd(args, home)]
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise RemoteError(f"ssh {host} qlora-watch {' '.join(args)}: no answer in {timeout:.0f} s") from None
+    if res.returncode != 0:
+        raise RemoteError(f"ssh {host} qlora-watch {' '.join(args)} failed: "
+                          f"{res.stderr.strip() or res.returncode}")
+    return res.stdout
+
+
+def remote_socket(ssh: str, host: str, run: str | None, home: Path | None = None) -> str:
     """Ask the remote qlora-watch for the run's socket path (it restarts a dead supervisor)."""
-    argv = [ssh, *SSH_OPTS, host, "qlora-watch", "_socket"] + ([run] if run else [])
+    argv = [ssh, *SSH_OPTS, host, *_remote_cmd(["_socket"] + ([run] if run else []), home)]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     if res.returncode != 0:
         raise RemoteError(f"ssh {host} qlora-watch _socket failed: {res.stderr.strip() or res.returncode}")
@@ -59,13 +83,13 @@ def forward(ssh: str, host: str, remote: str, local: Path) -> subprocess.Popen:
     raise RemoteError("ssh forwarding did not come up within 30 s")
 
 
-def attach_over_ssh(host: str, run: str | None) -> int:
+def attach_over_ssh(host: str, run: str | None, home: Path | None = None) -> int:
     from supervisor.control.client import AsyncRunClient
     from supervisor.tui.app import make_app
 
     try:
         ssh = ssh_binary()
-        remote = remote_socket(ssh, host, run)
+        remote = remote_socket(ssh, host, run, home)
         tmp = Path(tempfile.mkdtemp(prefix="qlw-ssh-"))  # mkdtemp makes it 0700
         local = tmp / "run.sock"
         proc = forward(ssh, host, remote, local)
