@@ -47,7 +47,7 @@ def test_cuda_oom_relaunches_at_768_and_resumes(qlw_home: Path, tmp_path: Path) 
     # the effective batch is kept across the relaunch
     assert first["per_device_batch"] * first["grad_accum"] == second["per_device_batch"] * second["grad_accum"]
     st = read_state(qlw_home, run_id)
-    assert st["state"] == "completed" and st["attempt"] == 2 and st["rung"] == 0
+    assert st["state"] == "completed" and st["attempt"] == 2 and st["rung"] == 1
     assert "max_seq_len 1024 -> 768" in st["rung_desc"]
     evs = events(qlw_home, run_id)
     assert any(k == "trainer_exited" and "CUDA" in m for k, _, m in evs)

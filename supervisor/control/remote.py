@@ -52,18 +52,27 @@ def not_found_message(host: str, cmd: str) -> str:
             f"(`ssh {host} 'command -v qlora-watch'` shows what ssh finds)")
 
 
-def remote_socket(ssh: str, host: str, run: str | None, remote_cmd: str | None = None) -> str:
-    """Ask the remote qlora-watch for the run's socket path (it restarts a dead supervisor)."""
-    cmd = remote_command(remote_cmd)
-    # ssh hands the words to the remote shell: each is quoted, so a path with spaces stays one
-    words = [shlex.quote(cmd), "_socket"] + ([shlex.quote(run)] if run else [])
+def _remote_cmd(args: list[str], home: Path | None, remote_cmd: str | None = None) -> list[str]:
+    """`qlora-watch ARGS` on the remote side; with `home`, under that QLORA_WATCH_HOME (a Slurm
+    run's store on the shared filesystem). ssh joins argv into one remote shell line: quoted,
+    so a path with spaces stays one word."""
+    cmd = [remote_command(remote_cmd), *args]
+    if home is not None:
+        cmd = ["env", f"QLORA_WATCH_HOME={home}", *cmd]
+    return [shlex.quote(a) for a in cmd]
+
+
+def _ssh_remote(host: str, args: list[str], home: Path | None, remote_cmd: str | None,
+                timeout: float, ssh: str | None = None) -> str:
+    """Run `qlora-watch ARGS` on host; its stdout. RemoteError in words on failure."""
     if host.startswith("-"):
         raise RemoteError(f"--ssh {host!r}: expected user@host, not an option")
-    argv = [ssh, *SSH_OPTS, host, *words]
+    cmd = remote_command(remote_cmd)
+    argv = [ssh or ssh_binary(), *SSH_OPTS, host, *_remote_cmd(args, home, remote_cmd)]
     try:
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise RemoteError(f"ssh {host} did not answer within 60 s") from None
+        raise RemoteError(f"ssh {host} {cmd} {' '.join(args)}: no answer in {timeout:.0f} s") from None
     err = res.stderr.strip()
     if res.returncode in (126, 127) or (res.returncode != 0 and (
             "command not found" in err or f"{cmd}: No such file" in err or f"{cmd}: not found" in err)):
@@ -71,10 +80,24 @@ def remote_socket(ssh: str, host: str, run: str | None, remote_cmd: str | None =
     if res.returncode == 255:
         raise RemoteError(f"ssh {host}: {err.splitlines()[-1] if err else 'connection failed'}")
     if res.returncode != 0:
-        raise RemoteError(f"{host}: {cmd} _socket: {err.splitlines()[-1] if err else res.returncode}")
-    path = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+        raise RemoteError(f"ssh {host} {cmd} {' '.join(args)} failed: "
+                          f"{err.splitlines()[-1] if err else res.returncode}")
+    return res.stdout
+
+
+def run_remote(host: str, args: list[str], home: Path | None = None, timeout: float = 120,
+               remote_cmd: str | None = None) -> str:
+    """Run `qlora-watch ARGS` on host; its stdout. RemoteError on failure."""
+    return _ssh_remote(host, args, home, remote_cmd, timeout)
+
+
+def remote_socket(ssh: str, host: str, run: str | None, remote_cmd: str | None = None,
+                  home: Path | None = None) -> str:
+    """Ask the remote qlora-watch for the run's socket path (it restarts a dead supervisor)."""
+    out = _ssh_remote(host, ["_socket"] + ([run] if run else []), home, remote_cmd, 60, ssh=ssh)
+    path = out.strip().splitlines()[-1] if out.strip() else ""
     if not path.startswith("/"):
-        raise RemoteError(f"unexpected answer from {host}: {res.stdout!r}")
+        raise RemoteError(f"unexpected answer from {host}: {out!r}")
     return path
 
 
@@ -99,8 +122,9 @@ def _probe(local: Path, timeout: float = 10.0) -> BaseException | None:
 class Link:
     """One ssh forward to the remote run's socket; `ensure()` sets it up again after a drop."""
 
-    def __init__(self, ssh: str, host: str, run: str | None, remote_cmd: str | None = None):
-        self.ssh, self.host, self.run, self.remote_cmd = ssh, host, run, remote_cmd
+    def __init__(self, ssh: str, host: str, run: str | None, remote_cmd: str | None = None,
+                 home: Path | None = None):
+        self.ssh, self.host, self.run, self.remote_cmd, self.home = ssh, host, run, remote_cmd, home
         self.tmp = Path(tempfile.mkdtemp(prefix="qlw-ssh-"))  # mkdtemp makes it 0700
         self.local = self.tmp / "run.sock"
         self.err = self.tmp / "ssh.err"
@@ -114,7 +138,7 @@ class Link:
         if self.alive() and _probe(self.local, 5.0) is None:
             return self.local
         self._stop()
-        remote = remote_socket(self.ssh, self.host, self.run, self.remote_cmd)
+        remote = remote_socket(self.ssh, self.host, self.run, self.remote_cmd, self.home)
         self._forward(remote)
         return self.local
 
@@ -180,14 +204,16 @@ class Link:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def attach_over_ssh(host: str, run: str | None, remote_cmd: str | None = None) -> int:
+def attach_over_ssh(host: str, run: str | None, remote_cmd: str | None = None,
+                    home: Path | None = None) -> int:
+    """The dashboard here on a run there; `home`: the remote QLORA_WATCH_HOME (a Slurm run's)."""
     import asyncio
 
     from supervisor.control.client import AsyncRunClient
     from supervisor.tui.app import make_app
 
     try:
-        link = Link(ssh_binary(), host, run, remote_cmd)
+        link = Link(ssh_binary(), host, run, remote_cmd, home)
     except RemoteError as e:
         print(f"qlora-watch: {e}", file=sys.stderr)
         return 1
