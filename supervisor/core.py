@@ -178,6 +178,8 @@ class Supervisor:
                     await asyncio.wait_for(self._stop_event.wait(), TICK_S)
             await self.tick()  # last events and log lines
         finally:
+            with contextlib.suppress(Exception):  # the idle warm standby dies with us
+                await asyncio.to_thread(self.attempts.standby.discard)
             self.broadcast(proto.bye(f"run {self.state.get('state')}"))
             await asyncio.sleep(0.05)
             if self.server is not None:

@@ -357,6 +357,13 @@ def _keep_original_config(folder: Path, source: str) -> None:
 # ------------------------------------------------------------------------------ listing (CLI)
 
 
+def shared_root() -> Path:
+    """The cache shared between runs: $QLORA_WATCH_HOME/qcache (or the user state dir's)."""
+    from supervisor.paths import state_home
+
+    return state_home() / "qcache"
+
+
 def list_entries(root: Path) -> list[dict[str, Any]]:
     """Every entry under root: key, bytes, model, created, state (ok | bad | partial)."""
     out: list[dict[str, Any]] = []
