@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from supervisor.launcher import trainer_argv
+from supervisor.procgroup import trainer_argv
 from supervisor.recipe import load_recipe
 from tests.conftest import ROOT, fake_recipe, qlw, read_state
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.checkpoints import checkpoint_status
+from supervisor.checkpoints.folders import checkpoint_status
 from tests.conftest import FAKE, ROOT, qlw, read_state, wait_for
 from tests.rel_helpers import events, launches, wait_end
 
@@ -154,7 +154,7 @@ def test_axolotl_config_is_rewritten_per_attempt(qlw_home: Path, tmp_path: Path)
 
 
 def test_axolotl_rewrite_of_every_documented_key() -> None:
-    from supervisor.handoff import rewrite_axolotl
+    from supervisor.daemon.handoff import rewrite_axolotl
     from supervisor.recipe import apply_rung, validate
 
     base = validate({"trainer": {"command": ["axolotl", "train", "x.yml"], "output_dir": "/o"},
@@ -212,8 +212,8 @@ def test_run_refuses_bad_input_with_one_line(qlw_home: Path, tmp_path: Path) -> 
 
 
 def test_log_lines_give_steps_loss_and_total() -> None:
-    from supervisor.core import _to_step
-    from supervisor.logprogress import LogProgress, parse_bar, parse_dict
+    from supervisor.daemon.core import _to_step
+    from supervisor.daemon.logprogress import LogProgress, parse_bar, parse_dict
 
     got = parse_dict("{'loss': '10.78', 'grad_norm': '0.2812', 'learning_rate': '1e-04', 'epoch': '0.1'}")
     step = _to_step({"step": 3, **got}, attempt=1)  # the one translator every source goes through

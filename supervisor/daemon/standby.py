@@ -5,7 +5,7 @@ transformers, trl, peft and bitsandbytes before it reads a weight. The superviso
 process that has paid it already:
 
     python -m supervisor.wrapper --exit-file ATTEMPTS/N+1/exit.json ... -- \\
-        python -m supervisor.standby --dir STANDBY_DIR --parent PID:START --backend hf
+        python -m supervisor.daemon.standby --dir STANDBY_DIR --parent PID:START --backend hf
 
 It is started exactly like a trainer (launcher.spawn: its own session and process group, under
 the exit-file wrapper, output into the run's rotated log), so once it is handed an attempt it *is*
@@ -210,7 +210,7 @@ def wait_for_attempt(folder: Path, parent: str | None) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m supervisor.standby")
+    ap = argparse.ArgumentParser(prog="python -m supervisor.daemon.standby")
     ap.add_argument("--dir", required=True, help="where go.json arrives and ready.json is written")
     ap.add_argument("--parent", default=None, help="PID:START of the supervisor; exit when it is gone")
     ap.add_argument("--backend", default="hf", choices=["hf", "unsloth"])
@@ -295,7 +295,7 @@ class StandbyManager:
     def start(self, *, attempt: int, folder: Path, env: dict[str, str], cwd: Path, backend: str,
               exit_file: Path, log_path: Path, log_max_bytes: int, log_backups: int) -> None:
         """Spawn the standby for `attempt` (sync, milliseconds: the imports run in the child)."""
-        from supervisor import launcher
+        from supervisor import procgroup as launcher
 
         if self.current is not None:
             return
@@ -304,7 +304,7 @@ class StandbyManager:
             (folder / name).unlink(missing_ok=True)
         me = launcher.identity_of(os.getpid())
         parent = f"{os.getpid()}:{me.create_time}" if me else str(os.getpid())
-        argv = [sys.executable, "-m", "supervisor.standby", "--dir", str(folder),
+        argv = [sys.executable, "-m", "supervisor.daemon.standby", "--dir", str(folder),
                 "--parent", parent, "--backend", backend]
         env = {**env, "QLW_STANDBY": "1"}
         try:
@@ -329,7 +329,7 @@ class StandbyManager:
 
     def discard(self) -> None:
         """Kill the idle standby's group (it holds no GPU memory and no run state)."""
-        from supervisor import launcher
+        from supervisor import procgroup as launcher
 
         cur, self.current = self.current, None
         if cur is None:
