@@ -402,7 +402,7 @@ class AttemptRunner:
         pgid = w.get("pid")
         if pgid:  # leftover workers hold GPU memory: kill the group and subreaped escapers
             procgroup.signal_group(pgid, signal.SIGKILL)
-        procgroup.kill_orphans(self.sup.tb.helper_pids())  # not the trackers' own (wandb's service)
+        procgroup.kill_orphans(self.sup.tb.helper_pids() | self.standby.pids())  # not the trackers' (wandb's service), not the standby
         self.sup.set_state(exited=True, exit_code=rc, exit_signal=sig, ended_at=time.time())
         self.sup._follow_events()  # the last events before exit (checkpoint, finished)
         self.sup._follow_log()

@@ -316,6 +316,20 @@ class StandbyManager:
         self.current = {"attempt": attempt, "proc": proc, "dir": folder, "env": env,
                         "started": time.time(), "backend": backend}
 
+    def pids(self) -> set[int]:
+        """The idle standby's processes (its wrapper and the standby): not orphans to kill."""
+        cur = self.current
+        if cur is None:
+            return set()
+        import psutil
+
+        out = {cur["proc"].pid}
+        try:
+            out |= {c.pid for c in psutil.Process(cur["proc"].pid).children(recursive=True)}
+        except psutil.Error:
+            pass
+        return out
+
     def forget_if_reaped(self, statuses: dict[int, int]) -> None:
         """An idle standby that exited (its supervisor check, a failed import): drop it."""
         cur = self.current
