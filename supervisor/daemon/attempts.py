@@ -451,7 +451,7 @@ class AttemptRunner:
                 self.sup.set_state(**fields)
             if phase not in ("saving", "training") or not self.st.get("step"):
                 self.sup.record("phase", f"trainer phase: {phase}")  # not every save's toggles
-            if phase == "training":
+            if phase == "loading_model":  # its imports are done: the standby's overlap the load
                 self.prepare_standby()
         elif kind == "checkpoint":
             path = Path(str(obj.get("path", "")))

@@ -384,7 +384,10 @@ def run(ctx: Context, pinned_gpu: str | None = None) -> int:
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         # transformers 5 dropped TrainingArguments.logging_dir; the TensorBoard callback reads this.
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(ctx.output_dir / "tensorboard"))
+        t_card = time.perf_counter()
         ballast = cap_vram(recipe, writer)  # noqa: F841 - held until this process exits
+        if recipe.hardware.emulate_vram_gib:
+            timing(writer, "emulate_card", time.perf_counter() - t_card)  # the rehearsal's own cost
         attn = pick_attention(recipe.model.attn_implementation, writer)
         path = resolve_model_path(ctx, writer)
         writer.notice(f"backend {backend.name}: {backend.reason}")
