@@ -162,6 +162,11 @@ def ladder_run(name: str, fast: bool, mdir: Path, data: Path, budget: float, out
             "attempt1_cache_save_s": a1.get("cache_save"),
             "attempt1_model_load_s": a1.get("model_load"),
             "attempt1_imports_s": a1.get("imports"),
+            "attempt1_emulate_card_s": a1.get("emulate_card"),
+            "attempt1_trainer_init_s": a1.get("trainer_init"),
+            "attempt1_first_step_s": a1.get("first_step"),
+            "attempt1_launch_to_first_step_s": round(a1["first_step_end_t"] - launches[0]["t"], 3)
+            if "first_step_end_t" in a1 else None,
         }
     except (KeyError, IndexError) as e:
         row["relaunch"] = {"error": repr(e)}
@@ -185,7 +190,8 @@ def part_ladder(a: argparse.Namespace, out: Path) -> None:
         RESULTS["build_8b_s"] = round(time.monotonic() - t, 1)
         log("8B built", RESULTS["build_8b_s"])
         data = write_text_data(WORK / "ladder.jsonl", 0, [4200] * 64)
-    for name, fast in (("cold", False), ("fast", True)):
+    for name in a.runs.split(","):
+        fast = name == "fast"
         if left(a.budget_s) < (20 if tiny else 150):
             log("ladder: no budget left for", name)
             break
@@ -194,7 +200,7 @@ def part_ladder(a: argparse.Namespace, out: Path) -> None:
         import shutil
 
         shutil.rmtree(mdir, ignore_errors=True)
-        for name in ("cold", "fast"):
+        for name in a.runs.split(","):
             for qc in (WORK / f"home-{name}" / "runs").glob("*/qcache"):
                 shutil.rmtree(qc, ignore_errors=True)
 
@@ -329,6 +335,7 @@ def main() -> int:
     ap.add_argument("--plan", choices=["full", "tiny"], default="full")
     ap.add_argument("--parts", default="ladder,load70")
     ap.add_argument("--depths70", default="2,6")
+    ap.add_argument("--runs", default="cold,fast", help="ladder runs, in order: cold, fast")
     ap.add_argument("--cleanup", action="store_true", help="delete each 70B build after use (disk)")
     a = ap.parse_args()
     out = Path(a.out)

@@ -295,8 +295,9 @@ class AttemptRunner:
         self.sup.new_attempt()
         self.child_rc = None
         oom_kills_before = oom_kills()  # the kernel's count: a SIGKILL exit is checked against it
-        self.last_launch = {"env": env, "cwd": cwd, "argv": argv, "recipe": recipe, "attempt": attempt}
         warm = await self.standby.take(attempt=attempt, env=env, cwd=cwd, argv=argv, recipe=recipe)
+        self.last_launch = {"env": env, "cwd": cwd, "argv": argv, "recipe": recipe, "attempt": attempt,
+                            "warm": warm is not None}
         try:
             self.proc = warm or procgroup.spawn(
                 argv, env=env, cwd=cwd,
@@ -348,7 +349,7 @@ class AttemptRunner:
         env = {k: v for k, v in last["env"].items() if not k.startswith("QLW_")}
         backend = planned_backend(recipe) if recipe.model is not None else "hf"
         self.standby.start(attempt=nxt, folder=self.sup.store.path / "standby" / str(nxt), env=env,
-                           cwd=last["cwd"], backend=backend, exit_file=adir / "exit.json",
+                           cwd=last["cwd"], backend=backend, recipe=recipe, exit_file=adir / "exit.json",
                            log_path=self.sup.store.log_path,
                            log_max_bytes=recipe.supervisor.log_max_bytes,
                            log_backups=recipe.supervisor.log_backups)
@@ -451,7 +452,10 @@ class AttemptRunner:
                 self.sup.set_state(**fields)
             if phase not in ("saving", "training") or not self.st.get("step"):
                 self.sup.record("phase", f"trainer phase: {phase}")  # not every save's toggles
-            if phase == "loading_model":  # its imports are done: the standby's overlap the load
+            # The next attempt's standby: beside the load of a cold attempt (an OOM can come at
+            # its first step), after the first step of a warm one (nothing competes with its load).
+            warm = bool((self.last_launch or {}).get("warm"))
+            if phase == ("training" if warm else "loading_model"):
                 self.prepare_standby()
         elif kind == "checkpoint":
             path = Path(str(obj.get("path", "")))

@@ -94,21 +94,58 @@ def libcuda_loaded() -> bool:
         return False
 
 
-class _NvmlCapability:
-    """torch.cuda.get_device_capability answered from NVML, for the imports only."""
+class _NvmlAnswers:
+    """Read-only torch.cuda queries answered from NVML while the stack imports, so that a
+    library asking for the GPU's capability or name at import does not initialise CUDA.
+    Homogeneous hosts only: every answer is the first visible GPU's (CUDA_VISIBLE_DEVICES
+    may still change which one that is)."""
 
     def __init__(self) -> None:
         import pynvml
 
         pynvml.nvmlInit()
         self.nvml = pynvml
-        self.caps = [pynvml.nvmlDeviceGetCudaComputeCapability(pynvml.nvmlDeviceGetHandleByIndex(i))
-                     for i in range(pynvml.nvmlDeviceGetCount())]
+        self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        self.caps = [tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h)) for h in self.handles]
+        name = pynvml.nvmlDeviceGetName(self.handles[0]) if self.handles else "GPU"
+        self.name = name.decode() if isinstance(name, bytes) else str(name)
+        self.total = int(pynvml.nvmlDeviceGetMemoryInfo(self.handles[0]).total) if self.handles else 0
 
-    def __call__(self, device: Any = None) -> tuple[int, int]:
-        index = getattr(device, "idx", device)
-        index = index if isinstance(index, int) and 0 <= index < len(self.caps) else 0
-        return tuple(self.caps[index])  # type: ignore[return-value]
+    def _index(self, device: Any) -> int:
+        index = getattr(device, "idx", getattr(device, "index", device))
+        return index if isinstance(index, int) and 0 <= index < len(self.caps) else 0
+
+    def capability(self, device: Any = None) -> tuple[int, int]:
+        return self.caps[self._index(device)]  # type: ignore[return-value]
+
+    def properties(self, device: Any = None) -> Any:
+        import types
+
+        major, minor = self.capability(device)
+        return types.SimpleNamespace(name=self.name, major=major, minor=minor,
+                                     total_memory=self.total, multi_processor_count=0,
+                                     gcnArchName="")
+
+    def install(self, cuda: Any) -> dict[str, Any]:
+        saved = {n: getattr(cuda, n) for n in ("get_device_capability", "get_device_properties",
+                                                "get_device_name", "current_device",
+                                                "is_bf16_supported")}
+        cuda.get_device_capability = self.capability
+        cuda.get_device_properties = self.properties
+        cuda.get_device_name = lambda device=None: self.name
+        cuda.current_device = lambda: 0
+        cuda.is_bf16_supported = lambda *a, **k: self.caps[0] >= (8, 0)
+        return saved
+
+    def pid_mib(self, pid: int) -> float:
+        total = 0.0
+        for h in self.handles:
+            try:
+                procs = self.nvml.nvmlDeviceGetComputeRunningProcesses(h)
+            except Exception:  # noqa: BLE001
+                continue
+            total += sum((p.usedGpuMemory or 0) for p in procs if p.pid == pid) / 2**20
+        return total
 
     def close(self) -> None:
         try:
@@ -118,42 +155,56 @@ class _NvmlCapability:
 
 
 def warm_imports(backend: str) -> dict[str, Any]:
-    """Import the training stack without initialising CUDA; returns what was found."""
+    """Import the training stack without initialising CUDA; returns what was found (and, if an
+    import initialised CUDA anyway, its Python stack and the GPU memory this process holds)."""
     import importlib
+    import traceback
 
     from supervisor.runner.backends import stack_modules
 
     t0 = time.perf_counter()
     had_check = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-    patched = None
+    nvml = None
+    init_by: list[str] = []
     try:
         import torch
 
         if torch.version.cuda and torch.cuda.is_available():  # NVML-based: no cuInit
             try:
-                patched = _NvmlCapability()
-            except Exception:  # noqa: BLE001 - no NVML: bitsandbytes will initialise CUDA
-                patched = None
-        original = torch.cuda.get_device_capability
-        if patched is not None:
-            torch.cuda.get_device_capability = patched  # type: ignore[assignment]
+                nvml = _NvmlAnswers()
+            except Exception:  # noqa: BLE001 - no NVML: an import may initialise CUDA
+                nvml = None
+        cuda = torch.cuda
+        saved = nvml.install(cuda) if nvml is not None else {}
+        lazy = cuda._lazy_init
+
+        def recording_lazy_init() -> Any:
+            if not init_by and not cuda.is_initialized():
+                init_by.append("".join(traceback.format_stack(limit=14)[:-1])[-3000:])
+            return lazy()
+
+        cuda._lazy_init = recording_lazy_init
         try:
             for name in stack_modules(backend):
                 importlib.import_module(name)
         finally:
-            torch.cuda.get_device_capability = original  # type: ignore[assignment]
-            if patched is not None:
-                patched.close()
+            cuda._lazy_init = lazy
+            for n, f in saved.items():
+                setattr(cuda, n, f)
     finally:
         if had_check is None:
             os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
         else:
             os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = had_check
+    initialised = bool(torch.cuda.is_initialized())
+    held = nvml.pid_mib(os.getpid()) if nvml is not None else 0.0
+    if nvml is not None:
+        nvml.close()
     return {"imports_s": round(time.perf_counter() - t0, 3),
             "cuda_env": {k: v for k, v in os.environ.items() if k.startswith(("CUDA_", "PYTORCH_NVML"))},
-            "cuda_initialized": bool(torch.cuda.is_initialized()),
-            "libcuda_loaded": libcuda_loaded(),
+            "cuda_initialized": initialised, "cuda_init_by": init_by[0] if init_by else None,
+            "gpu_mib_held": round(held, 1), "libcuda_loaded": libcuda_loaded(),
             "modules": list(stack_modules(backend))}
 
 
@@ -225,10 +276,16 @@ def main(argv: list[str] | None = None) -> int:
         _write_json(folder / "ready.json", {"pid": os.getpid(), "usable": False,
                                             "why": f"imports failed: {type(e).__name__}: {e}"[:300]})
         return 3
-    usable = not info["cuda_initialized"]
+    # CUDA initialised by an import (cuInit, no context): usable only pinned, i.e. for an attempt
+    # whose CUDA_VISIBLE_DEVICES is the one this process started with; never if it holds memory.
+    why = None
+    if info["gpu_mib_held"] > 0:
+        why = f"it holds {info['gpu_mib_held']:.0f} MiB of GPU memory after its imports"
+    usable = why is None
+    pinned = info["cuda_initialized"] and usable
     _write_json(folder / "ready.json", {"pid": os.getpid(), "usable": usable, "ready_at": time.time(),
-                                        "why": None if usable else "CUDA was initialised by an import",
-                                        **info})
+                                        "why": why, "pinned": pinned,
+                                        "visible": os.environ.get("CUDA_VISIBLE_DEVICES"), **info})
     if not usable:
         held.release()
         return 3
@@ -237,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         held.release()
         return 3
     handed = time.time()
+    if pinned and job.get("visible") != os.environ.get("CUDA_VISIBLE_DEVICES"):
+        _write_json(folder / "refused.json", {"why": "CUDA initialised here with CUDA_VISIBLE_DEVICES="
+                                              f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}, the attempt "
+                                              f"wants {job.get('visible')!r}"})
+        held.release()
+        return 3
     _write_json(folder / "taken.json", {"pid": os.getpid(), "t": handed})
     noise = held.release()
     cmd = list(job.get("argv") or [])
@@ -262,6 +325,15 @@ if __name__ == "__main__":
 
 
 # ------------------------------------------------------------------------------ the supervisor's side
+
+
+def effective_visible(recipe: Any, env: dict[str, str]) -> str | None:
+    """CUDA_VISIBLE_DEVICES as the trainer will have it (runner/train.pin_one_gpu)."""
+    from supervisor.runner.train import pin_one_gpu
+
+    probe = dict(env)
+    pin_one_gpu(recipe, probe)
+    return probe.get("CUDA_VISIBLE_DEVICES")
 
 
 class StandbyManager:
@@ -292,7 +364,7 @@ class StandbyManager:
             self.said.add(key)
             self.record("standby", message)
 
-    def start(self, *, attempt: int, folder: Path, env: dict[str, str], cwd: Path, backend: str,
+    def start(self, *, attempt: int, folder: Path, env: dict[str, str], cwd: Path, backend: str, recipe: Any,
               exit_file: Path, log_path: Path, log_max_bytes: int, log_backups: int) -> None:
         """Spawn the standby for `attempt` (sync, milliseconds: the imports run in the child)."""
         from supervisor import procgroup as launcher
@@ -300,7 +372,11 @@ class StandbyManager:
         if self.current is not None:
             return
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for name in ("go.json", "taken.json", "ready.json"):
+        env = dict(env)
+        from supervisor.runner.train import pin_one_gpu
+
+        pin_one_gpu(recipe, env)  # as the trainer will: should an import initialise CUDA, the same GPU
+        for name in ("go.json", "taken.json", "ready.json", "refused.json"):
             (folder / name).unlink(missing_ok=True)
         me = launcher.identity_of(os.getpid())
         parent = f"{os.getpid()}:{me.create_time}" if me else str(os.getpid())
@@ -372,6 +448,10 @@ class StandbyManager:
         ready = _read_json(cur["dir"] / "ready.json")
         if why is None and ready is not None and not ready.get("usable"):
             why = str(ready.get("why") or "unusable")
+        visible = effective_visible(recipe, env)
+        if why is None and ready is not None and ready.get("pinned") and ready.get("visible") != visible:
+            why = (f"an import initialised CUDA there with CUDA_VISIBLE_DEVICES={ready.get('visible')!r}; "
+                   f"the attempt wants {visible!r}")
         diff = env_difference({k: v for k, v in cur["env"].items() if k not in STANDBY_ONLY_KEYS}, env)
         if why is None and diff:
             why = f"the attempt's environment differs in {', '.join(diff[:5])}"
@@ -380,15 +460,18 @@ class StandbyManager:
             await asyncio.to_thread(self.discard)
             return None
         _write_json(cur["dir"] / "go.json", {"env": env, "cwd": str(cwd), "argv": argv,
-                                             "attempt": attempt, "t": time.time()})
+                                             "attempt": attempt, "t": time.time(), "visible": visible})
         deadline = time.monotonic() + (self.TAKE_WAIT_S if ready else self.IMPORTING_WAIT_S)
         while time.monotonic() < deadline:
             if (cur["dir"] / "taken.json").exists():
                 self.current = None
                 return cur["proc"]
-            if cur["proc"].poll() is not None:
+            if cur["proc"].poll() is not None or (cur["dir"] / "refused.json").exists():
                 break
             await asyncio.sleep(POLL_S)
+        refused = _read_json(cur["dir"] / "refused.json")
+        if refused:
+            self._say_once("refused", f"warm standby not used: {refused.get('why')}; cold start")
         self._say_once("no-answer", "warm standby did not take the attempt; cold start")
         await asyncio.to_thread(self.discard)
         return None
