@@ -290,3 +290,25 @@ def test_standby_is_only_for_the_builtin_trainer():
     # per-attempt keys may differ; anything an import could have read may not (names only, no values)
     assert env_difference({"A": "1", "QLW_X": "1"}, {"A": "1", "QLW_X": "2", "CUDA_VISIBLE_DEVICES": "1"}) == []
     assert env_difference({"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0"}) == ["HF_HUB_OFFLINE"]
+
+
+def test_oom_ladder_relaunch_takes_the_warm_standby_and_the_cache(qlw_home, tmp_path, monkeypatch):
+    """The real supervisor and the tiny trainer: an (injected) OOM at step 2, rung 1 relaunched
+    into the warm standby with the weights from the run's cache; no standby outlives the run."""
+    from tests.rel_helpers import events, run_dir, start, wait_end
+
+    monkeypatch.setenv("QLW_TINY_CACHE", str(tmp_path / "tiny"))
+    run_id = start(ROOT / "recipes" / "tiny.toml", "--set", "debug.raise_oom_above_seq_len=800",
+                   "--set", "train.max_steps=4", "--set", "train.save_steps=1",
+                   "--set", f"train.output_dir={tmp_path}/out-{{run_id}}")
+    assert wait_end(run_id, timeout=240) == 0
+    evs = events(qlw_home, run_id)
+    launch = [e for e in evs if e["kind"] == "launch"]
+    assert len(launch) == 2 and not launch[0]["evidence"]["warm_standby"]
+    assert launch[1]["evidence"]["warm_standby"], [e["message"] for e in evs if e["kind"] == "standby"]
+    assert any("loaded the quantised base model" in e["message"] for e in evs)
+    a2 = run_dir(qlw_home, run_id) / "attempts" / "2"
+    timing = [json.loads(x) for x in (a2 / "events.jsonl").read_text().splitlines() if '"timing"' in x]
+    assert {t["phase"]: t for t in timing}["imports"]["warm"] is True
+    assert json.loads((a2 / "exit.json").read_text())["returncode"] == 0  # the wrapper's exit file
+    assert (run_dir(qlw_home, run_id) / "qcache").is_dir()  # removed with the run (`qlora-watch rm`)
