@@ -312,3 +312,23 @@ def test_oom_ladder_relaunch_takes_the_warm_standby_and_the_cache(qlw_home, tmp_
     assert {t["phase"]: t for t in timing}["imports"]["warm"] is True
     assert json.loads((a2 / "exit.json").read_text())["returncode"] == 0  # the wrapper's exit file
     assert (run_dir(qlw_home, run_id) / "qcache").is_dir()  # removed with the run (`qlora-watch rm`)
+
+
+def test_cache_ls_and_rm(qlw_home):
+    """`qlora-watch cache ls` lists the shared and per-run entries; `rm` deletes only entries."""
+    from tests.conftest import qlw
+
+    for root in (qlw_home / "qcache", qlw_home / "runs" / "amber" / "qcache"):
+        entry = root / "abc123"
+        entry.mkdir(parents=True)
+        (entry / "model.safetensors").write_bytes(b"\0" * 1000)
+        (entry / qcache.MANIFEST).write_text(json.dumps({"inputs": {"model": {"path": "/m"}, "backend": "hf"},
+                                                         "created_at": 1.0}))
+    listed = json.loads(qlw("cache", "ls", "--json", check=True).stdout)
+    assert sorted(e["owner"] for e in listed) == ["amber", "shared"]
+    assert all(e["bytes"] > 1000 and e["state"] == "ok" for e in listed)
+    assert qlw("cache", "rm", "abc").returncode == 2  # no terminal, no --yes: nothing deleted
+    qlw("cache", "rm", "--run", "amber", "--yes", check=True)
+    assert not (qlw_home / "runs" / "amber" / "qcache" / "abc123").exists()
+    assert (qlw_home / "qcache" / "abc123").is_dir()
+    assert qlw("cache", "rm", "nope", "--yes").returncode == 1
