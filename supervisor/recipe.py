@@ -69,6 +69,10 @@ class ModelSection(_Strict):
     backend: Literal["hf", "unsloth", "auto"] = Field(
         "hf", description="auto: Unsloth where it imports and supports the model, else transformers + peft"
     )
+    weight_cache: Literal["run", "shared", "off"] = Field(
+        "run", description="quantised-weight cache for relaunches: the run's own (removed with it), "
+        "shared between runs (`qlora-watch cache ls/rm`), or off",
+    )
 
 
 class QuantSection(_Strict):
@@ -295,6 +299,9 @@ class SupervisorSection(_Strict):
     stop_grace_s: float = Field(120.0, gt=0.0, description="SIGTERM -> SIGKILL grace for a save")
     log_max_bytes: int = Field(50 * 1024 * 1024, ge=4096)
     log_backups: int = Field(3, ge=0, le=100)
+    warm_standby: bool = Field(
+        True, description="keep one trainer process with its imports done (no CUDA) for the next attempt",
+    )
 
 
 class NotifySection(_Strict):
