@@ -22,13 +22,10 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from supervisor.records import EventKind
 from supervisor.units import size
-
-if TYPE_CHECKING:
-    from supervisor.daemon.runio import RunIO
 
 log = logging.getLogger("qlora-watch.download")
 
@@ -141,7 +138,7 @@ class _Watch:
 class DownloadTracker:
     """The supervisor's part: measure the cache while the trainer loads, record progress."""
 
-    def __init__(self, io: "RunIO"):
+    def __init__(self, io: Any):  # the core's RunIO (not imported: the dashboard imports describe)
         self.io = io  # the status (phase, download), set_state, record
         self.watch: _Watch | None = None
         self._last_poll = 0.0

@@ -69,6 +69,10 @@ class ModelSection(_Strict):
     backend: Literal["hf", "unsloth", "auto"] = Field(
         "hf", description="auto: Unsloth where it imports and supports the model, else transformers + peft"
     )
+    weight_cache: Literal["run", "shared", "off"] = Field(
+        "run", description="quantised-weight cache for relaunches: the run's own (removed with it), "
+        "shared between runs (`qlora-watch cache ls/rm`), or off",
+    )
 
 
 class QuantSection(_Strict):
@@ -177,6 +181,8 @@ class HardwareSection(_Strict):
         "ballast", description="how to rehearse: ballast (faithful) or fraction (allocator cap)"
     )
     gpus: int = Field(1, ge=1, le=64, description=">1: FSDP-QLoRA through accelerate launch")
+    nodes: int = Field(1, ge=1, le=1024, description=">1: several Slurm nodes (qlora-watch submit): "
+                       "srun + accelerate launch, hardware.gpus per node")
     fsdp_cpu_offload: bool = Field(True, description="with gpus > 1: offload shards to host RAM")
     gpu_mem_gib: float | None = Field(None, gt=0.0, description="preflight: assume this card size")
     host_ram_gib: float | None = Field(None, gt=0.0, description="preflight: assume this much RAM")
@@ -293,6 +299,9 @@ class SupervisorSection(_Strict):
     stop_grace_s: float = Field(120.0, gt=0.0, description="SIGTERM -> SIGKILL grace for a save")
     log_max_bytes: int = Field(50 * 1024 * 1024, ge=4096)
     log_backups: int = Field(3, ge=0, le=100)
+    warm_standby: bool = Field(
+        True, description="keep one trainer process with its imports done (no CUDA) for the next attempt",
+    )
 
 
 class NotifySection(_Strict):

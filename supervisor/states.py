@@ -52,7 +52,7 @@ _ENDS = frozenset({S.FAILED, S.STOPPED, S.DIVERGED, S.PREEMPTED, S.LOST})
 _UP = frozenset({S.LOADING, S.TRAINING, S.SAVING, S.COMPLETED, S.BACKOFF, S.STOPPING}) | _ENDS
 
 EDGES: dict[RunState | None, frozenset[RunState]] = {
-    None: frozenset({S.STARTING}),                    # a new run's first attempt
+    None: frozenset({S.STARTING, S.FAILED, S.STOPPED}),  # first attempt; Slurm refused / a queued job cancelled
     S.STARTING: _UP,                                  # spawned; a foreign command may finish before a phase
     S.LOADING: _UP,                                   # phase loading_model / tokenising
     S.TRAINING: _UP,                                  # phase training, or the first step of a foreign command
@@ -63,8 +63,8 @@ EDGES: dict[RunState | None, frozenset[RunState]] = {
     S.FAILED: frozenset({S.STARTING}),                # `qlora-watch resume`: a new attempt
     S.STOPPED: frozenset({S.STARTING}),
     S.DIVERGED: frozenset({S.STARTING}),
-    S.LOST: frozenset({S.STARTING}),
-    S.PREEMPTED: frozenset({S.STARTING}),
+    S.LOST: frozenset({S.STARTING, S.STOPPED}),       # or its requeued Slurm job cancelled
+    S.PREEMPTED: frozenset({S.STARTING, S.STOPPED}),
 }
 
 STRICT_ENV = "QLW_STRICT_STATE"  # "1": an illegal edge or an undeclared state field raises

@@ -58,6 +58,8 @@ class RunStatus:
     exit_signal: int | None = None
     oom_kills_at_launch: int | None = None  # the kernel's oom_kill count when it started
     download: dict[str, Any] | None = None  # a model download seen while loading (download.py)
+    slurm: dict[str, Any] | None = None  # the Slurm job this run is in now (job_id, node, restart)
+    weight_cache: dict[str, Any] | None = None  # the quantised-weight cache (bytes, key, dir): runner/qcache.py
     stop_state: RunState | None = None  # where a stop in progress ends (STOPPED, DIVERGED, ...)
     next_launch_in_s: float | None = None  # BACKOFF's delay
     # -- what the trainer said ------------------------------------------------------------------

@@ -16,6 +16,8 @@ STORED = {
     "stacks", "gpu_release", "checkpoint_saved", "checkpoint_incomplete", "checkpoint_unmarked",
     "checkpoint_no_adapter", "checkpoint_quarantined", "checkpoint_pruned", "prune_failed",
     "preempt", "download", "download_disk",  # robustness (#14)
+    "slurm",  # a job start (#18)
+    "standby",  # the warm standby (#20)
 }
 
 

@@ -701,3 +701,154 @@ def test_r5_supervisor_logs_rotate(qlw_home: Path, tmp_path: Path) -> None:
         assert (run / "supervisor.out").stat().st_size <= 4096
     finally:
         stop_now(run_id)
+
+
+# ------------------------------------------------------------------------------ 9. attach --ssh
+
+SSHD = "/usr/sbin/sshd"
+
+
+@pytest.fixture
+def sshd(tmp_path_factory: pytest.TempPathFactory):
+    """A real OpenSSH server on 127.0.0.1 with its own config, keys and port in a temp folder
+    (no system config touched), and an `ssh` wrapper that reaches it as `testhost`. Yields a
+    function `start(**sshd_config) -> ssh wrapper path`; servers stop at teardown."""
+    import shutil
+    import socket
+
+    if not os.path.exists(SSHD) or not shutil.which("ssh") or os.geteuid() != 0:
+        pytest.skip("needs openssh-server (sshd) and root")
+    d = Path(tempfile_dir := tmp_path_factory.mktemp("sshd"))
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    (d / "authorized_keys").write_text((d / "client.pub").read_text())
+    servers: list[subprocess.Popen] = []
+
+    def start(**conf: str) -> Path:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        n = len(servers)
+        cfg = d / f"sshd_config.{n}"
+        cfg.write_text("\n".join([
+            f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {d / 'host'}",
+            f"PidFile {d}/sshd.{n}.pid", f"AuthorizedKeysFile {d / 'authorized_keys'}",
+            "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
+            "StrictModes no", "PermitRootLogin yes", "LogLevel ERROR",
+            *[f"{k} {v}" for k, v in conf.items()], ""]))
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                                stderr=open(d / f"sshd.{n}.log", "wb"), start_new_session=True)
+        servers.append(proc)
+        client = d / f"ssh_config.{n}"
+        client.write_text(f"Host testhost\n  HostName 127.0.0.1\n  Port {port}\n  User root\n"
+                          f"  IdentityFile {d / 'client'}\n  IdentitiesOnly yes\n  BatchMode yes\n"
+                          "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
+        wrapper = d / f"ssh.{n}"
+        wrapper.write_text(f'#!/bin/sh\nexec ssh -F "{client}" "$@"\n')
+        wrapper.chmod(0o755)
+        wait_for(lambda: subprocess.run([str(wrapper), "testhost", "true"], capture_output=True,
+                                        timeout=20).returncode == 0, timeout=20, what="sshd up")
+        return wrapper
+
+    yield start
+    del tempfile_dir
+    for p in servers:
+        with __import__("contextlib").suppress(OSError):
+            os.killpg(p.pid, signal.SIGTERM)
+        reap(p, 10)
+
+
+def _remote_qlw(tmp_path: Path, home: Path) -> Path:
+    """qlora-watch as the remote box has it: a script that sshd's bare environment can run."""
+    script = tmp_path / "bin dir" / "qlora-watch"  # a space: the path is quoted on the far side
+    script.parent.mkdir()
+    script.write_text(f'#!/bin/sh\nQLORA_WATCH_HOME="{home}" PYTHONPATH="{ROOT}" '
+                      f'exec "{sys.executable}" -m supervisor "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+def _live_run(tmp_path: Path) -> str:
+    from tests.rel_helpers import start
+
+    return start(fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.05"]))
+
+
+def _attach_ssh(ssh: Path, run_id: str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return qlw("attach", "--ssh", "testhost", run_id, *extra, timeout=90,
+               env={**os.environ, "QLORA_WATCH_SSH": str(ssh), **(env or {})})
+
+
+def test_r9_remote_path_without_qlora_watch_is_said(qlw_home: Path, tmp_path: Path, sshd) -> None:
+    from tests.rel_helpers import stop_now
+
+    ssh = sshd()
+    run_id = _live_run(tmp_path)
+    try:
+        res = _attach_ssh(ssh, run_id)
+        assert res.returncode == 1
+        err = res.stderr.strip()
+        assert "not on the PATH that ssh gives commands on testhost" in err and "--remote-cmd" in err \
+            and "QLORA_WATCH_REMOTE_CMD" in err and "Traceback" not in err, err
+    finally:
+        stop_now(run_id)
+
+
+def test_r9_forwarding_refused_is_said(qlw_home: Path, tmp_path: Path, sshd) -> None:
+    from tests.rel_helpers import stop_now
+
+    ssh = sshd(AllowTcpForwarding="no", AllowStreamLocalForwarding="no")
+    run_id = _live_run(tmp_path)
+    try:
+        res = _attach_ssh(ssh, run_id, "--remote-cmd", str(_remote_qlw(tmp_path, qlw_home)))
+        assert res.returncode == 1
+        err = res.stderr.strip()
+        assert "refuses Unix-socket forwarding" in err and "AllowTcpForwarding no" in err \
+            and "AllowStreamLocalForwarding yes" in err, err
+    finally:
+        stop_now(run_id)
+
+
+def test_r9_attach_over_a_real_sshd_and_reconnect(qlw_home: Path, tmp_path: Path, sshd) -> None:
+    """Through a real sshd (the remote command from QLORA_WATCH_REMOTE_CMD): the dashboard
+    shows live steps; the ssh forward is killed: it shows "reconnecting", not a frozen
+    TRAINING, and then live steps again over a new forward."""
+    import psutil
+
+    pexpect = pytest.importorskip("pexpect")
+    from tests.rel_helpers import stop_now
+    from tests.test_tui_live import steps_seen
+
+    ssh = sshd()
+    run_id = _live_run(tmp_path)
+    env = {**os.environ, "TERM": "xterm-256color", "QLORA_WATCH_SSH": str(ssh),
+           "QLORA_WATCH_REMOTE_CMD": str(_remote_qlw(tmp_path, qlw_home))}
+    child = pexpect.spawn(sys.executable, ["-m", "supervisor", "attach", "--ssh", "testhost", run_id],
+                          dimensions=(48, 160), env=env, timeout=60, cwd=str(ROOT))
+    try:
+        seen = steps_seen(child, 2)
+        assert max(seen) > min(seen)
+
+        def forwards() -> list[psutil.Process]:
+            out = []
+            for p in psutil.Process(child.pid).children(recursive=True):
+                try:
+                    if "-N" in p.cmdline() and "-L" in p.cmdline() and p.status() != psutil.STATUS_ZOMBIE:
+                        out.append(p)
+                except psutil.Error:
+                    continue
+            return out
+
+        (fwd,) = wait_for(forwards, what="the ssh forward")
+        fwd.kill()
+        child.expect("RECONNECTING", timeout=30)
+        wait_for(lambda: [p for p in forwards() if p.pid != fwd.pid], timeout=30, what="a new forward")
+        child.expect("TRAINING", timeout=30)
+        later = steps_seen(child, 2)
+        assert max(later) > max(seen)
+        child.send("d")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+        stop_now(run_id)

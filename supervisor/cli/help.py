@@ -11,7 +11,8 @@ HOME = "QLORA_WATCH_HOME   where runs live (default: ~/.local/state/qlora-watch)
 RUNTIME = "(no variable)      control sockets: /tmp/qlora-watch-$UID/ (with QLORA_WATCH_HOME set: its sock/)"
 PREEMPT = ("QLW_ON_SIGTERM     preempt: SIGTERM to the supervisor saves and ends the run PREEMPTED "
            "(the default under Slurm); detach: the trainer goes on. SIGUSR1 always preempts")
-SSH = "QLORA_WATCH_SSH    the ssh client for --ssh (default: ssh on PATH; ~/.ssh/config applies)"
+SSH = ("QLORA_WATCH_SSH    the ssh client for --ssh (default: ssh on PATH; ~/.ssh/config applies); "
+       "QLORA_WATCH_REMOTE_CMD: qlora-watch's path on the remote box (--remote-cmd)")
 TRAINER = ("HF_TOKEN, HF_HOME, CUDA_VISIBLE_DEVICES, PYTORCH_CUDA_ALLOC_CONF, WANDB_*, MLFLOW_*: "
            "passed to the trainer")
 
@@ -25,6 +26,11 @@ EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
             [HOME, RUNTIME, TRAINER]),
     "resume": (["qlora-watch resume", "qlora-watch resume amber --from checkpoint-200",
                 "qlora-watch resume amber --set train.learning_rate=1e-4"], [HOME, RUNTIME, TRAINER]),
+    "submit": (["qlora-watch submit 8b --set data.path=train.jsonl --partition gpu --time 24:00:00",
+                "qlora-watch submit tiny --gpus 0 --dry-run",
+                "qlora-watch submit my-8b.toml --sbatch-arg=--account=proj --sbatch-arg=--qos=low"],
+               [HOME + " (on the shared filesystem: the job's node reads it)",
+                "SLURM_CONF and the usual SBATCH_* variables: read by sbatch itself"]),
     "preflight": (["qlora-watch preflight 70b --gpu-mem 24"], [HOME]),
     "validate": (["qlora-watch validate my-8b.toml --set train.max_seq_len=768"], []),
     "recipes": (["qlora-watch recipes", "qlora-watch recipes cp 8b my-8b.toml",
@@ -41,6 +47,8 @@ EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
               [HOME, RUNTIME]),
     "report": (["qlora-watch report", "qlora-watch report amber --compare falcon --out /tmp/r"], [HOME]),
     "rm": (["qlora-watch rm amber", "qlora-watch rm amber --checkpoints --yes"], [HOME]),
+    "cache": (["qlora-watch cache ls", "qlora-watch cache rm 3e2c7c42 --yes", "qlora-watch cache rm --all"],
+              [HOME]),
     "merge": (["qlora-watch merge amber --out merged/", "qlora-watch merge runs/x --checkpoint 200 --out m/"],
               [HOME, "HF_TOKEN, HF_HOME: to fetch the base model"]),
     "completion": (["qlora-watch completion bash > ~/.local/share/bash-completion/completions/qlora-watch",

@@ -102,9 +102,6 @@ def plan_resume(store: RunStore, from_ckpt: str | None = None,
                 overrides: Iterable[str] = ()) -> ResumePlan:
     """Check that the run can be resumed as asked; raises ResumeError saying why not."""
     overrides = list(overrides)
-    from supervisor import runenv
-
-    runenv.capture(store.path)  # a resume may run elsewhere (a requeued job): its environment
     st = store.read_status()
     state = st.run_state.value
     rid = store.run_id

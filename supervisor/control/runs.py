@@ -140,8 +140,9 @@ def is_live(store: RunStore) -> bool:
 
 
 def ensure_supervisor(store: RunStore) -> bool:
-    """Restart a supervisor for a live run whose supervisor died; it re-adopts the trainer."""
-    if not is_live(store) or supervisor_running(store):
+    """Restart a supervisor for a live run whose supervisor died; it re-adopts the trainer.
+    Never for a Slurm run: its supervisor runs only inside its job (slurm_job.py)."""
+    if not is_live(store) or supervisor_running(store) or (store.path / "slurm.json").exists():
         return False
     spawn_supervisor(store)
     deadline = time.monotonic() + 10
@@ -298,12 +299,30 @@ def remaining(deadline: float | None) -> float:
     return float("inf") if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+_REQUEUABLE = frozenset({RunState.PREEMPTED.value, RunState.LOST.value})
+
+
+def _requeue_pending(store: RunStore) -> bool:
+    """A Slurm run, preempted or lost, whose job is still in the queue (its next start resumes it)."""
+    if not (store.path / "slurm.json").exists():
+        return False
+    from supervisor.slurm.meta import job_in_queue
+
+    return job_in_queue(store)
+
+
 def wait(store: RunStore, timeout: float | None) -> int:
     """Exit 0 when completed, 1 for another terminal state, 124 on timeout."""
     deadline = None if timeout is None else time.monotonic() + timeout
     checked = 0.0
+    requeue_checked = (0.0, False)
     while True:
         st = store.read_state().get("state")
+        if st in _REQUEUABLE:  # a Slurm run whose job is queued again goes on (asked each 1 s)
+            if time.monotonic() - requeue_checked[0] > 1:
+                requeue_checked = (time.monotonic(), _requeue_pending(store))
+            if requeue_checked[1]:
+                st = None
         if st in TERMINAL_VALUES:
             # Its supervisor still flushes the trackers (W&B, MLflow) and closes the store: a
             # script that goes on to `wandb sync` or `report` must see it all. Bounded.

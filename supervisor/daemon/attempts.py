@@ -28,6 +28,7 @@ from supervisor.checkpoints import folders as checkpoints
 from supervisor.checkpoints.plan import newest_complete_of, prune_plan
 from supervisor.daemon import handoff, leftovers
 from supervisor.daemon.runio import RunIO
+from supervisor.daemon.standby import StandbyManager
 from supervisor.daemon.trainer_events import TrainerEvents
 from supervisor.guards.base import Action, PruneCheckpoints, Relaunch
 from supervisor.guards.relaunch import restarts_after
@@ -44,6 +45,25 @@ from supervisor.wrapper import TAIL_LINES
 log = logging.getLogger("qlora-watch.attempts")
 
 
+def weight_cache_dir(recipe: Recipe, run_path: Path) -> Path | None:
+    """Where the trainer keeps its quantised-weight cache (runner/qcache.py): the run's own
+    folder (removed with the run), the shared one, or None (off, or not our trainer)."""
+    if recipe.model is None or recipe.trainer.command and not _runs_builtin(recipe.trainer.command):
+        return None
+    mode = recipe.model.weight_cache
+    if mode == "off":
+        return None
+    if mode == "shared":
+        from supervisor.runner.qcache import shared_root
+
+        return shared_root()
+    return run_path / "qcache"
+
+
+def _runs_builtin(command: list[str]) -> bool:
+    return "supervisor.runner.train" in command
+
+
 class Attempts:
     """One run's attempts, one at a time."""
 
@@ -51,7 +71,7 @@ class Attempts:
                  execute: Callable[[list[Action]], Awaitable[None]], window: Callable[[], Any],
                  mark_time: Callable[[float], None], sampler: Any = None,
                  gpu_lost: Callable[[], bool] = lambda: False, download: Any = None,
-                 helper_pids: Callable[[], Any] = lambda: ()) -> None:
+                 helper_pids: Callable[[], set[int]] = set) -> None:
         self.io = io
         self.recipe = recipe
         self.run_info = run_info
@@ -73,6 +93,8 @@ class Attempts:
         self.pending: Relaunch | None = None  # the Relaunch waiting for its back-off
         self.tree_pids: set[int] = set()  # the trainer's processes, for the GPU release check
         self._reach: tuple[str | None] | None = None  # ladder_reach(), read once
+        self.standby = StandbyManager(io.record)  # the warm interpreter for the next attempt
+        self.last_launch: dict[str, Any] | None = None  # env/cwd/argv of the latest launch
 
     # -- helpers ------------------------------------------------------------------------
     @property
@@ -204,6 +226,10 @@ class Attempts:
         env.pop("QLW_RESUME", None)
         if resume:
             env["QLW_RESUME"] = resume
+        cache_dir = weight_cache_dir(recipe, self.store.path)
+        env.pop("QLW_QCACHE_DIR", None)
+        if cache_dir is not None:
+            env["QLW_QCACHE_DIR"] = str(cache_dir)
         cwd = Path(self.run_info.cwd or os.getcwd())
         try:  # the ladder's settings, three ways: QLW_* env, {placeholders}, an axolotl copy
             ho = handoff.prepare(recipe, procgroup.trainer_argv(recipe),
@@ -222,8 +248,11 @@ class Attempts:
         self.events.new_attempt()
         self.child_rc = None
         oom_kills_before = oom_kills()  # the kernel's count: a SIGKILL exit is checked against it
+        warm = await self.standby.take(attempt=attempt, env=env, cwd=cwd, argv=argv, recipe=recipe)
+        self.last_launch = {"env": env, "cwd": cwd, "argv": argv, "recipe": recipe, "attempt": attempt,
+                            "warm": warm is not None}
         try:
-            self.proc = procgroup.spawn(
+            self.proc = warm or procgroup.spawn(
                 argv, env=env, cwd=cwd,
                 exit_file=adir / "exit.json", log_path=self.store.log_path,
                 log_max_bytes=recipe.supervisor.log_max_bytes,
@@ -251,13 +280,50 @@ class Attempts:
                        "per_device_batch": recipe.train.per_device_batch,
                        "grad_accum": recipe.train.grad_accum},
         )
-        io.record(EventKind.LAUNCHED, f"attempt {attempt} started{what} (pid {self.proc.pid})",
+        how = ", warm standby: imports already done" if warm else ""
+        io.record(EventKind.LAUNCHED, f"attempt {attempt} started{what} (pid {self.proc.pid}{how})",
                   evidence={"argv": redact_argv(argv)[:3], "resume": resume, "rung": rung,
-                            "rung_label": ladder.label(rung), "output_dir": str(out)})
+                            "rung_label": ladder.label(rung), "output_dir": str(out),
+                            "warm_standby": bool(warm)})
+
+    def on_phase(self, phase: str) -> None:
+        """The next attempt's standby: beside the load of a cold attempt (an OOM can come at its
+        first step), after the first step of a warm one (nothing competes with its load)."""
+        warm = bool((self.last_launch or {}).get("warm"))
+        if phase == ("training" if warm else "loading_model"):
+            self.prepare_standby()
+
+    def prepare_standby(self) -> None:
+        """A warm standby for the next attempt, once this one trains (its imports then compete
+        with nothing but training). Never for a user's command; replaced after each use."""
+        last = self.last_launch
+        if last is None or self.standby.current is not None or self.st.run_state.terminal:
+            return
+        recipe = last["recipe"]
+        if StandbyManager.off_reason(recipe, last["argv"]) is not None:
+            return
+        from supervisor.runner.backends import planned_backend
+
+        nxt = last["attempt"] + 1
+        adir = self.store.attempt_dir(nxt)
+        try:
+            adir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError:
+            return
+        env = {k: v for k, v in last["env"].items() if not k.startswith("QLW_")}
+        backend = planned_backend(recipe) if recipe.model is not None else "hf"
+        self.standby.start(attempt=nxt, folder=self.store.path / "standby" / str(nxt), env=env,
+                           cwd=last["cwd"], backend=backend, recipe=recipe, exit_file=adir / "exit.json",
+                           log_path=self.store.log_path,
+                           log_max_bytes=recipe.supervisor.log_max_bytes,
+                           log_backups=recipe.supervisor.log_backups)
 
     # -- polling ----------------------------------------------------------------------
     async def poll(self) -> None:
         statuses = procgroup.reap_children()
+        self.standby.forget_if_reaped(statuses)
+        if self.standby.current is not None and self.st.run_state.terminal:
+            await asyncio.to_thread(self.standby.discard)
         w = self.st.wrapper or {}
         tree = getattr(self.sampler, "tree_pids", None)
         if tree and self.trainer_alive():
@@ -303,7 +369,8 @@ class Attempts:
         pgid = w.get("pid")
         if pgid:  # leftover workers hold GPU memory: kill the group and subreaped escapers
             procgroup.signal_group(pgid, signal.SIGKILL)
-        procgroup.kill_orphans(self.helper_pids())  # not the trackers' own (wandb's service)
+        # not the trackers' own (wandb's service), not the standby
+        procgroup.kill_orphans(self.helper_pids() | self.standby.pids())
         io.set_state(exited=True, exit_code=rc, exit_signal=sig, ended_at=time.time())
         self.events.read()  # the last events and log lines before exit (checkpoint, finished)
         self.events.discover_checkpoints()  # a command without events: its last save

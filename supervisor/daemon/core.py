@@ -105,7 +105,8 @@ class Supervisor:
                         broadcast=self.broadcast)
         self.download = DownloadTracker(self.io)  # a slow model download is progress (download.py)
         self.events = TrainerEvents(self.io, recipe=self.recipe, tb=self.tb, mark_time=self.clock.mark,
-                                    output_dir=lambda: self.attempts.output_dir())
+                                    output_dir=lambda: self.attempts.output_dir(),
+                                    on_phase=lambda phase: self.attempts.on_phase(phase))
         self.attempts = Attempts(
             self.io, recipe=self.recipe, run_info=self.run_info, events=self.events,
             execute=lambda actions: self.actions.execute(actions), window=self.window,
@@ -214,6 +215,8 @@ class Supervisor:
             await self.tick()  # last events and log lines
         finally:
             self.preemption.settle(loop, preempt_on_term)  # a late SIGTERM must not make exit 0 a -15
+            with contextlib.suppress(Exception):  # the idle warm standby dies with us
+                await asyncio.to_thread(self.attempts.standby.discard)
             self.broadcast(proto.bye(f"run {self.run_state.value if self.status.state else None}"))
             await asyncio.sleep(0.05)
             if self.server is not None:

@@ -45,12 +45,13 @@ class TrainerEvents:
     """Follows the current attempt's events file and the trainer's log."""
 
     def __init__(self, io: RunIO, *, recipe: Any, tb: Any, mark_time: Callable[[float], None],
-                 output_dir: Callable[[], Path]) -> None:
+                 output_dir: Callable[[], Path], on_phase: Callable[[str], None] = lambda phase: None) -> None:
         self.io = io
         self.recipe = recipe
         self.tb = tb  # trackers: every attempt's steps in one tracker run
         self.mark_time = mark_time  # the guards' clock (guard_window.GuardClock.mark)
         self.output_dir = output_dir
+        self.on_phase = on_phase  # the lifecycle's hook (attempts.on_phase: the warm standby)
         self.events_follower: JsonlFollower | None = None
         self.log_follower = LogFollower(io.store.log_path)
         self.log_follower.offset = _size(io.store.log_path)
@@ -108,6 +109,7 @@ class TrainerEvents:
                 io.set_state(**fields)
             if phase not in ("saving", "training") or not st.step:
                 io.record(EventKind.PHASE_CHANGED, f"trainer phase: {phase}")  # not every save's toggles
+            self.on_phase(phase)
         elif kind == "checkpoint":
             path = Path(str(obj.get("path", "")))
             info = checkpoints.checkpoint_status(path)
@@ -127,6 +129,9 @@ class TrainerEvents:
             io.record(EventKind.TRAINING_FINISHED, f"adapter saved to {obj.get('adapter_path')}")
         elif kind == "notice":
             io.record(EventKind.TRAINER_NOTED, str(obj.get("message", ""))[:2000])
+            if isinstance(obj.get("cache_bytes"), int):  # the weight cache: shown in the dashboard
+                io.set_state(weight_cache={"bytes": obj["cache_bytes"], "key": obj.get("cache_key"),
+                                           "dir": obj.get("cache_dir")})
         elif kind == "settings":  # effective_settings() was called: the ladder reaches it
             io.set_state(settings_read=True)
 

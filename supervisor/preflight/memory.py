@@ -524,6 +524,14 @@ def disk_components(recipe: Recipe, vram: list[Component], cal: Calibration) -> 
                   f"{small / 1e6:.0f} MB) x (save_total_limit + 1 while rotating)", "disk"),
         Component("final_adapter", "final adapter", adapter + small, "adapter + tokenizer", "disk"),
     ]
+    model = recipe.model
+    if (model is not None and model.weight_cache != "off" and recipe.quant.load_in_4bit
+            and recipe.hardware.gpus == 1):
+        weights = sum(get.get(k, 0) for k in ("nf4_weights", "embeddings", "lm_head", "small"))
+        where = "the run's records folder" if model.weight_cache == "run" else "the shared cache"
+        rows.append(Component("weight_cache", "quantised-weight cache", weights,
+                              f"the NF4 base model saved for fast relaunches ({where}; "
+                              "model.weight_cache = \"off\" saves it)", "disk"))
     if recipe.guards.checkpoints.enabled:
         rows.append(Component("disk_margin", "checkpoint guard margin",
                               recipe.guards.checkpoints.min_free_gib * GIB,

@@ -30,6 +30,22 @@ UNSLOTH_MODEL_TYPES = frozenset({
 })
 
 
+# The training stack's modules, imported by the trainer up front (timed) and by a warm standby
+# (supervisor/standby.py) before it gets an attempt. Unsloth patches transformers, peft and trl
+# when it is imported and must come first, and its import needs the GPU: before it only modules
+# that do not import transformers.
+HF_STACK = ("torch", "datasets", "transformers", "transformers.trainer", "peft", "bitsandbytes",
+            "trl", "accelerate")
+UNSLOTH_PRE = ("torch", "datasets", "bitsandbytes")
+
+
+def stack_modules(backend: str, after_unsloth: bool = False) -> tuple[str, ...]:
+    """The heavy modules of a backend; for Unsloth before its import unless after_unsloth."""
+    if backend == "unsloth" and not after_unsloth:
+        return UNSLOTH_PRE
+    return HF_STACK
+
+
 class BackendUnavailable(SystemExit):
     """model.backend = "unsloth" where Unsloth cannot run: one line on stderr, no traceback."""
 
@@ -146,6 +162,15 @@ def choose_backend(recipe: Recipe, cuda: bool | None = None) -> Backend:
     return Backend("hf", f'model.backend = "auto": HF path, because {obstacle}')
 
 
+def prequantised(path: str) -> bool:
+    """A local folder whose config.json carries a quantization_config (a weight-cache entry)."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("quantization_config") is not None
+
+
 def load_hf(recipe: Recipe, path: str, attn: str) -> tuple[Any, Any]:
     """(model, tokenizer): NF4 + double quant via BitsAndBytesConfig when quant.load_in_4bit."""
     import torch
@@ -157,7 +182,7 @@ def load_hf(recipe: Recipe, path: str, attn: str) -> tuple[Any, Any]:
         "attn_implementation": attn,
         "trust_remote_code": r.model.trust_remote_code,
     }
-    if r.quant.load_in_4bit:
+    if r.quant.load_in_4bit and not prequantised(path):  # a cache entry brings its own config
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=r.quant.quant_type,
@@ -175,8 +200,8 @@ def load_hf(recipe: Recipe, path: str, attn: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def load_unsloth(recipe: Recipe, path: str) -> tuple[Any, Any]:
-    """(PeftModel, tokenizer) from FastLanguageModel: NF4, LoRA, Unsloth's gradient checkpointing."""
+def load_unsloth_base(recipe: Recipe, path: str) -> tuple[Any, Any]:
+    """(model, tokenizer) from FastLanguageModel, before its LoRA: NF4 (or pre-quantised) weights."""
     import torch
     from unsloth import FastLanguageModel
 
@@ -190,22 +215,52 @@ def load_unsloth(recipe: Recipe, path: str) -> tuple[Any, Any]:
         trust_remote_code=r.model.trust_remote_code,
         use_exact_model_name=True,  # the folder or repo named, never a swapped "-bnb-4bit" one
     )
-    model = FastLanguageModel.get_peft_model(
-        model,
-        **lora_kwargs(r),
-        use_gradient_checkpointing="unsloth" if r.train.gradient_checkpointing else False,
-        random_state=r.train.seed,
-    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-def load_model_and_tokenizer(backend: Backend, recipe: Recipe, path: str, attn: str) -> tuple[Any, Any]:
-    """(model, tokenizer) from the chosen backend; Unsloth's model comes with its LoRA already."""
+def unsloth_adapter(recipe: Recipe, model: Any) -> Any:
+    from unsloth import FastLanguageModel
+
+    r = recipe
+    return FastLanguageModel.get_peft_model(
+        model,
+        **lora_kwargs(r),
+        use_gradient_checkpointing="unsloth" if r.train.gradient_checkpointing else False,
+        random_state=r.train.seed,
+    )
+
+
+def load_unsloth(recipe: Recipe, path: str) -> tuple[Any, Any]:
+    """(PeftModel, tokenizer) from FastLanguageModel: NF4, LoRA, Unsloth's gradient checkpointing."""
+    model, tokenizer = load_unsloth_base(recipe, path)
+    return unsloth_adapter(recipe, model), tokenizer
+
+
+def load_base(backend: Backend, recipe: Recipe, path: str, attn: str) -> tuple[Any, Any]:
+    """The quantised base model (no adapter) and its tokenizer, from `path` (original or cache)."""
     if backend.name == "unsloth":
-        return load_unsloth(recipe, path)
+        return load_unsloth_base(recipe, path)
     return load_hf(recipe, path, attn)
+
+
+def load_model_and_tokenizer(backend: Backend, recipe: Recipe, path: str, attn: str,
+                             writer: Any = None, device: str = "cuda") -> tuple[Any, Any]:
+    """(model, tokenizer) from the chosen backend; Unsloth's model comes with its LoRA already.
+    The base model comes from the weight cache when `$QLW_QCACHE_DIR` holds a sound entry for it
+    (runner/qcache.py), else from `path`, and is then saved there for the next attempt."""
+    import time
+
+    from supervisor.runner.qcache import load_base_cached
+
+    model, tokenizer = load_base_cached(backend, recipe, path, attn, writer, device, load_base=load_base)
+    if backend.name == "unsloth":
+        t0 = time.perf_counter()
+        model = unsloth_adapter(recipe, model)
+        if writer is not None:
+            writer.emit("timing", phase="adapter", s=round(time.perf_counter() - t0, 3))
+    return model, tokenizer
 
 
 def sft_overrides(backend: Backend, recipe: Recipe) -> dict[str, Any]:

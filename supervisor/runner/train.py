@@ -255,12 +255,51 @@ def lora_config(recipe: Recipe) -> Any:
     return LoraConfig(**lora_kwargs(recipe), task_type="CAUSAL_LM")
 
 
-def trainer_class() -> type:
+def timing(writer: Any, phase: str, seconds: float, **fields: Any) -> None:
+    """A `timing` event: how long one phase of the attempt took (bench/relaunch.py reads them)."""
+    if writer is not None:
+        writer.emit("timing", phase=phase, s=round(seconds, 3), **fields)
+
+
+def heavy_imports(backend: str, writer: Any, started_at: float | None) -> None:
+    """Import the training stack now and say how long this process took to get here (the
+    interpreter's start and these imports; ~0 when a warm standby had them done already)."""
+    from supervisor.runner.backends import stack_modules
+
+    t0 = time.perf_counter()
+    for name in stack_modules(backend, after_unsloth=True):
+        importlib.import_module(name)
+    if started_at is None:
+        try:
+            import psutil
+
+            started_at = psutil.Process().create_time()
+        except Exception:  # noqa: BLE001
+            started_at = None
+    total = time.time() - started_at if started_at else time.perf_counter() - t0
+    timing(writer, "imports", total, here_s=round(time.perf_counter() - t0, 3), warm=WARM["warm"])
+
+
+WARM: dict[str, Any] = {"warm": False, "started_at": None}  # set by supervisor/standby.py
+
+
+def trainer_class(writer: Any = None) -> type:
     """SFTTrainer whose resume keeps the adapter dtypes that a fresh start uses."""
     from trl import SFTTrainer
 
     class Trainer(SFTTrainer):
+        def _load_optimizer_and_scheduler(self, checkpoint: Any) -> None:
+            t0 = time.perf_counter()
+            super()._load_optimizer_and_scheduler(checkpoint)
+            if checkpoint:
+                timing(writer, "optimizer_restore", time.perf_counter() - t0)
+
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            t0 = time.perf_counter()
+            self._restore_adapter(resume_from_checkpoint, model)
+            timing(writer, "adapter_restore", time.perf_counter() - t0)
+
+        def _restore_adapter(self, resume_from_checkpoint: str, model: Any = None) -> None:
             # trl casts QLoRA adapters to bf16, but peft's load_adapter re-upcasts them to fp32
             # on resume: 2x adapter + grad memory (~0.7 GB at r=64 on 8B), so a run that fit
             # could OOM after a relaunch. The optimizer is built after this, so a cast is safe.
@@ -330,6 +369,7 @@ def run(ctx: Context, pinned_gpu: str | None = None) -> int:
     from supervisor.runner.callback import EventWriter, QloraWatchCallback
 
     writer = EventWriter(ctx.events_path)
+    heavy_imports(backend.name, writer, WARM["started_at"])
     if pinned_gpu is not None:
         import torch
 
@@ -344,11 +384,15 @@ def run(ctx: Context, pinned_gpu: str | None = None) -> int:
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         # transformers 5 dropped TrainingArguments.logging_dir; the TensorBoard callback reads this.
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(ctx.output_dir / "tensorboard"))
+        t_card = time.perf_counter()
         ballast = cap_vram(recipe, writer)  # noqa: F841 - held until this process exits
+        if recipe.hardware.emulate_vram_gib:
+            timing(writer, "emulate_card", time.perf_counter() - t_card)  # the rehearsal's own cost
         attn = pick_attention(recipe.model.attn_implementation, writer)
         path = resolve_model_path(ctx, writer)
         writer.notice(f"backend {backend.name}: {backend.reason}")
-        model, tokenizer = load_model_and_tokenizer(backend, recipe, path, attn)
+        model, tokenizer = load_model_and_tokenizer(backend, recipe, path, attn, writer=writer,
+                                                    device="cpu" if use_cpu(recipe) else "cuda")
         attn = getattr(model.config, "_attn_implementation", None) or attn
         writer.notice(f"model {recipe.model.name}: {describe_model(model)}, attention {attn}")
 
@@ -360,7 +404,8 @@ def run(ctx: Context, pinned_gpu: str | None = None) -> int:
         watch = QloraWatchCallback(writer=writer)
         callbacks = [watch] + [cb for cb in [debug_callback(recipe)] if cb is not None]
         unsloth = backend.name == "unsloth"
-        trainer = trainer_class()(
+        t_init = time.perf_counter()
+        trainer = trainer_class(writer)(
             model=model,
             args=sft_config(ctx, use_liger=False if unsloth else liger_usable(recipe, writer),
                             overrides=sft_overrides(backend, recipe)),
@@ -369,6 +414,7 @@ def run(ctx: Context, pinned_gpu: str | None = None) -> int:
             peft_config=None if unsloth else lora_config(recipe),  # Unsloth's model has its LoRA
             callbacks=callbacks,
         )
+        timing(writer, "trainer_init", time.perf_counter() - t_init)  # + peft's LoRA on the HF path
         trainable, total = trainer.model.get_nb_trainable_parameters()
         writer.notice(f"LoRA r={recipe.lora.r}: {trainable:,} trainable of {total:,} parameters")
         if ctx.resume:

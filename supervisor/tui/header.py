@@ -57,6 +57,8 @@ class RunHeader(Widget, Panel):
         who.append("  ")
         who.append(sanitize(str(m.run.get("model") or NA)), "grey70")
         badge = Text(f" {state.upper()} ", STATE_STYLES.get(state, "bold reverse"))
+        if m.reconnecting:  # not the last frame's TRAINING: the link is down
+            badge = Text(" RECONNECTING ", "bold black on yellow")
 
         how = Text()
         how.append(f"attempt {st.get('attempt') or 1}")
@@ -68,7 +70,9 @@ class RunHeader(Widget, Panel):
                 how.append(f": {sanitize(str(st['rung_desc']))}", "dark_orange")
         if st.get("message"):
             how.append(f"  {sanitize(str(st['message']))}", "grey70")
-        if m.ended:
+        if m.reconnecting:
+            how.append(f"  {sanitize(m.reconnecting)}", "bold yellow")
+        elif m.ended:
             how.append(f"  disconnected: {m.ended}", "bold red")
         unseen = len(m.unseen())
         right2 = Text()

@@ -75,6 +75,7 @@ class RunModel:
         self.log: deque[str] = deque(maxlen=LOG_KEEP)
         self.log_total = 0  # lines ever appended: the log panel writes only what is new
         self.ended: str | None = None  # the server said bye (reason), or the stream broke
+        self.reconnecting: str | None = None  # the link dropped; why, while reconnecting
         self.applied = 0  # live messages applied, for the responsiveness bench
         self.changed: set[str] = set(TOPICS)  # what changed since take_changed() (panel.py topics)
 
