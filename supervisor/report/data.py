@@ -18,6 +18,7 @@ from supervisor import ladder
 from supervisor.numbers import ema_debiased, finite
 from supervisor.records import Event, EventKind
 from supervisor.sinks.tbwriter import throttle_reasons
+from supervisor.status import RunInfo, RunStatus
 from supervisor.store import RunStore, continuous, read_json
 
 # Recipe keys shown for every attempt (all keys that differ between attempts are shown too).
@@ -69,8 +70,8 @@ class RunData:
     """Everything the report shows about one run."""
 
     path: Path
-    info: dict[str, Any]
-    state: dict[str, Any]
+    info: RunInfo  # run.json
+    state: RunStatus  # state.json
     samples: list[dict[str, Any]]
     steps: list[dict[str, Any]]
     events: list[Event]
@@ -78,12 +79,12 @@ class RunData:
 
     @property
     def run_id(self) -> str:
-        return str(self.info.get("run_id") or self.path.name)
+        return str(self.info.run_id or self.path.name)
 
     @property
     def t0(self) -> float:
         """Run start: creation time, else the earliest record."""
-        ts = [t for t in (self.info.get("created_at"),) if isinstance(t, (int, float))]
+        ts = [t for t in (self.info.created_at,) if isinstance(t, (int, float))]
         ts += [x for x in (_first_t(self.samples), _first_t(self.steps)) if x is not None]
         ts += [e.t for e in self.events[:1]]
         return min(ts) if ts else 0.0
@@ -164,7 +165,7 @@ def load_run(run_dir: Path) -> RunData:
     try:
         events = store.events()
         steps = store.steps()  # every attempt's rows; the charts take one continuous line
-        data = RunData(path=run_dir, info=store.info(), state=store.read_state(),
+        data = RunData(path=run_dir, info=store.run_info(), state=store.read_status(),
                        samples=sorted(store.samples(), key=lambda s: s["t"]), steps=continuous(steps),
                        events=events, attempts=load_attempts(store, events, steps))
     finally:
@@ -262,8 +263,8 @@ def summarize(run: RunData) -> dict[str, Any]:
     avail = [finite((s.get("host") or {}).get("mem_available_mib")) for s in run.samples]
     last = lineage[-1] if lineage else {}
     return {
-        "state": run.state.get("state") or "unknown",
-        "message": run.state.get("message") or "",
+        "state": run.state.state.value if run.state.state else "unknown",
+        "message": run.state.message or "",
         "wall_s": run.t_end - run.t0 if (run.samples or run.steps or run.events) else None,
         "attempts": len(run.attempts),
         "relaunches": losses_r,
@@ -283,8 +284,8 @@ def summarize(run: RunData) -> dict[str, Any]:
         "max_temp_c": _extreme(temps, max),
         "max_hotspot_c": _extreme(hot, max),
         "min_host_available_gib": _scaled(_extreme(avail, min), 1 / 1024),
-        "adapter_path": run.state.get("adapter_path"),
-        "output_dir": run.info.get("output_dir"),
+        "adapter_path": run.state.adapter_path,
+        "output_dir": run.info.output_dir,
     }
 
 

@@ -162,8 +162,8 @@ def write_report(run: RunData, out: Path, other: RunData | None = None, generate
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{escape(title)}</title>"
              f"<meta name='viewport' content='width=device-width'><style>{CSS}</style></head><body>",
              f"<h1>{escape(title)} {_state_badge(s['state'])}</h1>",
-             f"<p class='sub'>recipe {escape(str(run.info.get('recipe') or '-'))} · model "
-             f"{escape(str(run.info.get('model') or '-'))} · started {escape(fmt_time(run.t0))} · "
+             f"<p class='sub'>recipe {escape(str(run.info.recipe or '-'))} · model "
+             f"{escape(str(run.info.model or '-'))} · started {escape(fmt_time(run.t0))} · "
              f"report generated {escape(fmt_time(generated_at))}</p>", "<h2>Summary</h2>"]
     if other is None:
         parts.append(_table(["", run.run_id], [[k, v] for k, v in summary_rows(s)]))
