@@ -37,8 +37,8 @@ from supervisor.records import EventKind
 from supervisor.redact import redact_argv
 from supervisor.sinks import trackers
 from supervisor.states import RunState
-from supervisor.status import RunInfo
-from supervisor.store import read_json
+from supervisor.status import RunInfo, RunStatus
+from supervisor.store import RunStore, read_json
 from supervisor.telemetry.host import oom_kills
 from supervisor.wrapper import TAIL_LINES
 
@@ -98,11 +98,11 @@ class Attempts:
 
     # -- helpers ------------------------------------------------------------------------
     @property
-    def st(self) -> Any:
+    def st(self) -> RunStatus:
         return self.io.status
 
     @property
-    def store(self) -> Any:
+    def store(self) -> RunStore:
         return self.io.store
 
     def wrapper_pid(self) -> int | None:
