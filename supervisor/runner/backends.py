@@ -208,6 +208,37 @@ def load_model_and_tokenizer(backend: Backend, recipe: Recipe, path: str, attn: 
     return load_hf(recipe, path, attn)
 
 
+def _is_oom(e: BaseException) -> bool:
+    """A CUDA OOM while loading: the OOM ladder's business, never a reason to change backend."""
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+
+
+def load_with_fallback(backend: Backend, recipe: Recipe, path: str,
+                       attn: str) -> tuple[Backend, Any, Any]:
+    """(backend, model, tokenizer). Under model.backend = "auto", Unsloth failing to load the model
+    (FastLanguageModel.from_pretrained or get_peft_model raising: an architecture variant or a
+    transformers it does not handle) falls back to the HF path; the returned backend's reason says
+    so. An explicit "unsloth", a CUDA OOM and BaseExceptions (SIGTERM's stop) propagate."""
+    if backend.name != "unsloth" or recipe.model.backend != "auto":
+        return backend, *load_model_and_tokenizer(backend, recipe, path, attn)
+    try:
+        return backend, *load_unsloth(recipe, path)
+    except Exception as e:
+        if _is_oom(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        why = f"Unsloth failed to load the model: {type(e).__name__}: {first}"
+    import gc
+
+    gc.collect()  # whatever Unsloth had put on the GPU before it failed
+    if _cuda_available():
+        import torch
+
+        torch.cuda.empty_cache()
+    hf = Backend("hf", f'model.backend = "auto": HF path, because {why}')
+    return hf, *load_hf(recipe, path, attn)
+
+
 def sft_overrides(backend: Backend, recipe: Recipe) -> dict[str, Any]:
     """SFTConfig changes for a backend: Unsloth checkpoints its own way, fuses its own kernels and
     decides padding-free itself (None = "auto", as its own scripts leave it)."""

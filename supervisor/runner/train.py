@@ -324,7 +324,7 @@ def quiet_progress_bars() -> None:
 
 def run(ctx: Context, pinned_gpu: str | None = None) -> int:
     """Load, tokenise, train, save; returns the exit code (exceptions propagate)."""
-    from supervisor.runner.backends import choose_backend, load_model_and_tokenizer, sft_overrides
+    from supervisor.runner.backends import choose_backend, load_with_fallback, sft_overrides
 
     backend = choose_backend(ctx.recipe)  # first: Unsloth must be imported before transformers
     from supervisor.runner.callback import EventWriter, QloraWatchCallback
@@ -348,7 +348,10 @@ def run(ctx: Context, pinned_gpu: str | None = None) -> int:
         attn = pick_attention(recipe.model.attn_implementation, writer)
         path = resolve_model_path(ctx, writer)
         writer.notice(f"backend {backend.name}: {backend.reason}")
-        model, tokenizer = load_model_and_tokenizer(backend, recipe, path, attn)
+        chosen = backend
+        backend, model, tokenizer = load_with_fallback(chosen, recipe, path, attn)
+        if backend is not chosen:
+            writer.notice(f"backend {backend.name}: {backend.reason}")
         attn = getattr(model.config, "_attn_implementation", None) or attn
         writer.notice(f"model {recipe.model.name}: {describe_model(model)}, attention {attn}")
 
