@@ -115,6 +115,14 @@ def cap_vram(recipe: Recipe, writer: Any) -> Any:
 
 def pick_attention(requested: str, writer: Any) -> str:
     """The requested attention, or sdpa (with a notice) when flash-attn cannot be used here."""
+    if requested == "varlen":
+        import torch
+
+        from supervisor.runner import varlen
+
+        how = varlen.register("cuda" if torch.cuda.is_available() else "cpu")
+        writer.notice(f"attention varlen: padding-free batches, kernel {how}")
+        return requested
     module = FLASH.get(requested)
     if module is None:
         return requested
@@ -274,6 +282,16 @@ def trainer_class() -> type:
     return Trainer
 
 
+def padding_free_collator(recipe: Recipe, attn: str, unsloth: bool, tokenizer: Any) -> Any:
+    """attention "varlen" on the HF path: trl's padding-free collator (None: trl's default). With
+    packing or padding_free set, trl builds padding-free batches itself."""
+    if attn != "varlen" or unsloth or recipe.train.packing or recipe.train.padding_free:
+        return None
+    from supervisor.runner.varlen import collator
+
+    return collator(tokenizer)
+
+
 def debug_callback(recipe: Recipe) -> Any:
     """The [debug] knobs as a TrainerCallback, or None when none is set."""
     from transformers import TrainerCallback
@@ -370,6 +388,7 @@ def run(ctx: Context, pinned_gpu: str | None = None) -> int:
             train_dataset=to_dataset(records),
             processing_class=tokenizer,
             peft_config=None if unsloth else lora_config(recipe),  # Unsloth's model has its LoRA
+            data_collator=padding_free_collator(recipe, attn, unsloth, tokenizer),
             callbacks=callbacks,
         )
         trainable, total = trainer.model.get_nb_trainable_parameters()
