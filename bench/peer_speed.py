@@ -332,6 +332,8 @@ def main() -> int:
     ap.add_argument("--r", type=int, default=None)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup-steps", type=int, default=2)
+    ap.add_argument("--warmup-layers", type=int, default=None,
+                    help="run the warm-up on an N-layer build, during the full build (default: full depth, after)")
     ap.add_argument("--supervised", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="CPU rehearsal on tiny models")
     a = ap.parse_args()
@@ -379,9 +381,34 @@ def main() -> int:
                     results["rows"].append({"shape": shape_key, "variant": v, "skipped": why})
                 log("skip shape", shape_key, why)
                 continue
+            early: dict[str, Any] = {}
+            warm_thread = None
+            if names and names[0].startswith("warmup:") and a.warmup_layers:
+                # The warm-up on a shallow build of the same shape (same layer, head and loss
+                # dimensions, so the same compiled kernels) runs while the full build is written.
+                small = build(shape_key, a.warmup_layers, home / f"model-{shape_key}-{a.warmup_layers}l",
+                              shape=TINY if a.tiny else None)
+                n += 1
+                cw = argparse.Namespace(**{**vars(c), "steps": a.warmup_steps})
+                base, wrun = names[0].removeprefix("warmup:"), n
+
+                def warm(early: dict[str, Any], args: tuple[Any, ...], key: str) -> None:
+                    early["row"] = run_variant(*args, logf, tag=f"{key}-")
+                    early["row"].update(shape=key, warmup=True, layers=a.warmup_layers)
+
+                warm_thread = threading.Thread(target=warm, daemon=True, args=(
+                    early, (base, wrun, a, cw, small, data, shape.total_params, peak), shape_key))
+                warm_thread.start()
+                names = names[1:]
             t = time.monotonic()
             mdir = build(shape_key, None, home / f"model-{shape_key}-full", shape=TINY if a.tiny else None)
             results.setdefault("build_s", {})[shape_key] = round(time.monotonic() - t, 1)
+            if warm_thread:
+                warm_thread.join()
+                results["rows"].append(early.get("row") or {"shape": shape_key, "variant": "warmup",
+                                                            "warmup": True, "error": "no row"})
+                log(shape_key, "warm-up", {k: early.get("row", {}).get(k) for k in ("rc", "wall_s", "step_time_s")})
+                save()
             if sup:
                 sup.join()
                 sup = None
