@@ -115,3 +115,33 @@ def test_tiny_trainer_runs_padding_free_on_varlen(tmp_path: Path) -> None:
     steps = [e for e in evs if e.get("event") == "step"]
     assert len(steps) == 2 and all(isinstance(e.get("loss"), float) for e in steps)
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_flash_without_flash_attn_falls_back_to_varlen_on_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CUDA machine (faked: this one has no GPU) flash_attention_2 without flash-attn trains on
+    "varlen"; FSDP (several GPUs) and CPU keep the SDPA fallback."""
+    import importlib.util
+
+    from supervisor.runner.train import pick_attention
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+
+    class W:
+        def __init__(self) -> None:
+            self.notes: list[str] = []
+
+        def notice(self, m: str) -> None:
+            self.notes.append(m)
+
+    w = W()
+    assert pick_attention("flash_attention_2", w) == "sdpa"  # no CUDA here
+    assert w.notes == ["flash-attn not installed; using sdpa"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(varlen, "_MODE", {})
+    w = W()
+    assert pick_attention("flash_attention_2", w, multi_gpu=True) == "sdpa"
+    assert pick_attention("flash_attention_2", w) == "varlen"
+    assert w.notes[1] == "flash-attn not installed; using varlen (PyTorch's flash kernel, padding-free)"
+    # the kernel check could not run on the faked GPU: the exact per-sample SDPA path is chosen
+    assert w.notes[2].startswith("attention varlen: padding-free batches, kernel sdpa-loop (")

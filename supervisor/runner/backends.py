@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,13 +215,19 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def load_with_fallback(backend: Backend, recipe: Recipe, path: str,
-                       attn: str) -> tuple[Backend, Any, Any]:
+                       attn: str | Callable[[], str]) -> tuple[Backend, Any, Any]:
     """(backend, model, tokenizer). Under model.backend = "auto", Unsloth failing to load the model
     (FastLanguageModel.from_pretrained or get_peft_model raising: an architecture variant or a
     transformers it does not handle) falls back to the HF path; the returned backend's reason says
-    so. An explicit "unsloth", a CUDA OOM and BaseExceptions (SIGTERM's stop) propagate."""
-    if backend.name != "unsloth" or recipe.model.backend != "auto":
-        return backend, *load_model_and_tokenizer(backend, recipe, path, attn)
+    so. An explicit "unsloth", a CUDA OOM and BaseExceptions (SIGTERM's stop) propagate.
+    `attn` may be a function: the HF path's attention, resolved only when the HF path loads."""
+    def hf_attn() -> str:
+        return attn() if callable(attn) else attn
+
+    if backend.name != "unsloth":
+        return backend, *load_hf(recipe, path, hf_attn())
+    if recipe.model.backend != "auto":
+        return backend, *load_unsloth(recipe, path)
     try:
         return backend, *load_unsloth(recipe, path)
     except Exception as e:
@@ -236,7 +243,7 @@ def load_with_fallback(backend: Backend, recipe: Recipe, path: str,
 
         torch.cuda.empty_cache()
     hf = Backend("hf", f'model.backend = "auto": HF path, because {why}')
-    return hf, *load_hf(recipe, path, attn)
+    return hf, *load_hf(recipe, path, hf_attn())
 
 
 def sft_overrides(backend: Backend, recipe: Recipe) -> dict[str, Any]:
