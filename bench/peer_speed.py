@@ -62,7 +62,7 @@ from bench.gpu_suite import (  # noqa: E402
     step_events,
     tokens_per_s,
 )
-from supervisor.shapes import BUILTIN_SHAPES, ModelShape  # noqa: E402
+from supervisor.preflight.shapes import BUILTIN_SHAPES, ModelShape  # noqa: E402
 
 VARIANTS = ("article", "hf", "hf_varlen", "auto", "unsloth", "unsloth_script")
 DEFAULT_ORDER = "warmup:unsloth_script,unsloth_script,auto,auto,unsloth_script,hf_varlen,hf"

@@ -647,31 +647,6 @@ def apply_sets(recipe: Recipe, items: list[str], source: str = "--set") -> Recip
     return validate(data, source)
 
 
-def rung_changes_adapter_shape(rung: Rung) -> bool:
-    """Rank or target changes make old checkpoints unloadable (size mismatch)."""
-    keys = set(_flatten(rung))
-    return bool(keys & {"lora.r", "lora.target_modules"})
-
-
-def describe_rung(recipe: Recipe, rung: Rung) -> str:
-    """'max_seq_len 1024 -> 768' for the header and events."""
-    parts = []
-    data = recipe.model_dump(mode="python")
-    for key, value in _flatten(rung).items():
-        cur: Any = data
-        for p in key.split("."):
-            cur = cur.get(p) if isinstance(cur, dict) else None
-        short = key.split(".")[-1]
-        parts.append(f"{short} {_fmt(cur)} -> {_fmt(value)}")
-    return ", ".join(parts)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, list):
-        return ",".join(str(x) for x in v)
-    return str(v)
-
-
 def recipe_to_json(recipe: Recipe) -> str:
     return json.dumps(recipe.model_dump(mode="json"), indent=2, sort_keys=True)
 

@@ -195,7 +195,7 @@ def test_tiny_run_under_auto_trains_on_hf_with_the_notice_and_never_imports_unsl
 
 
 def test_preflight_estimates_the_backend_the_run_will_take(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from supervisor.preflight import estimate
+    from supervisor.preflight.memory import estimate
 
     def need(*sets: str) -> float:
         rep = estimate(load_recipe(REPO / "recipes" / "8b.toml", list(sets)), gpu_mem_gib=141)

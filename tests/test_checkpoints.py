@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.checkpoints import (
+from supervisor.checkpoints.folders import (
     OutputDirError,
     SafeDir,
     adopt_checkpoints,
@@ -29,7 +29,7 @@ from supervisor.checkpoints import (
     safe_delete,
     scan,
 )
-from supervisor.prune import CheckpointInfo, in_progress, newest_complete_of, prune_plan
+from supervisor.checkpoints.plan import CheckpointInfo, in_progress, newest_complete_of, prune_plan
 
 NOBODY = 65534
 

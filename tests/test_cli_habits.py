@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import completion
-from supervisor.cli import build_parser, main
+from supervisor.cli import build_parser, completion, main
 from tests.conftest import ROOT, qlw
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import doctor
+from supervisor.preflight import doctor
 from tests.conftest import qlw
 from tests.test_packaging import tree, wheel  # noqa: F401 - module-scoped fixtures
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor.emulation import (
+from supervisor.preflight.emulation import (
     MIB,
     EmulationError,
     ballast_bytes,
@@ -152,8 +152,8 @@ def test_ballast_exits_when_the_trainer_exits_on_its_own() -> None:
 def test_emulated_card_reaches_the_samples(tmp_path: Path) -> None:
     """FakeNVML: an H200 with a 118 GB ballast and a 14 GB trainer reads as a 24 GB card
     holding the trainer; the ballast is neither used memory nor the trainer's."""
-    from supervisor.telemetry.fake import FakeNVML
     from supervisor.telemetry.sampler import Sampler
+    from tests.fakes.nvml import FakeNVML
 
     trainer, ballast = _trainer(60)
     try:
@@ -182,12 +182,12 @@ def test_emulated_card_reaches_the_samples(tmp_path: Path) -> None:
 
 def test_the_supervisor_tells_its_sampler_the_rehearsed_card(qlw_home: Path, tmp_path: Path) -> None:
     """A run whose recipe rehearses 24 GB: the supervisor's sampler reports that card."""
-    from supervisor import runs
-    from supervisor.core import Supervisor
-    from supervisor.preflight import estimate
-    from supervisor.telemetry.fake import FakeNVML
+    from supervisor.control import runs
+    from supervisor.daemon.core import Supervisor
+    from supervisor.preflight.memory import estimate
     from supervisor.telemetry.sampler import make_sampler
     from tests.conftest import fake_recipe
+    from tests.fakes.nvml import FakeNVML
 
     path = fake_recipe(tmp_path, ["--steps", "1"], extra="[hardware]\nemulate_vram_gib = 24\n")
     recipe = load_recipe(path)

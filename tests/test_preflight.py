@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.preflight import (
+from supervisor.preflight.memory import (
     CALIBRATION,
     GB,
     GIB,
@@ -19,8 +19,8 @@ from supervisor.preflight import (
     render_table,
     run_preflight,
 )
+from supervisor.preflight.shapes import BUILTIN_SHAPES, ShapeError, resolve_shape
 from supervisor.recipe import apply_rung, load_recipe
-from supervisor.shapes import BUILTIN_SHAPES, ShapeError, resolve_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -251,7 +251,7 @@ def test_ladder_names_the_first_rung_that_fits():
     assert ladder == [ladder[0]] and "rung 1 (max_seq_len 4096 -> 768)" in ladder[0]
     assert "rung 2" not in ladder[0] and ladder[0].endswith("fits")
     assert estimate(apply_rung(r, r.oom_ladder[0]), gpu_mem_gib=8, **ROOMY).fits is True
-    assert rep.first_fitting_rung == 0 and "max_seq_len 4096 -> 768" in rep.first_fitting_rung_desc
+    assert rep.first_fitting_rung == 1 and "max_seq_len 4096 -> 768" in rep.first_fitting_rung_desc
 
 
 def test_ladder_accumulates_rungs():
@@ -261,7 +261,7 @@ def test_ladder_accumulates_rungs():
     rep = estimate(r, gpu_mem_gib=8, **ROOMY)
     ladder = next(s for s in rep.suggestions if "OOM ladder" in s)
     assert "rung 1 (max_seq_len 4096 -> 3072) + rung 2 (max_seq_len 3072 -> 512)" in ladder
-    assert rep.first_fitting_rung == 1
+    assert rep.first_fitting_rung == 2
 
 
 def test_no_rung_fits_says_so():
@@ -414,7 +414,7 @@ def test_tight_band_is_the_estimate_error_either_side_of_the_card():
 
 
 def test_preflight_imports_no_torch():
-    code = "import sys, supervisor.preflight; sys.exit('torch' in sys.modules)"
+    code = "import sys, supervisor.preflight.memory; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 

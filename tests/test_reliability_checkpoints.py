@@ -51,11 +51,11 @@ def make_ckpt(root: Path, step: int, files: int = 0) -> Path:
 def test_c3_incomplete_checkpoint_reason_is_an_event(tmp_path: Path) -> None:
     """A `checkpoint` event for a corrupt folder: a warning naming the reason (shown in the
     TUI's events), never counted as progress."""
-    from supervisor.attempts import AttemptRunner
+    from supervisor.daemon.attempts import AttemptRunner
 
     recorded: list[tuple[str, str, str]] = []
     sup = SimpleNamespace(
-        state={"restarts": 2}, store=SimpleNamespace(run_id="r1"),
+        state={"restarts_since_progress": 2}, store=SimpleNamespace(run_id="r1"),
         record=lambda kind, message, level="info", **kw: recorded.append((kind, message, level)),
         set_state=lambda new=None, **f: sup.state.update(f),
     )
@@ -64,10 +64,10 @@ def test_c3_incomplete_checkpoint_reason_is_an_event(tmp_path: Path) -> None:
     (bad / "trainer_state.json").write_text(json.dumps({"global_step": 39}))
     runner.on_trainer_event({"event": "checkpoint", "step": 40, "path": str(bad)})
     assert recorded == [("checkpoint_incomplete", "checkpoint-40: global_step 39 != 40", "warning")]
-    assert sup.state["restarts"] == 2 and "last_checkpoint" not in sup.state
+    assert sup.state["restarts_since_progress"] == 2 and "last_checkpoint" not in sup.state
     good = make_ckpt(tmp_path, 50)
     runner.on_trainer_event({"event": "checkpoint", "step": 50, "path": str(good)})
-    assert recorded[-1][0] == "checkpoint_saved" and sup.state["restarts"] == 0
+    assert recorded[-1][0] == "checkpoint_saved" and sup.state["restarts_since_progress"] == 0
 
 
 # ------------------------------------------------------------------------------ C5
@@ -161,7 +161,12 @@ def test_c8_c11_undeletable_checkpoint_is_reported_then_finished_on_restart(qlw_
 def test_c11_sigkill_mid_delete_leaves_nothing_resumable(tmp_path: Path) -> None:
     """SIGKILL during phase 2 of a slow delete (a checkpoint of 20,000 files): what remains is
     a `.deleting-` folder that nothing resumes from or counts; finishing it removes it."""
-    from supervisor.checkpoints import finish_pending_deletes, newest_complete, safe_delete, scan
+    from supervisor.checkpoints.folders import (
+        finish_pending_deletes,
+        newest_complete,
+        safe_delete,
+        scan,
+    )
 
     out = tmp_path / "out"
     make_ckpt(out, 10, files=20000)
@@ -250,7 +255,7 @@ st = read_state(home, run_id)
 import sqlite3
 db = sqlite3.connect(home / "runs" / run_id / "db.sqlite")
 evs = [r for r in db.execute("SELECT kind, message FROM events ORDER BY id")]
-from supervisor.checkpoints import newest_complete, scan
+from supervisor.checkpoints.folders import newest_complete, scan
 newest = newest_complete(mnt / "out")
 print(json.dumps({{"wait": w.returncode, "state": st, "events": evs,
                   "newest": newest.name if newest else None,

@@ -92,7 +92,7 @@ def test_e1_line_splitter_is_bounded_and_loses_no_short_line(chunks: list[bytes]
 def test_e2_followers_survive_random_bytes(tmp_path_factory, chunks: list[bytes], truncate: bool) -> None:
     """JsonlFollower and LogFollower fed random bytes (and a truncation): only dicts and
     strings come out, never an exception; a fragment is never parsed."""
-    from supervisor.tail import MAX_LINE, JsonlFollower, LogFollower
+    from supervisor.daemon.followers import MAX_LINE, JsonlFollower, LogFollower
 
     d = tmp_path_factory.mktemp("f")
     path = d / "f.log"
@@ -113,7 +113,7 @@ def test_e2_followers_survive_random_bytes(tmp_path_factory, chunks: list[bytes]
 
 @pytest.mark.parametrize("line", EVIL)
 def test_e3_sanitize_leaves_inert_text(line: str) -> None:
-    from supervisor.tui.sanitize import sanitize
+    from supervisor.sanitize import sanitize
 
     out = sanitize(line)
     assert not any(ord(ch) < 32 or 0x7F <= ord(ch) <= 0x9F for ch in out), repr(out)
@@ -172,7 +172,7 @@ def test_e3_cli_logs_and_status_do_not_pass_escapes_to_the_terminal(qlw_home: Pa
 
 
 def test_e4_metrics_line_cut_mid_write(tmp_path: Path) -> None:
-    from supervisor.tail import JsonlFollower
+    from supervisor.daemon.followers import JsonlFollower
 
     p = tmp_path / "events.jsonl"
     p.write_bytes(b'{"event": "step", "step": 11}\n{"event": "step", "step": 12, "lo')
@@ -190,14 +190,13 @@ def test_e4_metrics_line_cut_mid_write(tmp_path: Path) -> None:
 
 
 def test_e5_bad_values_are_skipped_or_blanked(tmp_path: Path) -> None:
-    from supervisor.core import _to_step
     from supervisor.records import Step
     from supervisor.store import RunStore, continuous
 
-    assert _to_step({"step": "garbage"}, 1) is None
-    assert _to_step({}, 1) is None and _to_step({"step": None}, 1) is None
-    s = _to_step({"step": 5, "loss": "NaN", "grad_norm": "Infinity", "lr": "fast", "epoch": 1e400,
-                  "tokens": float("nan"), "max_steps": "1e400", "t": "yesterday"}, 2)
+    assert Step.from_trainer({"step": "garbage"}, 1) is None
+    assert Step.from_trainer({}, 1) is None and Step.from_trainer({"step": None}, 1) is None
+    s = Step.from_trainer({"step": 5, "loss": "NaN", "grad_norm": "Infinity", "lr": "fast", "epoch": 1e400,
+                           "tokens": float("nan"), "max_steps": "1e400", "t": "yesterday"}, 2)
     assert s.step == 5 and math.isnan(s.loss) and math.isinf(s.grad_norm) and s.lr is None
     assert s.tokens is None and s.max_steps is None and s.t > 1e9
     store = RunStore(tmp_path)
@@ -220,7 +219,7 @@ def test_e7_flood_and_a_client_that_never_reads(proc_guard, tmp_path: Path) -> N
     the supervisor's CPU stays under one core."""
     from supervisor import paths
     from supervisor import protocol as proto
-    from supervisor.client import request
+    from supervisor.control.client import request
 
     recipe = fake_recipe(tmp_path, ["--steps", "200", "--step-time", "0.01", "--flood-mb", "40"])
     store = create_run(recipe, "supervisor.log_max_bytes=8000000", "supervisor.log_backups=1")

@@ -70,7 +70,7 @@ def test_d2_full_state_disk_keeps_the_old_state_and_says_so(proc_guard, tmp_path
     writes work again the state is saved and the error cleared. (A state home on a full tmpfs
     also starves the trainer's events file, which lives there: see docs/reliability.md.)"""
     from supervisor import paths
-    from supervisor.client import request
+    from supervisor.control.client import request
     from tests.rel_helpers import create_run, reap, spawn_patched
 
     recipe = fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.02", "--save-every", "50"])
@@ -105,7 +105,7 @@ def test_d2_full_state_disk_keeps_the_old_state_and_says_so(proc_guard, tmp_path
                          ids=["truncated", "binary", "empty"])
 def test_d3_corrupt_state_file_is_moved_aside_and_nothing_runs(qlw_home: Path, tmp_path: Path,
                                                                content: bytes) -> None:
-    from supervisor import runs
+    from supervisor.control import runs
     from supervisor.recipe import load_recipe
 
     recipe = fake_recipe(tmp_path, ["--steps", "5"])
@@ -142,7 +142,7 @@ def test_d4_log_rotation_keeps_n_private_backups(qlw_home: Path, tmp_path: Path)
 
 
 def test_d4_follower_survives_rotation_and_truncation(tmp_path: Path) -> None:
-    from supervisor.tail import LogFollower
+    from supervisor.daemon.followers import LogFollower
     from supervisor.wrapper import RotatingLog
 
     path = tmp_path / "trainer.log"
@@ -164,7 +164,7 @@ def test_d4_follower_survives_rotation_and_truncation(tmp_path: Path) -> None:
 
 def test_d4_truncated_log_marker_reaches_clients(qlw_home: Path, tmp_path: Path) -> None:
     from supervisor import paths
-    from supervisor.client import AsyncRunClient
+    from supervisor.control.client import AsyncRunClient
 
     recipe = fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.05"])
     run_id = start(recipe)
@@ -187,7 +187,7 @@ def test_d4_truncated_log_marker_reaches_clients(qlw_home: Path, tmp_path: Path)
 
 def test_d5_pure_timers_ignore_the_wall_clock() -> None:
     """Back-off is a pure function of the restart count; ETA and durations never go negative."""
-    from supervisor import runs
+    from supervisor.control import runs
     from supervisor.guards import backoff_delay
     from supervisor.recipe import CrashGuard
     from supervisor.tui.fmt import fmt_duration
@@ -200,7 +200,7 @@ def test_d5_pure_timers_ignore_the_wall_clock() -> None:
 
 
 def _eta_runner(steps: list[tuple[float, int]]):
-    from supervisor.attempts import AttemptRunner
+    from supervisor.daemon.attempts import AttemptRunner
     from supervisor.records import Step
 
     recent = [Step(t=t, step=s, attempt=1, max_steps=1000) for t, s in steps]
@@ -223,7 +223,7 @@ def test_d5_eta_is_never_negative_nor_a_division_by_zero(times) -> None:
 
 def _stall_window(clock: FakeClock):
     """A supervisor as build.py sees it: training, the last step 10 s ago, step every 1 s."""
-    from supervisor.guards.build import window_from_supervisor
+    from supervisor.daemon.guard_window import window_from_supervisor
     from supervisor.recipe import Recipe
     from supervisor.records import Step
     from tests.conftest import FAKE  # noqa: F401 - the recipe module needs nothing else
@@ -248,7 +248,8 @@ def _stall_window(clock: FakeClock):
 def test_d5_stall_guard_is_not_fooled_by_a_wall_clock_jump(monkeypatch, jump: float) -> None:
     """The stall limit here is 600 s. A wall-clock step of an hour (or to 1970) right after the
     last step neither fires the guard nor hides a real stall: idle time is monotonic."""
-    from supervisor.guards import build, stall
+    from supervisor.daemon import guard_window as build
+    from supervisor.guards import stall
     from supervisor.recipe import CrashGuard, StallGuard
 
     clock = FakeClock()
@@ -266,7 +267,8 @@ def test_d5_stall_guard_is_not_fooled_by_a_wall_clock_jump(monkeypatch, jump: fl
 def test_d5_stop_grace_and_backoff_use_the_monotonic_clock(monkeypatch, tmp_path: Path) -> None:
     """The SIGKILL after the stop grace and the relaunch after its back-off wait for monotonic
     time to pass; wall-clock jumps of +-1 h change nothing."""
-    from supervisor import attempts, launcher
+    from supervisor import procgroup
+    from supervisor.daemon import attempts
     from supervisor.guards import Relaunch
     from supervisor.recipe import load_recipe
     from supervisor.states import RunState
@@ -274,10 +276,10 @@ def test_d5_stop_grace_and_backoff_use_the_monotonic_clock(monkeypatch, tmp_path
     clock = FakeClock()
     monkeypatch.setattr(attempts, "time", clock.as_time_module())
     sent: list[int] = []
-    monkeypatch.setattr(launcher, "signal_group", lambda pgid, sig: sent.append(sig) or True)
-    monkeypatch.setattr(launcher, "group_alive", lambda pgid: True)
-    monkeypatch.setattr(launcher, "reap_children", lambda: {})
-    monkeypatch.setattr(launcher, "verify", lambda ident: True)
+    monkeypatch.setattr(procgroup, "signal_group", lambda pgid, sig: sent.append(sig) or True)
+    monkeypatch.setattr(procgroup, "group_alive", lambda pgid: True)
+    monkeypatch.setattr(procgroup, "reap_children", lambda: {})
+    monkeypatch.setattr(procgroup, "verify", lambda ident: True)
     recipe = load_recipe(fake_recipe(tmp_path, []), ["supervisor.stop_grace_s=30"])
     state = {"state": "training", "wrapper": {"pid": 424242}, "attempt": 1}
 
@@ -319,8 +321,8 @@ def test_d5_stop_grace_and_backoff_use_the_monotonic_clock(monkeypatch, tmp_path
 
         runner._relaunch_now = fake_relaunch  # type: ignore[method-assign]
         state.update(state="training", exited=True)
-        monkeypatch.setattr(launcher, "group_alive", lambda pgid: False)
-        await runner.execute([Relaunch(guard="t", reason="crash", rung_index=None, resume_from=None,
+        monkeypatch.setattr(procgroup, "group_alive", lambda pgid: False)
+        await runner.execute([Relaunch(guard="t", reason="crash", rung=None, resume_from=None,
                                        delay_s=20, fresh_output=False, message="m")])
         for jump in (3600, -7200):
             clock.jump_wall(jump)

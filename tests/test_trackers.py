@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from supervisor import trackers
 from supervisor.records import Step
+from supervisor.sinks import trackers
 from tests.conftest import ROOT, fake_recipe, qlw, read_state
 
 pytest.importorskip("wandb")
@@ -113,7 +113,7 @@ def test_trainer_env_maps_the_run_id(tmp_path: Path) -> None:
 
 
 def test_the_supervisor_imports_no_tracker_until_configured() -> None:
-    code = ("import sys, supervisor.core, supervisor.trackers\n"
+    code = ("import sys, supervisor.daemon.core, supervisor.sinks.trackers\n"
             "print(sorted({'wandb', 'mlflow'} & {m.split('.')[0] for m in sys.modules}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          check=True).stdout.strip()

@@ -19,19 +19,19 @@ from typing import Any, Callable, Coroutine
 import pytest
 from textual.widgets import Static
 
+from supervisor.sanitize import sanitize
 from supervisor.tui.app import WatchApp, make_app, pick_run
 from supervisor.tui.downsample import bucket_max, minmax, stride
 from supervisor.tui.events import EventsPanel, EventsScreen
-from supervisor.tui.fixtures import SCENARIOS, Plan, build
 from supervisor.tui.fmt import UNSEEN_STYLES, fmt_duration, num, throttle_words
 from supervisor.tui.gpu import GpuPanel
 from supervisor.tui.logview import LogScreen, LogTail
 from supervisor.tui.model import SAMPLE_KEEP, RunModel
 from supervisor.tui.replay import ReplayClient, load_recorded
-from supervisor.tui.sanitize import sanitize
 from supervisor.tui.screens import ConfirmScreen, HelpScreen, RunsListScreen
 from supervisor.tui.serve import make_server
 from supervisor.tui.training import LossChart
+from tests.fakes.tui_scenarios import SCENARIOS, Plan, build
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -391,8 +391,8 @@ class SocketHandler:
 @run_async
 async def test_through_the_real_socket() -> None:
     """The dashboard on AsyncRunClient and ControlServer: snapshot, live step, ack, stop, bye."""
-    from supervisor.client import AsyncRunClient
-    from supervisor.server import ControlServer
+    from supervisor.control.client import AsyncRunClient
+    from supervisor.daemon.server import ControlServer
 
     rec = recorded("throttling")
     handler = SocketHandler(rec)
@@ -525,7 +525,7 @@ def test_formatting() -> None:
 def test_fixtures_are_deterministic() -> None:
     assert build(Plan(scenario="throttling")) == build(Plan(scenario="throttling"))
     rec = recorded("oom_relaunch")
-    assert rec["state"]["attempt"] == 2 and rec["state"]["rung"] == 0
+    assert rec["state"]["attempt"] == 2 and rec["state"]["rung"] == 1
     assert rec["state"]["rung_desc"] == "max_seq_len 1024 -> 768 after OOM"
     nogpu = recorded("no_gpu")["samples"][-1]
     assert nogpu["gpus"] == [] and nogpu["nvml"] == "unavailable: NVML library not found"
@@ -597,15 +597,15 @@ def test_serve_starts_and_stops() -> None:
         port = s.getsockname()[1]
     code = f"from supervisor.tui.serve import serve; serve(['true'], {port})"
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
+        url = proc.stdout.readline().split(" at ")[-1].strip()  # the URL with its token, printed once
         deadline, page = time.monotonic() + 30, ""
         while time.monotonic() < deadline and not page:
             try:
-                page = (
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
-                )
+                page = urllib.request.urlopen(url, timeout=2).read().decode()
             except OSError:
                 time.sleep(0.2)
         assert "qlora-watch" in page

@@ -14,7 +14,10 @@ from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
 from textual.widgets import Footer
+
+from supervisor.control.client import RunClient
 
 from .events import EventsPanel, EventsScreen
 from .gpu import GpuPanel
@@ -23,7 +26,7 @@ from .host import HostPanel
 from .logview import PANEL_LINES, LogScreen, LogTail
 from .messages import LiveReceived, SnapshotReceived, StateReceived, StreamEnded
 from .model import RunModel
-from .replay import RunClient
+from .panel import CLOCK, ENDED, Panel
 from .screens import ConfirmScreen, HelpScreen, RunsListScreen
 from .training import TrainingPanel
 
@@ -141,7 +144,7 @@ class WatchApp(App[str]):
 
     def on_stream_ended(self, message: StreamEnded) -> None:
         self.model.ended = self.model.ended or message.reason
-        self.model.dirty.add("header")
+        self.model.changed.add(ENDED)
 
     def _mark_first_frame(self) -> None:
         if self.first_frame_at is None:
@@ -150,32 +153,24 @@ class WatchApp(App[str]):
     # ------------------------------------------------------------------ drawing
 
     def refresh_panels(self) -> None:
-        """Redraw the panels whose data changed (and the header once a second for uptime)."""
+        """Redraw every panel that watches what changed (the clock: once a second, for uptime).
+
+        The model is plain and the redraw is on this 4 Hz timer, not per-widget reactives: at
+        10 Hz of samples over SSH, coalescing on a timer measured better (panel.py)."""
         start = time.perf_counter()
-        dirty = self.model.take_dirty()
+        changed = self.model.take_changed()
         second = int(self.now())
         if second != self._last_second:
             self._last_second = second
-            dirty.add("header")
-        if not dirty:
+            changed.add(CLOCK)
+        if not changed:
             return
         main = self.screen_stack[0] if self.screen_stack else self.screen
-        if "header" in dirty:
-            main.query_one(RunHeader).refresh()
-        if "gpu" in dirty:
-            main.query_one(GpuPanel).update_from()
-        if "host" in dirty:
-            main.query_one(HostPanel).update_from()
-        if "training" in dirty:
-            main.query_one(TrainingPanel).update_from()
-        if "events" in dirty:
-            main.query_one(EventsPanel).update_from()
-            if isinstance(self.screen, EventsScreen):
-                self.screen.reload()
-        if "log" in dirty:
-            main.query_one("#log-panel", LogTail).update_from()
-            if isinstance(self.screen, LogScreen):
-                self.screen.query_one(LogTail).update_from()
+        screens = [main] if self.screen is main else [main, self.screen]  # and a full view on top
+        for screen in screens:
+            for panel in _panels(screen):
+                if panel.WATCHES & changed:
+                    panel.update_from()
         end = time.perf_counter()
         self.refreshes.append((end, self.model.applied, end - start))
         if len(self.refreshes) > 2 * REFRESH_KEEP:  # amortised: cut once it has doubled
@@ -274,6 +269,11 @@ class WatchApp(App[str]):
 
     async def on_unmount(self) -> None:
         await self._close_client()
+
+
+def _panels(screen: Screen[Any]) -> list[Panel]:
+    """The panels of a screen (the screen itself may be one), in DOM order."""
+    return [n for n in (screen, *screen.walk_children()) if isinstance(n, Panel)]
 
 
 class RunPickerApp(App[str]):
