@@ -2,7 +2,10 @@
 
 Variants, each a fresh process on the same model folder, data and seed:
   article         bench/article_port.py (the source article's script, ported)
-  hf              the shape's recipe with model.backend = "hf" (attention as the recipe says)
+  hf              the shape's recipe with model.backend = "hf" (attention as the recipe says:
+                  flash_attention_2, which without flash-attn is varlen on one GPU since session 4)
+  hf_sdpa         the same with model.attn_implementation = "sdpa" (padded batches; what `hf`
+                  measured before session 4)
   hf_varlen       the same with model.attn_implementation = "varlen" (padding-free batches on
                   PyTorch's varlen flash kernel: supervisor/runner/varlen.py)
   auto            the shape's recipe as shipped (model.backend = "auto": Unsloth where it imports)
@@ -64,7 +67,7 @@ from bench.gpu_suite import (  # noqa: E402
 )
 from supervisor.preflight.shapes import BUILTIN_SHAPES, ModelShape  # noqa: E402
 
-VARIANTS = ("article", "hf", "hf_varlen", "auto", "unsloth", "unsloth_script")
+VARIANTS = ("article", "hf", "hf_sdpa", "hf_varlen", "auto", "unsloth", "unsloth_script")
 DEFAULT_ORDER = "warmup:unsloth_script,unsloth_script,auto,auto,unsloth_script,hf_varlen,hf"
 RECIPES = {"llama-3.1-8b": "8b", "qwen-2.5-14b": "14b", "mistral-small-22b": "22b",
            "qwen-2.5-32b": "32b", "llama-3.1-70b": "70b"}
@@ -136,8 +139,8 @@ def command(name: str, c: argparse.Namespace, mdir: Path, data: Path, rdir: Path
             f"train.max_steps={c.steps}", "train.logging_steps=1", "train.save_steps=100000",
             f"train.max_seq_len={c.seq}", f"train.per_device_batch={c.batch}",
             f"train.grad_accum={c.accum}", f"lora.r={c.r}", f"lora.alpha={2 * c.r}"]
-    if name == "hf_varlen":
-        sets += ["model.backend=hf", "model.attn_implementation=varlen"]
+    if name in ("hf_varlen", "hf_sdpa"):
+        sets += ["model.backend=hf", f"model.attn_implementation={name.removeprefix('hf_')}"]
     elif name != "auto":
         sets.append(f"model.backend={name}")
     return [sys.executable, "-m", "supervisor.runner.train", "--recipe",
