@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from supervisor.guards.classify import CONFIG_ERROR, classify_exit
-from tests.support import ROOT, events, qlw, read_state, wait_end
+from tests.support import ROOT, events, qlw, read_state, recipe_file, wait_end
 
 
 def _garbage_copy(tmp_path: Path, line: int = 201) -> Path:
@@ -54,23 +54,12 @@ def test_garbage_jsonl_fails_after_exactly_one_attempt(qlw_home: Path, tmp_path:
     assert sorted(p.name for p in (qlw_home / "runs" / run_id / "attempts").iterdir()) == ["1"]
 
 
-@pytest.mark.parametrize("last", [
-    "supervisor.runner.data.DataError: /d/garbage.jsonl:201:1: invalid JSON: Expecting value",
-    "json.decoder.JSONDecodeError: Expecting value: line 1 column 1 (char 0)",
-    "TypeError: SFTConfig.__init__() got an unexpected keyword argument 'max_seq_length'",
-    "OSError: nope/model is not a local folder and is not a valid model identifier listed on "
-    "'https://huggingface.co/models'",
-    "huggingface_hub.errors.RepositoryNotFoundError: 404 Client Error.",
-    "FileNotFoundError: [Errno 2] No such file or directory: 'data/train.jsonl'",
-])
-def test_config_and_data_errors_are_not_retryable(last: str) -> None:
-    tail = ["  0%|          | 0/60 [00:00<?, ?it/s]Traceback (most recent call last):",
-            '  File "train.py", line 3, in <module>', last]
-    cls = classify_exit(returncode=1, signal=None, stderr_tail=tail)
-    assert cls.kind == CONFIG_ERROR and last.split(":")[0] in cls.summary
-
-
-def test_argparse_rejection_is_a_config_error() -> None:
-    tail = ["usage: train.py [-h] [--lr LR]", "train.py: error: unrecognized arguments: --lora_r 8"]
-    cls = classify_exit(returncode=2, signal=None, stderr_tail=tail)
-    assert cls.kind == CONFIG_ERROR and "unrecognized arguments" in cls.summary
+@pytest.mark.parametrize("content", [b"[model\n", b"\xff\xfe", b"name = 1\n"])
+def test_cli_exits_2_and_starts_nothing(tmp_path: Path, content: bytes) -> None:
+    p = recipe_file(tmp_path, content)
+    home = tmp_path / "home"
+    for cmd in (["validate", str(p)], ["start", str(p), "--detach"], ["preflight", str(p)]):
+        res = qlw(*cmd, timeout=60, env={**os.environ, "QLORA_WATCH_HOME": str(home)})
+        assert res.returncode == 2, (cmd, res.stderr)
+        assert str(p) in res.stderr
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())

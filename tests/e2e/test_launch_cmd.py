@@ -3,35 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from supervisor.launcher import trainer_argv
-from supervisor.recipe import load_recipe
-from tests.support import ROOT, fake_recipe, qlw, read_state
-
-RECIPE = ROOT / "recipes" / "70b.toml"
-
-
-def test_one_gpu_runs_the_built_in_trainer() -> None:
-    assert trainer_argv(load_recipe(RECIPE))[1:] == ["-m", "supervisor.runner.train"]
-
-
-def test_two_gpus_use_accelerate_fsdp_and_accelerate_accepts_the_command() -> None:
-    from accelerate.commands.launch import launch_command_parser
-
-    argv = trainer_argv(load_recipe(RECIPE, ["hardware.gpus=2"]))
-    assert argv[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
-    args = launch_command_parser().parse_args(argv[3:])
-    assert args.num_processes == 2 and args.use_fsdp and args.module
-    assert args.training_script == "supervisor.runner.train"
-    assert args.fsdp_sharding_strategy == "FULL_SHARD" and args.fsdp_offload_params == "true"
-    assert args.fsdp_use_orig_params == "false"  # QLoRA: NF4 and LoRA in one flat parameter
-
-
-def test_user_command_is_an_argv_list_passed_as_is() -> None:
-    r = load_recipe(RECIPE, ['trainer.command=["python3", "my_train.py", "$(touch /tmp/x)"]'])
-    assert trainer_argv(r) == ["python3", "my_train.py", "$(touch /tmp/x)"]
+from tests.support import fake_recipe, qlw, read_state
 
 
 def shaped_8b_recipe(tmp_path: Path, fake_args: list[str], gpu_mem_gib: int, train: str) -> Path:

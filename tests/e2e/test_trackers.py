@@ -12,8 +12,6 @@ from typing import Any
 
 import pytest
 
-from supervisor import trackers
-from supervisor.records import Step
 from tests.support import ROOT, fake_recipe, qlw, read_state
 
 pytest.importorskip("wandb")
@@ -86,30 +84,6 @@ def check_one_run_each(out: Path, run_id: str, oom_step: int, resumed_from: int,
         assert mlflow_metric(mrun, "host/mem_available_gib")
     ids = json.loads((out.parent / "home" / "runs" / run_id / "trackers.json").read_text())
     assert ids == {"mlflow_run_id": mrun.name}  # a restarted supervisor continues this run
-
-
-def test_step_metrics_use_the_trainer_callbacks_names() -> None:
-    m = trackers.step_metrics(Step(t=1.0, step=7, attempt=2, loss=0.5, lr=1e-4, grad_norm=float("nan")))
-    assert m == {"train/global_step": 7.0, "qlw/attempt": 2.0, "train/loss": 0.5,
-                 "train/learning_rate": 1e-4}  # NaN grad norm left out, not logged
-
-
-def test_the_tracker_config_keeps_secrets_out(tmp_path: Path) -> None:
-    from supervisor.recipe import load_recipe
-
-    recipe = fake_recipe(tmp_path, ["--token", "hf_abcdefghijklmnopqrstuvwxyz0123"],
-                         extra='[notify]\nurls = ["ntfy://secret-topic-xyz"]\n')
-    cfg = json.dumps(trackers.tracker_config(load_recipe(recipe)))
-    assert "secret-topic-xyz" not in cfg and "hf_abcdefghijklmnopqrstuvwxyz0123" not in cfg
-    assert '"urls": 1' in cfg
-
-
-def test_trainer_env_maps_the_run_id(tmp_path: Path) -> None:
-    assert trackers.trainer_env(["tensorboard"], "amber", tmp_path) == {}
-    env = trackers.trainer_env(["wandb", "mlflow"], "amber", tmp_path)
-    assert env == {"WANDB_RUN_ID": "amber", "WANDB_RESUME": "allow"}  # no MLflow run yet
-    (tmp_path / trackers.IDS_FILE).write_text('{"mlflow_run_id": "abc"}')
-    assert trackers.trainer_env(["mlflow"], "amber", tmp_path) == {"MLFLOW_RUN_ID": "abc"}
 
 
 def test_the_supervisor_imports_no_tracker_until_configured() -> None:

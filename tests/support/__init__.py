@@ -103,6 +103,16 @@ def recipe_file(tmp_path: Path, text: str | bytes, name: str = "r.toml") -> Path
     return p
 
 
+def tiny_recipe_json(folder: Path, *overrides: str) -> Path:
+    """The tiny recipe with overrides, resolved to JSON as the supervisor writes it."""
+    from supervisor.recipe import load_recipe, recipe_to_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recipe.json"
+    path.write_text(recipe_to_json(load_recipe(ROOT / "recipes" / "tiny.toml", list(overrides))))
+    return path
+
+
 def wait_for(pred: Callable[[], Any], timeout: float = 30, interval: float = 0.05, what: str = "") -> Any:
     """Poll pred until it returns something true (that value), or fail after timeout seconds."""
     deadline = time.monotonic() + timeout
@@ -141,6 +151,14 @@ def wait_for_events(path: Path, pred: Callable[[list[dict[str, Any]]], Any], pro
         time.sleep(0.1)
     proc.kill()
     raise AssertionError("timed out waiting for an event")
+
+
+def fake_unsloth(tmp_path: Path, body: str) -> Path:
+    """A package named unsloth whose __init__ is `body`; returns the folder to put on sys.path."""
+    site = tmp_path / "site"
+    (site / "unsloth").mkdir(parents=True)
+    (site / "unsloth" / "__init__.py").write_text(body)
+    return site
 
 
 # ------------------------------------------------------------------------------ clock
@@ -343,6 +361,25 @@ def run_in_tmpfs(mountpoint: Path, size: str, script: str, timeout: float = 120,
     if res.returncode != 0 or not lines:
         raise AssertionError(f"driver failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return json.loads(lines[-1])
+
+
+# ------------------------------------------------------------------------------ test data
+
+# Secrets shaped like real ones, for the redaction tests.
+HF = "hf_" + "aB3dE6gH9jK2mN5pQ8sT1vW4yZ7bC0eF3h"  # 34 characters after hf_, like a real one
+WANDB = "0123456789abcdef0123456789abcdef01234567"  # 40 hex
+HUB = "sekrit-hub-value-4711"
+AWS = "AKIA" + "ABCDEFGHIJKLMNOP"
+
+# What a trainer may print that a terminal must not execute (escape sequences, controls).
+EVIL = [
+    "\x1b]52;c;cHduZWQ=\x07clipboard",  # OSC 52: write the user's clipboard
+    "\x1b]0;owned title\x07title",  # OSC 0: window title
+    "\x1b[2J\x1b[Hclear",  # clear the screen, cursor home
+    "\x9b31mc1-csi\x9d0;x\x9c",  # 8-bit C1 CSI and OSC
+    "bell\x07 backspace\x08 nul\x00 del\x7f",
+    "\x1bP1$qm\x1b\\dcs",  # DCS request
+]
 
 
 # ------------------------------------------------------------------------------ checkpoints

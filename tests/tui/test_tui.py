@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from datetime import timezone
 from pathlib import Path
 from typing import Any
@@ -30,7 +25,6 @@ from supervisor.tui.sanitize import sanitize
 from supervisor.tui.screens import ConfirmScreen, HelpScreen, RunsListScreen
 from supervisor.tui.serve import make_server
 from supervisor.tui.training import LossChart
-from tests.support import FIXTURES, ROOT
 from tests.support.tui import make, ready, recorded, run_async, screen_text
 
 # ------------------------------------------------------------------------------ keys
@@ -507,33 +501,6 @@ async def test_big_history_downsamples_chart() -> None:
         assert "step 20,000/40,000" in screen_text(app)
 
 
-def test_real_terminal_detach(tmp_path: Path) -> None:
-    """In a real pty: the dashboard draws, `d` leaves it, the process says "detached"."""
-    pexpect = pytest.importorskip("pexpect")
-    code = (
-        "from supervisor.tui.app import make_app; from supervisor.tui.replay import ReplayClient; "
-        f"print('RESULT', make_app(ReplayClient({str(FIXTURES / 'recorded_run_training.json')!r})).run())"
-    )
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "TERM": "xterm-256color",
-        "PYTHONPATH": str(ROOT),
-        "HOME": str(ROOT),
-    }
-    child = pexpect.spawn(
-        sys.executable, ["-c", code], dimensions=(24, 80), env=env, timeout=30, cwd=ROOT
-    )
-    try:
-        child.expect("TRAINING")
-        child.expect("amber-falcon")
-        child.send("d")
-        child.expect("RESULT detached")
-        child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
-    assert child.exitstatus == 0
-
-
 # ------------------------------------------------------------------------------ serve
 
 
@@ -545,24 +512,3 @@ def test_serve_refuses_non_loopback() -> None:
         make_server(["x"], port=8123, host="0.0.0.0")
 
 
-def test_serve_starts_and_stops() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code = f"from supervisor.tui.serve import serve; serve(['true'], {port})"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline, page = time.monotonic() + 30, ""
-        while time.monotonic() < deadline and not page:
-            try:
-                page = (
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
-                )
-            except OSError:
-                time.sleep(0.2)
-        assert "qlora-watch" in page
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)

@@ -14,7 +14,6 @@ from supervisor.tui.app import make_app
 from supervisor.tui.header import RunHeader
 from supervisor.tui.replay import ReplayClient
 from supervisor.tui.training import TrainingPanel
-from tests.support import fake_recipe, qlw
 from tests.support.tui import ready, recorded, run_async, screen_text
 
 RUN = {"recipe": "tiny", "model": "tiny-llama", "output_dir": "/tmp/out"}
@@ -104,12 +103,3 @@ def test_merge_error_reads_as_english(tmp_path: Path) -> None:
     assert str(e.value).startswith("no final adapter found") and "no a " not in str(e.value)
 
 
-def test_ls_shows_the_rung_and_the_last_checkpoint(qlw_home: Path, tmp_path: Path) -> None:
-    recipe = fake_recipe(tmp_path, ["--steps", "12", "--step-time", "0.01", "--save-every", "5",
-                                    "--oom-at", "7", "--oom-above-seq", "800"])
-    run_id = qlw("start", str(recipe), "--detach", check=True).stdout.strip().splitlines()[-1]
-    assert qlw("wait", run_id, "--timeout", "60").returncode == 0
-    out = qlw("ls", check=True).stdout.splitlines()
-    assert "RUNG" in out[0] and "CHECKPOINT" in out[0]
-    row = next(line for line in out if line.startswith(run_id))
-    assert "rung 1" in row and "checkpoint-10" in row
