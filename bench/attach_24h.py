@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 SERVER = """
 import asyncio, sys
 from pathlib import Path
-from supervisor.core import Supervisor
+from supervisor.daemon.core import Supervisor
 from supervisor.store import RunStore
 
 async def main():
@@ -64,7 +64,7 @@ def build_store(root: Path) -> Path:
 
 
 async def attach_once(sock: Path) -> tuple[float, float, int, int]:
-    from supervisor.client import AsyncRunClient
+    from supervisor.control.client import AsyncRunClient
     from supervisor.tui.app import make_app
     from supervisor.tui.replay import ReplayClient
 

@@ -11,7 +11,7 @@ from pathlib import Path
 async def main(home: str, run_id: str) -> int:
     os.environ["QLORA_WATCH_HOME"] = home
     from supervisor import paths
-    from supervisor.client import AsyncRunClient
+    from supervisor.control.client import AsyncRunClient
 
     sock = paths.socket_path(run_id)
     for _ in range(100):

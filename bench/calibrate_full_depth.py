@@ -48,7 +48,7 @@ T0 = time.monotonic()
 RESULTS: dict[str, Any] = {"rows": []}
 SEQ = 4096
 SHAPES = {"8b": "llama-3.1-8b", "14b": "qwen-2.5-14b"}
-CARD_48_MIB = 49_140.0  # a 48 GB card's total (supervisor/emulation.py)
+CARD_48_MIB = 49_140.0  # a 48 GB card's total (supervisor/preflight/emulation.py)
 
 
 def log(*a: Any) -> None:
@@ -236,7 +236,7 @@ def job_sets(job: Job, out: Path) -> list[str]:
 
 def estimate_row(job: Job, sets: list[str]) -> dict[str, Any]:
     """What preflight says for this job, on the card it runs on (or a 24 GB one)."""
-    from supervisor.preflight import estimate
+    from supervisor.preflight.memory import estimate
     from supervisor.recipe import load_recipe
 
     r = load_recipe(ROOT / "recipes" / f"{job.recipe}.toml",

@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from supervisor.shapes import BUILTIN_SHAPES, ModelShape
+from supervisor.preflight.shapes import BUILTIN_SHAPES, ModelShape
 
 
 def words(n: int = 3000) -> list[str]:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 async def shoot(run_id: str, seconds: float, size: tuple[int, int]) -> str:
     from supervisor import paths
-    from supervisor.client import AsyncRunClient
+    from supervisor.control.client import AsyncRunClient
     from supervisor.tui.app import make_app
 
     sock = Path(paths.socket_path(run_id))

@@ -49,7 +49,7 @@ from bench.gpu_suite import (  # noqa: E402
     step_events,
     tokens_per_s,
 )
-from supervisor.shapes import BUILTIN_SHAPES, ModelShape  # noqa: E402
+from supervisor.preflight.shapes import BUILTIN_SHAPES, ModelShape  # noqa: E402
 
 VARIANTS = ("article", "hf", "auto", "unsloth", "unsloth_script")
 DEFAULT_ORDER = "unsloth_script,auto,hf,auto,unsloth_script,article"

@@ -135,7 +135,7 @@ def alive(pid: int | None) -> bool:
 
 
 def supervisor_alive(run: Path) -> int | None:
-    from supervisor import runs
+    from supervisor.control import runs
     from supervisor.store import RunStore
 
     if not runs.supervisor_running(RunStore(run)):
@@ -162,7 +162,7 @@ def zombies(watch: set[int], sup_pid: int | None) -> set[int]:
 
 def checkpoints_now(out: Path) -> tuple[int, int | None, int]:
     """(number of checkpoint-N dirs, newest complete step, all checkpoint-* entries)."""
-    from supervisor.checkpoints import checkpoint_status
+    from supervisor.checkpoints.folders import checkpoint_status
 
     n, newest, entries = 0, None, 0
     try:

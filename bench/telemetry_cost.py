@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import psutil  # noqa: E402
 
 from supervisor.telemetry import host  # noqa: E402
-from supervisor.telemetry.fake import FakeNVML  # noqa: E402
 from supervisor.telemetry.nvml import Nvml  # noqa: E402
 from supervisor.telemetry.sampler import Sampler, ThreadedSampler  # noqa: E402
+from tests.fakes.nvml import FakeNVML  # noqa: E402
 
 CHILD = """
 import sys, time

@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from supervisor.tui.app import WatchApp, make_app  # noqa: E402
 from supervisor.tui.events import EventsPanel  # noqa: E402
-from supervisor.tui.fixtures import Plan, build  # noqa: E402
 from supervisor.tui.gpu import GpuCard  # noqa: E402
 from supervisor.tui.logview import LogTail  # noqa: E402
 from supervisor.tui.model import SAMPLE_KEEP  # noqa: E402
 from supervisor.tui.replay import ReplayClient  # noqa: E402
 from supervisor.tui.training import LossChart  # noqa: E402
+from tests.fakes.tui_scenarios import Plan, build  # noqa: E402
 
 
 def day_of_history() -> dict[str, Any]:

@@ -27,7 +27,7 @@ class CatalogError(Exception):
 def smallest_card(need: float, error: float) -> str:
     """'24 GiB card', or '24 GiB card (tight on 16)' when the card below is within preflight's
     error of the need (each card's total as nvidia-smi shows it: 24 = 24,564 MiB)."""
-    from supervisor.emulation import card_total_bytes
+    from supervisor.preflight.emulation import card_total_bytes
 
     tight = None
     for c in CARDS_GIB:
@@ -97,7 +97,7 @@ class Entry:
 
 def entry(path: Path) -> Entry:
     """Name, model, seq, batch and the smallest card it fits (from the preflight estimate)."""
-    from supervisor.preflight import estimate
+    from supervisor.preflight.memory import estimate
     from supervisor.recipe import load_recipe
 
     r = load_recipe(path)

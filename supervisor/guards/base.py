@@ -24,7 +24,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Union
 
-from supervisor.prune import CheckpointInfo, as_infos
+from supervisor.checkpoints.plan import CheckpointInfo, as_infos
 from supervisor.records import Sample, Step
 from supervisor.states import RunState
 
@@ -66,7 +66,7 @@ class Window:
     @classmethod
     def from_supervisor(cls, sup: Any) -> "Window":
         """Build from the running core (reads its state; scans checkpoints): see guards/build.py."""
-        from supervisor.guards.build import window_from_supervisor
+        from supervisor.daemon.guard_window import window_from_supervisor
 
         return window_from_supervisor(sup)
 

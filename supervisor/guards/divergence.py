@@ -12,8 +12,8 @@ import math
 from collections import deque
 from typing import Any
 
+from supervisor.checkpoints.plan import newest_complete_of
 from supervisor.guards.base import Action, StopRun, Window, finite, median
-from supervisor.prune import newest_complete_of
 from supervisor.recipe import DivergenceGuard
 from supervisor.records import Step
 from supervisor.states import RunState

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from supervisor.checkpoints.plan import CheckpointInfo, newest_complete_of
 from supervisor.guards.base import Action, Fail, Relaunch, Window
 from supervisor.guards.classify import (
     COMPLETED,
@@ -33,7 +34,6 @@ from supervisor.guards.classify import (
     STOPPED,
     ExitClass,
 )
-from supervisor.prune import CheckpointInfo, newest_complete_of
 from supervisor.recipe import (
     CrashGuard,
     Guards,

@@ -6,6 +6,7 @@ trainer die with ENOSPC half-way through writing a checkpoint.
 
 from __future__ import annotations
 
+from supervisor.checkpoints.plan import newest_complete_of, prune_plan
 from supervisor.guards.base import (
     GIB,
     WATCHED_STATES,
@@ -16,7 +17,6 @@ from supervisor.guards.base import (
     gib,
     warn,
 )
-from supervisor.prune import newest_complete_of, prune_plan
 from supervisor.recipe import CheckpointGuard
 from supervisor.states import RunState
 

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from supervisor.emulation import BALLAST_GRANULE, MIB, ballast_bytes
+from supervisor.preflight.emulation import BALLAST_GRANULE, MIB, ballast_bytes
 
 PR_SET_PDEATHSIG = 1
 POLL_S = 0.5

@@ -15,7 +15,7 @@ import sys
 import threading
 from typing import Any
 
-from supervisor.emulation import MIB, EmulationError, card_total_bytes, fraction_for
+from supervisor.preflight.emulation import MIB, EmulationError, card_total_bytes, fraction_for
 from supervisor.recipe import Recipe
 
 READY_TIMEOUT_S = 120.0  # a cold driver can take a while to create the helper's context

@@ -229,7 +229,7 @@ def sft_config(ctx: Context, use_liger: bool | None = None, overrides: dict[str,
         logging_nan_inf_filter=False,  # never replace a NaN loss with a running average
         include_num_input_tokens_seen="non_padding",
         # The supervisor writes W&B and MLflow itself (one writer, one tracker run across
-        # attempts: supervisor/trackers.py); the trainer logs to TensorBoard and Trackio.
+        # attempts: supervisor/sinks/trackers.py); the trainer logs to TensorBoard and Trackio.
         report_to=[r for r in t.report_to if r in TRAINER_TRACKERS] or "none",
         run_name=os.environ.get("QLW_RUN_ID") or None,  # Trackio resumes its run by this name
         bf16=t.bf16,

@@ -12,9 +12,10 @@ from textual.binding import Binding
 from textual.widget import Widget
 from textual.widgets import DataTable, Footer, Static
 
+from supervisor.sanitize import sanitize
+
 from .fmt import LEVEL_STYLES, UNSEEN_STYLES, fmt_clock
 from .model import RunModel, is_unseen
-from .sanitize import sanitize
 from .search import SEARCH_BINDINGS, SearchableScreen
 
 LEVEL_TAGS = {"info": "INFO", "warning": "WARN", "error": "ERR"}

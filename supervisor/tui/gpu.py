@@ -10,9 +10,10 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Static
 
+from supervisor.sanitize import sanitize
+
 from .fmt import NA, bar, finite, fmt_gib, fmt_num, level_style, throttle_words
 from .model import RunModel
-from .sanitize import sanitize
 from .spark import PinnedSparkline
 
 SPARK_WINDOW = 600  # samples of history behind each sparkline: 10 minutes at 1 Hz

@@ -11,11 +11,11 @@ from rich.text import Text
 from textual.app import RenderResult
 from textual.widget import Widget
 
+from supervisor.sanitize import sanitize
 from supervisor.states import TERMINAL_VALUES
 
 from .fmt import NA, STATE_STYLES, bar, finite, fmt_duration, fmt_loss, fmt_num
 from .model import RunModel
-from .sanitize import sanitize
 
 
 def _row(left: Text, right: Text) -> Table:

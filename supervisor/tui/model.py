@@ -10,8 +10,9 @@ import math
 from collections import deque
 from typing import Any
 
+from supervisor.sanitize import sanitize
+
 from .fmt import finite, num
-from .sanitize import sanitize
 
 EMA_ALPHA = 0.05  # smoothing for the loss curve: about a 20-step window
 SAMPLE_KEEP = 3600  # telemetry kept for the sparklines: an hour at 1 Hz (steps are all kept)

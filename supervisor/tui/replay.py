@@ -1,4 +1,4 @@
-"""A client that replays a recorded run: the same interface as supervisor.client.AsyncRunClient."""
+"""A client that replays a recorded run: the same interface as supervisor.control.client.AsyncRunClient."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class RunClient(Protocol):
 
 
 class ReplayCommandError(Exception):
-    """A command refused, like supervisor.client's CommandError."""
+    """A command refused, like supervisor.control.client's CommandError."""
 
 
 def load_recorded(path: str | Path) -> dict[str, Any]:

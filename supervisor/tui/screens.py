@@ -11,8 +11,9 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Static
 
+from supervisor.sanitize import sanitize
+
 from .fmt import STATE_STYLES, fmt_num
-from .sanitize import sanitize
 
 
 class ConfirmScreen(ModalScreen[bool]):

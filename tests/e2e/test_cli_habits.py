@@ -7,8 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from supervisor import completion
-from supervisor.cli import build_parser
+from supervisor.cli import build_parser, completion
 from tests.support import ROOT, qlw
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import doctor
+from supervisor.preflight import doctor
 from tests.support import qlw
 
 CHECKS = {"supervisor package", "NVIDIA driver / NVML", "torch", "bitsandbytes", "liger-kernel",

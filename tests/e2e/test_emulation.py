@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from supervisor.emulation import (
+from supervisor.preflight.emulation import (
     card_total_mib,
 )
 from tests.support import ROOT
@@ -75,8 +75,8 @@ def test_ballast_exits_when_the_trainer_exits_on_its_own() -> None:
 def test_emulated_card_reaches_the_samples(tmp_path: Path) -> None:
     """FakeNVML: an H200 with a 118 GB ballast and a 14 GB trainer reads as a 24 GB card
     holding the trainer; the ballast is neither used memory nor the trainer's."""
-    from supervisor.telemetry.fake import FakeNVML
     from supervisor.telemetry.sampler import Sampler
+    from tests.fakes.nvml import FakeNVML
 
     trainer, ballast = _trainer(60)
     try:

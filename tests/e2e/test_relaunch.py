@@ -180,7 +180,7 @@ def webhook():
 
 
 def test_notifier_reaches_a_local_endpoint(webhook) -> None:
-    from supervisor.notify import Notifier
+    from supervisor.sinks.notify import Notifier
 
     url, received = webhook
     n = Notifier([url], ["completed"], "amber-falcon")

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.timeout(90)
 def test_c3_incomplete_checkpoint_reason_is_an_event(tmp_path: Path) -> None:
     """A `checkpoint` event for a corrupt folder: a warning naming the reason (shown in the
     TUI's events), never counted as progress."""
-    from supervisor.attempts import AttemptRunner
+    from supervisor.daemon.attempts import AttemptRunner
 
     recorded: list[tuple[str, str, str]] = []
     sup = SimpleNamespace(
@@ -150,7 +150,12 @@ def test_c8_c11_undeletable_checkpoint_is_reported_then_finished_on_restart(qlw_
 def test_c11_sigkill_mid_delete_leaves_nothing_resumable(tmp_path: Path) -> None:
     """SIGKILL during phase 2 of a slow delete (a checkpoint of 20,000 files): what remains is
     a `.deleting-` folder that nothing resumes from or counts; finishing it removes it."""
-    from supervisor.checkpoints import finish_pending_deletes, newest_complete, safe_delete, scan
+    from supervisor.checkpoints.folders import (
+        finish_pending_deletes,
+        newest_complete,
+        safe_delete,
+        scan,
+    )
 
     out = tmp_path / "out"
     make_ckpt(out, 10, files=20000, adapter="tensor")
@@ -239,7 +244,7 @@ st = read_state(home, run_id)
 import sqlite3
 db = sqlite3.connect(home / "runs" / run_id / "db.sqlite")
 evs = [r for r in db.execute("SELECT kind, message FROM events ORDER BY id")]
-from supervisor.checkpoints import newest_complete, scan
+from supervisor.checkpoints.folders import newest_complete, scan
 newest = newest_complete(mnt / "out")
 print(json.dumps({{"wait": w.returncode, "state": st, "events": evs,
                   "newest": newest.name if newest else None,

@@ -74,7 +74,7 @@ def test_a4_a6_stop_reaches_a_sigstopped_trainer(qlw_home: Path, tmp_path: Path)
     assert st["state"] == "stopped" and st["exit_code"] == 0
     got = [line.split()[0] for line in sigs.read_text().splitlines()]
     assert "SIGTERM" in got and "SIGCONT" in got
-    from supervisor.checkpoints import newest_complete
+    from supervisor.checkpoints.folders import newest_complete
 
     newest = newest_complete(tmp_path / "out")
     assert newest is not None and f"newest complete checkpoint: {newest.name}" in st["message"]
@@ -224,19 +224,19 @@ def test_a9_supervisor_killed_between_spawn_and_record(proc_guard, tmp_path: Pat
 
 
 def test_a9_identity_requires_pid_start_time_boot_id_and_cmdline() -> None:
-    from supervisor import launcher
+    from supervisor import procgroup
 
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        ident = launcher.identity_of(p.pid).to_dict()
-        assert launcher.verify(ident)
+        ident = procgroup.identity_of(p.pid).to_dict()
+        assert procgroup.verify(ident)
         for key, bad in (("create_time", ident["create_time"] - 1), ("boot_id", "other-boot"),
                          ("cmdline_hash", "0" * 16), ("pid", 1)):
-            assert not launcher.verify({**ident, key: bad}), key
-        assert not launcher.verify({"pid": p.pid}) and not launcher.verify(None)
+            assert not procgroup.verify({**ident, key: bad}), key
+        assert not procgroup.verify({"pid": p.pid}) and not procgroup.verify(None)
         p.kill()
         time.sleep(0.2)  # a zombie (not reaped yet) is not the process either
-        assert not launcher.verify(ident)
+        assert not procgroup.verify(ident)
     finally:
         p.kill()
         p.wait()
@@ -245,27 +245,27 @@ def test_a9_identity_requires_pid_start_time_boot_id_and_cmdline() -> None:
 def test_a9_identity_is_recorded_after_exec_completes(monkeypatch) -> None:
     """Popen can return while /proc/PID/cmdline is still empty (execve half done). An identity
     taken then never verifies, and a restarted supervisor would call its own live trainer
-    LOST (found by the 30-minute soak). The launcher waits for the exec'd command line."""
-    from supervisor import launcher
+    LOST (found by the 30-minute soak). The procgroup waits for the exec'd command line."""
+    from supervisor import procgroup
 
     argv = [sys.executable, "-c", "import time; time.sleep(30)"]
     p = subprocess.Popen(argv)
     try:
-        real = launcher.identity_of
+        real = procgroup.identity_of
         calls = {"n": 0}
 
         def racy(pid: int):  # the first look happens mid-exec: empty command line
             calls["n"] += 1
             ident = real(pid)
             if calls["n"] == 1 and ident is not None:
-                ident.cmdline_hash = launcher._cmdline_hash([])
+                ident.cmdline_hash = procgroup._cmdline_hash([])
             return ident
 
-        monkeypatch.setattr(launcher, "identity_of", racy)
-        ident = launcher.identity_after_exec(p.pid, argv)
-        monkeypatch.setattr(launcher, "identity_of", real)
-        assert calls["n"] >= 2 and launcher.verify(ident.to_dict())
-        assert ident.cmdline_hash == launcher._cmdline_hash(argv)
+        monkeypatch.setattr(procgroup, "identity_of", racy)
+        ident = procgroup.identity_after_exec(p.pid, argv)
+        monkeypatch.setattr(procgroup, "identity_of", real)
+        assert calls["n"] >= 2 and procgroup.verify(ident.to_dict())
+        assert ident.cmdline_hash == procgroup._cmdline_hash(argv)
     finally:
         p.kill()
         p.wait()
@@ -275,7 +275,7 @@ def test_a12_signals_to_the_supervisor(qlw_home: Path, tmp_path: Path) -> None:
     """SIGHUP is ignored; SIGTERM and SIGINT leave (state flushed, socket removed) while the
     trainer goes on; a second SIGTERM takes the fast path; a new supervisor re-adopts."""
     from supervisor import paths
-    from supervisor.client import request
+    from supervisor.control.client import request
 
     recipe = fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.02"])
     run_id = start(recipe)

@@ -123,7 +123,7 @@ def test_e7_flood_and_a_client_that_never_reads(proc_guard, tmp_path: Path) -> N
     the supervisor's CPU stays under one core."""
     from supervisor import paths
     from supervisor import protocol as proto
-    from supervisor.client import request
+    from supervisor.control.client import request
 
     recipe = fake_recipe(tmp_path, ["--steps", "200", "--step-time", "0.01", "--flood-mb", "40"])
     store = create_run(recipe, "supervisor.log_max_bytes=8000000", "supervisor.log_backups=1")

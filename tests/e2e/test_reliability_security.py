@@ -63,7 +63,7 @@ def test_h1_h2_real_supervisor_socket_modes_and_peer_check(shared_home: Path, tm
     the modes loosened to 0777 it connects but SO_PEERCRED refuses it, and the refusal is
     logged with its pid and uid; the supervisor and the run are unaffected."""
     from supervisor import paths
-    from supervisor.client import request
+    from supervisor.control.client import request
 
     recipe = fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.03"])
     run_id = start(recipe)
@@ -90,7 +90,7 @@ def test_h1_h2_real_supervisor_socket_modes_and_peer_check(shared_home: Path, tm
 
 def test_h3_no_inet_listener_and_no_abstract_socket(qlw_home: Path, tmp_path: Path) -> None:
     from supervisor import paths
-    from supervisor.client import request
+    from supervisor.control.client import request
     from tests.support import own_socket_inodes
 
     recipe = fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.03"])
@@ -205,7 +205,7 @@ def test_h7_tokens_are_redacted_everywhere(qlw_home: Path, tmp_path: Path, monke
     supervisor's log, state.json, the events (messages and evidence), `status --json`,
     `logs`, the exit file (the crash report), or what a dashboard receives."""
     from supervisor import paths
-    from supervisor.client import request
+    from supervisor.control.client import request
 
     monkeypatch.setenv("HF_TOKEN", HF)
     monkeypatch.setenv("WANDB_API_KEY", WANDB)
@@ -243,7 +243,7 @@ def test_h7_tokens_are_redacted_everywhere(qlw_home: Path, tmp_path: Path, monke
 
 
 async def _snapshot(sock: Path) -> dict[str, Any]:
-    from supervisor.client import AsyncRunClient
+    from supervisor.control.client import AsyncRunClient
 
     c = AsyncRunClient(sock)
     snap = await c.connect()
@@ -257,7 +257,7 @@ async def _snapshot(sock: Path) -> dict[str, Any]:
 MOUNTED_CHECKPOINT = r"""
 import json, os, sys
 from pathlib import Path
-from supervisor.checkpoints import safe_delete
+from supervisor.checkpoints.folders import safe_delete
 mnt = Path(sys.argv[0]).parent / "checkpoint-3"
 (mnt / "precious").write_text("on another filesystem")
 (r,) = safe_delete(mnt.parent, ["checkpoint-3"], None)

@@ -73,7 +73,7 @@ def test_d2_full_state_disk_keeps_the_old_state_and_says_so(proc_guard, tmp_path
     writes work again the state is saved and the error cleared. (A state home on a full tmpfs
     also starves the trainer's events file, which lives there: see docs/reliability.md.)"""
     from supervisor import paths
-    from supervisor.client import request
+    from supervisor.control.client import request
     from tests.support import create_run, reap, spawn_patched
 
     recipe = fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.02", "--save-every", "50"])
@@ -108,7 +108,7 @@ def test_d2_full_state_disk_keeps_the_old_state_and_says_so(proc_guard, tmp_path
                          ids=["truncated", "binary", "empty"])
 def test_d3_corrupt_state_file_is_moved_aside_and_nothing_runs(qlw_home: Path, tmp_path: Path,
                                                                content: bytes) -> None:
-    from supervisor import runs
+    from supervisor.control import runs
     from supervisor.recipe import load_recipe
 
     recipe = fake_recipe(tmp_path, ["--steps", "5"])
@@ -146,7 +146,7 @@ def test_d4_log_rotation_keeps_n_private_backups(qlw_home: Path, tmp_path: Path)
 
 def test_d4_truncated_log_marker_reaches_clients(qlw_home: Path, tmp_path: Path) -> None:
     from supervisor import paths
-    from supervisor.client import AsyncRunClient
+    from supervisor.control.client import AsyncRunClient
 
     recipe = fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.05"])
     run_id = start(recipe)
@@ -170,7 +170,8 @@ def test_d4_truncated_log_marker_reaches_clients(qlw_home: Path, tmp_path: Path)
 def test_d5_stop_grace_and_backoff_use_the_monotonic_clock(monkeypatch, tmp_path: Path) -> None:
     """The SIGKILL after the stop grace and the relaunch after its back-off wait for monotonic
     time to pass; wall-clock jumps of +-1 h change nothing."""
-    from supervisor import attempts, launcher
+    from supervisor import procgroup as launcher
+    from supervisor.daemon import attempts
     from supervisor.guards import Relaunch
     from supervisor.recipe import load_recipe
     from supervisor.states import RunState

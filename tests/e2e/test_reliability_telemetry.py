@@ -90,7 +90,7 @@ def test_f3_hung_nvml_keeps_the_loop_and_socket_responsive(proc_guard, tmp_path:
     """Every NVML call hangs from 1 s on: samples go on with "unavailable: timeout" and host
     data, commands are answered promptly, and the run completes."""
     from supervisor import paths
-    from supervisor.client import request
+    from supervisor.control.client import request
 
     recipe = fake_recipe(tmp_path, ["--steps", "100", "--step-time", "0.04", "--save-every", "20"])
     store = create_run(recipe)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.checkpoints import checkpoint_status
+from supervisor.checkpoints.folders import checkpoint_status
 from tests.support import (
     ROOT,
     events,
@@ -67,7 +67,7 @@ def test_tiny_recipe_stop_then_resume_is_one_run(qlw_home: Path, tmp_path: Path)
     assert [r["run_id"] for r in ls] == [run_id]  # one run
     report = qlw("report", run_id, "--out", str(tmp_path / "rep"), check=True)
     assert (tmp_path / "rep" / "report.html").is_file(), report.stdout
-    from supervisor.report import load_run, summarize
+    from supervisor.report.data import load_run, summarize
 
     summary = summarize(load_run(qlw_home / "runs" / run_id))
     assert summary["attempts"] == 2 and summary["step"] == 20
@@ -159,7 +159,8 @@ def test_stop_then_resume_at_once_waits_for_the_save(qlw_home: Path, tmp_path: P
 
 def test_resume_run_is_callable_without_the_cli(qlw_home: Path, tmp_path: Path) -> None:
     """The function a requeued job calls (Slurm): same effect as the command."""
-    from supervisor import paths, runs
+    from supervisor import paths
+    from supervisor.control import runs
     from supervisor.store import RunStore
 
     recipe = fake_recipe(tmp_path, ["--steps", "20", "--save-every", "5", "--step-time", "0.05"])

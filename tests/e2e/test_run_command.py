@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.checkpoints import checkpoint_status
+from supervisor.checkpoints.folders import checkpoint_status
 from tests.support import FAKE, ROOT, events, launches, qlw, read_state, wait_end, wait_for
 
 HF_SCRIPT = ROOT / "tests" / "fakes" / "hf_plain_script.py"

@@ -25,9 +25,9 @@ import pytest
 
 from supervisor import paths
 from supervisor import protocol as proto
-from supervisor.client import AsyncRunClient, ServerClosed, request
+from supervisor.control.client import AsyncRunClient, ServerClosed, request
+from supervisor.daemon.server import AlreadyRunning, ControlServer, PeerInfo, ServerLimits
 from supervisor.protocol import CommandError
-from supervisor.server import AlreadyRunning, ControlServer, PeerInfo, ServerLimits
 from tests.support import ROOT, Raw, as_nobody, nobody_connect, own_socket_inodes, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -396,7 +396,7 @@ def test_other_uid_is_refused_by_mode_then_by_peercred(
     path.parent.chmod(0o777)
     assert as_nobody(nobody_connect(path)) == {"result": "EACCES"}  # socket 0600
     path.chmod(0o777)
-    caplog.set_level(logging.WARNING, logger="supervisor.server")
+    caplog.set_level(logging.WARNING, logger="supervisor.daemon.server")
     got = as_nobody(nobody_connect(path))  # H2: SO_PEERCRED still refuses
     assert got == {"result": "connected", "messages": [proto.bye("permission denied")]}
     assert st.server.stats.refused_peer == 1 and st.server.stats.accepted == 0
@@ -409,7 +409,7 @@ SERVE = r"""
 import asyncio, json, sys
 from supervisor import protocol as proto
 from supervisor.records import GpuSample, HostSample, Sample, Step, to_dict
-from supervisor.server import ControlServer
+from supervisor.daemon.server import ControlServer
 
 path, n_samples, n_steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 gpu = GpuSample(index=0, name="NVIDIA H200", uuid="GPU-0f3c", util_pct=97.0, mem_util_pct=61.0,

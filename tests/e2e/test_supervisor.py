@@ -59,7 +59,7 @@ def test_closing_the_terminal_does_not_stop_the_run(qlw_home: Path, tmp_path: Pa
 
 def test_two_clients_receive_live_steps(qlw_home: Path, tmp_path: Path) -> None:
     from supervisor import paths
-    from supervisor.client import AsyncRunClient
+    from supervisor.control.client import AsyncRunClient
 
     recipe = fake_recipe(tmp_path, ["--steps", "60", "--step-time", "0.05"])
     run_id = start(recipe, force=False)
@@ -87,7 +87,7 @@ def test_two_clients_receive_live_steps(qlw_home: Path, tmp_path: Path) -> None:
 
 
 def test_stop_saves_a_complete_checkpoint(qlw_home: Path, tmp_path: Path) -> None:
-    from supervisor.checkpoints import checkpoint_status
+    from supervisor.checkpoints.folders import checkpoint_status
 
     recipe = fake_recipe(tmp_path, ["--steps", "10000", "--save-every", "100000", "--step-time", "0.02"])
     run_id = start(recipe, force=False)
@@ -146,7 +146,7 @@ def test_pid_reuse_is_never_adopted(qlw_home: Path, tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from supervisor import runs
+    from supervisor.control import runs
     from supervisor.recipe import load_recipe
     from supervisor.store import RunStore
 
@@ -186,7 +186,7 @@ def test_state_and_db_survive_sigkill_at_random_moments(qlw_home: Path, tmp_path
         db = sqlite3.connect(run / "db.sqlite")
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         db.close()
-        from supervisor import runs
+        from supervisor.control import runs
         from supervisor.store import RunStore
 
         runs.ensure_supervisor(RunStore(run))
@@ -195,7 +195,7 @@ def test_state_and_db_survive_sigkill_at_random_moments(qlw_home: Path, tmp_path
 
 
 def _lock_held(run: Path) -> bool:
-    from supervisor import runs
+    from supervisor.control import runs
     from supervisor.store import RunStore
 
     return runs.supervisor_running(RunStore(run))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.checkpoints import checkpoint_status
+from supervisor.checkpoints.folders import checkpoint_status
 from tests.support import ROOT, jsonl, qlw, read_state
 
 pytestmark = pytest.mark.slow

@@ -87,7 +87,7 @@ def check_one_run_each(out: Path, run_id: str, oom_step: int, resumed_from: int,
 
 
 def test_the_supervisor_imports_no_tracker_until_configured() -> None:
-    code = ("import sys, supervisor.core, supervisor.trackers\n"
+    code = ("import sys, supervisor.daemon.core, supervisor.sinks.trackers\n"
             "print(sorted({'wandb', 'mlflow'} & {m.split('.')[0] for m in sys.modules}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          check=True).stdout.strip()

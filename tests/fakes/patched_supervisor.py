@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from supervisor.telemetry.fake import FakeNVML, alive  # noqa: E402
+from tests.fakes.nvml import FakeNVML, alive  # noqa: E402
 
 
 class RunNVML(FakeNVML):
@@ -92,19 +92,20 @@ class RunNVML(FakeNVML):
 def main() -> int:
     run_dir = Path(sys.argv[1]).absolute()
     sc = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
-    from supervisor import core, launcher, paths
+    from supervisor import paths, procgroup
+    from supervisor.daemon import core
     from supervisor.telemetry import sampler as sampler_mod
 
     if sc.get("unkillable"):
-        orig_signal_group = launcher.signal_group
+        orig_signal_group = procgroup.signal_group
 
         def signal_group(pgid: int, sig: int) -> bool:
             if sig == signal.SIGKILL:
                 return True  # "sent", but the process is in D state and does not die
             return orig_signal_group(pgid, sig)
 
-        launcher.signal_group = signal_group
-        launcher.kill_orphans = lambda known: []
+        procgroup.signal_group = signal_group
+        procgroup.kill_orphans = lambda known: []
 
     nv = sc.get("nvml")
     if nv is not None:
@@ -137,7 +138,7 @@ def main() -> int:
         sampler_mod.make_sampler = make_sampler
 
     if sc.get("server_limits"):
-        from supervisor import server
+        from supervisor.daemon import server
 
         orig_init = server.ControlServer.__init__
         limits = server.ServerLimits(**sc["server_limits"])
@@ -149,7 +150,7 @@ def main() -> int:
         server.ControlServer.__init__ = init  # type: ignore[method-assign]
 
     if sc.get("emfile_on_spawn"):
-        orig_spawn = launcher.spawn
+        orig_spawn = procgroup.spawn
 
         def spawn(*a: object, **kw: object) -> object:
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -159,7 +160,7 @@ def main() -> int:
             finally:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
-        launcher.spawn = spawn
+        procgroup.spawn = spawn
 
     if sc.get("state_to_dev_full_while"):
         from supervisor import store
@@ -177,19 +178,19 @@ def main() -> int:
         store.atomic_write = atomic_write
 
     if sc.get("oom_kills_file"):
-        from supervisor import attempts
+        from supervisor.daemon import attempts
 
         counter = Path(sc["oom_kills_file"])
         attempts.oom_kills = lambda *a: int(counter.read_text())  # type: ignore[assignment]
 
     if sc.get("die_after_spawn"):
-        orig_spawn2 = launcher.spawn
+        orig_spawn2 = procgroup.spawn
 
         def spawn_and_die(*a: object, **kw: object) -> object:
             orig_spawn2(*a, **kw)
             os.kill(os.getpid(), signal.SIGKILL)
 
-        launcher.spawn = spawn_and_die
+        procgroup.spawn = spawn_and_die
 
     sock = paths.socket_path(run_dir.name)
     return core.run_supervisor(run_dir, socket_path=sock, with_telemetry=True)

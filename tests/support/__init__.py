@@ -234,7 +234,7 @@ def kinds(home: Path, run_id: str) -> list[str]:
 
 def supervisor_pid(home: Path, run_id: str) -> int | None:
     """The pid holding the run's flock, or None when no supervisor runs."""
-    from supervisor import runs
+    from supervisor.control import runs
     from supervisor.store import RunStore
 
     store = RunStore(run_dir(home, run_id))
@@ -307,7 +307,7 @@ def kill_run_processes(run_id: str) -> None:
 
 def create_run(recipe: Path, *overrides: str):
     """A run folder made the way `start` makes it, with no supervisor yet; its RunStore."""
-    from supervisor import runs
+    from supervisor.control import runs
     from supervisor.recipe import load_recipe
 
     return runs.create(str(recipe), load_recipe(recipe, list(overrides)), None)
@@ -316,7 +316,7 @@ def create_run(recipe: Path, *overrides: str):
 def spawn_patched(store: Any, scenario: dict[str, Any]) -> subprocess.Popen:
     """The real supervisor with faults injected (tests/fakes/patched_supervisor.py), detached
     like `qlora-watch start` does it. Returns once it holds the run's lock."""
-    from supervisor import runs
+    from supervisor.control import runs
 
     out = open(store.path / "supervisor.out", "ab")
     try:

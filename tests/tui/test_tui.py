@@ -12,19 +12,19 @@ from typing import Any
 import pytest
 from textual.widgets import Static
 
+from supervisor.sanitize import sanitize
 from supervisor.tui.app import WatchApp, make_app, pick_run
 from supervisor.tui.downsample import bucket_max, minmax, stride
 from supervisor.tui.events import EventsPanel, EventsScreen
-from supervisor.tui.fixtures import SCENARIOS, Plan, build
 from supervisor.tui.fmt import UNSEEN_STYLES, fmt_duration, num, throttle_words
 from supervisor.tui.gpu import GpuPanel
 from supervisor.tui.logview import LogScreen, LogTail
 from supervisor.tui.model import SAMPLE_KEEP, RunModel
 from supervisor.tui.replay import ReplayClient
-from supervisor.tui.sanitize import sanitize
 from supervisor.tui.screens import ConfirmScreen, HelpScreen, RunsListScreen
 from supervisor.tui.serve import make_server
 from supervisor.tui.training import LossChart
+from tests.fakes.tui_scenarios import SCENARIOS, Plan, build
 from tests.support.tui import make, ready, recorded, run_async, screen_text
 
 # ------------------------------------------------------------------------------ keys
@@ -339,8 +339,8 @@ class SocketHandler:
 @run_async
 async def test_through_the_real_socket() -> None:
     """The dashboard on AsyncRunClient and ControlServer: snapshot, live step, ack, stop, bye."""
-    from supervisor.client import AsyncRunClient
-    from supervisor.server import ControlServer
+    from supervisor.control.client import AsyncRunClient
+    from supervisor.daemon.server import ControlServer
 
     rec = recorded("throttling")
     handler = SocketHandler(rec)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import runs
-from supervisor.merge import MergeError, find_adapter
+from supervisor.control import runs
+from supervisor.control.merge import MergeError, find_adapter
 from supervisor.tui.app import make_app
 from supervisor.tui.header import RunHeader
 from supervisor.tui.replay import ReplayClient

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.checkpoints import (
+from supervisor.checkpoints.folders import (
     OutputDirError,
     SafeDir,
     adopt_checkpoints,
@@ -28,7 +28,7 @@ from supervisor.checkpoints import (
     safe_delete,
     scan,
 )
-from supervisor.prune import CheckpointInfo, in_progress, newest_complete_of, prune_plan
+from supervisor.checkpoints.plan import CheckpointInfo, in_progress, newest_complete_of, prune_plan
 from tests.support import NOBODY, as_nobody, make_ckpt
 
 # ---------------------------------------------------------------------------- completeness

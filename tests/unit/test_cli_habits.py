@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor import completion
-from supervisor.cli import build_parser, main
+from supervisor.cli import build_parser, completion, main
 from tests.support import ROOT
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from supervisor import doctor
+from supervisor.preflight import doctor
 
 SECRET = "hf_doctorNeverPrintsThis123"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.emulation import (
+from supervisor.preflight.emulation import (
     MIB,
     EmulationError,
     ballast_bytes,
@@ -92,11 +92,11 @@ def test_recipe_mode_defaults_to_ballast_and_rejects_others(tmp_path: Path) -> N
 
 def test_the_supervisor_tells_its_sampler_the_rehearsed_card(qlw_home: Path, tmp_path: Path) -> None:
     """A run whose recipe rehearses 24 GB: the supervisor's sampler reports that card."""
-    from supervisor import runs
-    from supervisor.core import Supervisor
-    from supervisor.preflight import estimate
-    from supervisor.telemetry.fake import FakeNVML
+    from supervisor.control import runs
+    from supervisor.daemon.core import Supervisor
+    from supervisor.preflight.memory import estimate
     from supervisor.telemetry.sampler import make_sampler
+    from tests.fakes.nvml import FakeNVML
     from tests.support import fake_recipe
 
     path = fake_recipe(tmp_path, ["--steps", "1"], extra="[hardware]\nemulate_vram_gib = 24\n")

@@ -19,9 +19,9 @@ def loaded(modules: list[str]) -> set[str]:
 
 
 @pytest.mark.parametrize("module", [
-    "supervisor.core", "supervisor.attempts", "supervisor.guards", "supervisor.telemetry.sampler",
-    "supervisor.store", "supervisor.server", "supervisor.cli", "supervisor.runs",
-    "supervisor.preflight", "supervisor.wrapper", "supervisor.tbwriter", "supervisor.report",
+    "supervisor.daemon.core", "supervisor.daemon.attempts", "supervisor.guards", "supervisor.telemetry.sampler",
+    "supervisor.store", "supervisor.daemon.server", "supervisor.cli", "supervisor.control.runs",
+    "supervisor.preflight.memory", "supervisor.wrapper", "supervisor.sinks.tbwriter", "supervisor.report.data",
 ])
 def test_supervisor_side_loads_no_torch_or_textual(module: str) -> None:
     mods = loaded([module])
@@ -30,7 +30,7 @@ def test_supervisor_side_loads_no_torch_or_textual(module: str) -> None:
 
 def test_dashboard_never_imports_the_core() -> None:
     code = ("import sys\nimport supervisor.tui.app\n"
-            "bad = [n for n in sys.modules if n in ('supervisor.core', 'supervisor.attempts', "
+            "bad = [n for n in sys.modules if n in ('supervisor.daemon.core', 'supervisor.daemon.attempts', "
             "'supervisor.store', 'supervisor.guards', 'supervisor.telemetry', 'supervisor.runner', 'torch')]\n"
             "print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,

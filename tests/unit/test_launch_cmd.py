@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from supervisor.launcher import trainer_argv
+from supervisor.procgroup import trainer_argv
 from supervisor.recipe import load_recipe
 from tests.support import ROOT
 

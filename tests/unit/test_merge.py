@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from supervisor.checkpoints import claim_output_dir
-from supervisor.merge import (
+from supervisor.checkpoints.folders import claim_output_dir
+from supervisor.control.merge import (
     MergeError,
     RemoveError,
     describe_removal,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.preflight import (
+from supervisor.preflight.memory import (
     CALIBRATION,
     GB,
     GIB,
@@ -19,8 +19,8 @@ from supervisor.preflight import (
     render_table,
     run_preflight,
 )
+from supervisor.preflight.shapes import BUILTIN_SHAPES, ShapeError, resolve_shape
 from supervisor.recipe import apply_rung, load_recipe
-from supervisor.shapes import BUILTIN_SHAPES, ShapeError, resolve_shape
 from tests.support import ROOT
 
 RECIPES = ROOT / "recipes"
@@ -414,7 +414,7 @@ def test_tight_band_is_the_estimate_error_either_side_of_the_card():
 
 
 def test_preflight_imports_no_torch():
-    code = "import sys, supervisor.preflight; sys.exit('torch' in sys.modules)"
+    code = "import sys, supervisor.preflight.memory; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 

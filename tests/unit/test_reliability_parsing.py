@@ -39,7 +39,7 @@ def test_e1_line_splitter_is_bounded_and_loses_no_short_line(chunks: list[bytes]
 def test_e2_followers_survive_random_bytes(tmp_path_factory, chunks: list[bytes], truncate: bool) -> None:
     """JsonlFollower and LogFollower fed random bytes (and a truncation): only dicts and
     strings come out, never an exception; a fragment is never parsed."""
-    from supervisor.tail import MAX_LINE, JsonlFollower, LogFollower
+    from supervisor.daemon.followers import MAX_LINE, JsonlFollower, LogFollower
 
     d = tmp_path_factory.mktemp("f")
     path = d / "f.log"
@@ -57,7 +57,7 @@ def test_e2_followers_survive_random_bytes(tmp_path_factory, chunks: list[bytes]
 
 @pytest.mark.parametrize("line", EVIL)
 def test_e3_sanitize_leaves_inert_text(line: str) -> None:
-    from supervisor.tui.sanitize import sanitize
+    from supervisor.sanitize import sanitize
 
     out = sanitize(line)
     assert not any(ord(ch) < 32 or 0x7F <= ord(ch) <= 0x9F for ch in out), repr(out)
@@ -65,7 +65,7 @@ def test_e3_sanitize_leaves_inert_text(line: str) -> None:
 
 
 def test_e4_metrics_line_cut_mid_write(tmp_path: Path) -> None:
-    from supervisor.tail import JsonlFollower
+    from supervisor.daemon.followers import JsonlFollower
 
     p = tmp_path / "events.jsonl"
     p.write_bytes(b'{"event": "step", "step": 11}\n{"event": "step", "step": 12, "lo')
@@ -83,7 +83,7 @@ def test_e4_metrics_line_cut_mid_write(tmp_path: Path) -> None:
 
 
 def test_e5_bad_values_are_skipped_or_blanked(tmp_path: Path) -> None:
-    from supervisor.core import _to_step
+    from supervisor.daemon.core import _to_step
     from supervisor.records import Step
     from supervisor.store import RunStore, continuous
 

@@ -73,7 +73,7 @@ def test_g3_non_numeric_batch_rung_is_a_recipe_error(tmp_path: Path, value: str)
 
 
 def test_g4_output_dir_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from supervisor.checkpoints import OutputDirError, claim_output_dir
+    from supervisor.checkpoints.folders import OutputDirError, claim_output_dir
 
     for bad, pattern in ((str(Path.home()), "must not be / or your home"), ("~", "must not be / or your home"),
                          ("/", "must not be /"), ("runs/../../etc", r"must not contain '\.\.'")):

@@ -15,7 +15,7 @@ from tests.support import (
 
 
 def test_d4_follower_survives_rotation_and_truncation(tmp_path: Path) -> None:
-    from supervisor.tail import LogFollower
+    from supervisor.daemon.followers import LogFollower
     from supervisor.wrapper import RotatingLog
 
     path = tmp_path / "trainer.log"
@@ -37,7 +37,7 @@ def test_d4_follower_survives_rotation_and_truncation(tmp_path: Path) -> None:
 
 def test_d5_pure_timers_ignore_the_wall_clock() -> None:
     """Back-off is a pure function of the restart count; ETA and durations never go negative."""
-    from supervisor import runs
+    from supervisor.control import runs
     from supervisor.guards import backoff_delay
     from supervisor.recipe import CrashGuard
     from supervisor.tui.fmt import fmt_duration
@@ -50,7 +50,7 @@ def test_d5_pure_timers_ignore_the_wall_clock() -> None:
 
 
 def _eta_runner(steps: list[tuple[float, int]]):
-    from supervisor.attempts import AttemptRunner
+    from supervisor.daemon.attempts import AttemptRunner
     from supervisor.records import Step
 
     recent = [Step(t=t, step=s, attempt=1, max_steps=1000) for t, s in steps]
@@ -73,7 +73,7 @@ def test_d5_eta_is_never_negative_nor_a_division_by_zero(times) -> None:
 
 def _stall_window(clock: FakeClock):
     """A supervisor as build.py sees it: training, the last step 10 s ago, step every 1 s."""
-    from supervisor.guards.build import window_from_supervisor
+    from supervisor.daemon.guard_window import window_from_supervisor
     from supervisor.recipe import Recipe
     from supervisor.records import Step
     from tests.support import FAKE  # noqa: F401 - the recipe module needs nothing else
@@ -98,7 +98,8 @@ def _stall_window(clock: FakeClock):
 def test_d5_stall_guard_is_not_fooled_by_a_wall_clock_jump(monkeypatch, jump: float) -> None:
     """The stall limit here is 600 s. A wall-clock step of an hour (or to 1970) right after the
     last step neither fires the guard nor hides a real stall: idle time is monotonic."""
-    from supervisor.guards import build, stall
+    from supervisor.daemon import guard_window as build
+    from supervisor.guards import stall
     from supervisor.recipe import CrashGuard, StallGuard
 
     clock = FakeClock()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.report import (
+from supervisor.report.data import (
     ReportError,
     ema,
     generate_report,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def test_axolotl_rewrite_of_every_documented_key() -> None:
-    from supervisor.handoff import rewrite_axolotl
+    from supervisor.daemon.handoff import rewrite_axolotl
     from supervisor.recipe import apply_rung, validate
 
     base = validate({"trainer": {"command": ["axolotl", "train", "x.yml"], "output_dir": "/o"},
@@ -26,8 +26,8 @@ def test_axolotl_rewrite_of_every_documented_key() -> None:
 
 
 def test_log_lines_give_steps_loss_and_total() -> None:
-    from supervisor.core import _to_step
-    from supervisor.logprogress import LogProgress, parse_bar, parse_dict
+    from supervisor.daemon.core import _to_step
+    from supervisor.daemon.logprogress import LogProgress, parse_bar, parse_dict
 
     got = parse_dict("{'loss': '10.78', 'grad_norm': '0.2812', 'learning_rate': '1e-04', 'epoch': '0.1'}")
     step = _to_step({"step": 3, **got}, attempt=1)  # the one translator every source goes through

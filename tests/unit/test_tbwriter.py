@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.records import Event, GpuSample, HostSample, Sample
-from supervisor.tbwriter import TelemetryTB, system_logdir, throttle_reasons
+from supervisor.sinks.tbwriter import TelemetryTB, system_logdir, throttle_reasons
 from tests.support import ROOT
 
 
@@ -111,7 +111,7 @@ def test_throttle_reasons() -> None:
 
 
 def test_import_does_not_load_torch(tmp_path: Path) -> None:
-    code = ("import sys, supervisor.tbwriter as m; from pathlib import Path;"
+    code = ("import sys, supervisor.sinks.tbwriter as m; from pathlib import Path;"
             "from supervisor.records import Sample, HostSample;"
             f"w = m.TelemetryTB(Path({str(tmp_path / 'tb')!r}));"
             "w.add_sample(Sample(t=1.0, host=HostSample(mem_available_mib=1.0)), 1); w.close();"

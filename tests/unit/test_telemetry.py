@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from supervisor.telemetry import host as hostmod
-from supervisor.telemetry.fake import FakeDevice, FakeNVML
 from supervisor.telemetry.host import (
     HostState,
     cgroup_memory,
@@ -38,6 +37,7 @@ from supervisor.telemetry.nvml import (
     query,
 )
 from supervisor.telemetry.sampler import Sampler, ThreadedSampler, make_sampler
+from tests.fakes.nvml import FakeDevice, FakeNVML
 
 pynvml = pytest.importorskip("pynvml")
 ERROR_NO_PERMISSION, ERROR_TIMEOUT = pynvml.NVML_ERROR_NO_PERMISSION, pynvml.NVML_ERROR_TIMEOUT
@@ -559,7 +559,7 @@ def test_disk_usage_of_nearest_existing_parent(tmp_path):
 
 def test_import_hygiene():
     code = (
-        "import sys, supervisor.telemetry, supervisor.telemetry.fake; "
+        "import sys, supervisor.telemetry, tests.fakes.nvml; "
         "print(sorted(m for m in ('torch', 'textual', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from supervisor import trackers
 from supervisor.records import Step
+from supervisor.sinks import trackers
 from tests.support import fake_recipe
 
 

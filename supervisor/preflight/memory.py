@@ -14,10 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from supervisor.emulation import MIB, card_total_bytes
-from supervisor.recipe import Recipe, apply_rung, describe_rung
-from supervisor.runner.backends import planned_backend
-from supervisor.shapes import (
+from supervisor.preflight.emulation import MIB, card_total_bytes
+from supervisor.preflight.shapes import (
     ALL_LINEAR,
     BUILTIN_SHAPES,
     ModelShape,
@@ -26,6 +24,8 @@ from supervisor.shapes import (
     resolve_shape,
     targeted,
 )
+from supervisor.recipe import Recipe, apply_rung, describe_rung
+from supervisor.runner.backends import planned_backend
 
 GIB = 1 << 30
 GB = 10**9
@@ -608,7 +608,7 @@ def _vram_need(shape: ModelShape, recipe: Recipe, cal: Calibration) -> float:
 def _card(recipe: Recipe, gpu_mem_gib: float | None, nvml: Any) -> tuple[float | None, str]:
     """(card bytes, where that came from): --gpu-mem, the recipe, else NVML; a rehearsed card
     (hardware.emulate_vram_gib) below that. A size in GB is the card's total as nvidia-smi
-    shows it (24: 24,564 MiB, supervisor/emulation.py)."""
+    shows it (24: 24,564 MiB, supervisor/preflight/emulation.py)."""
     hw = recipe.hardware
     if recipe.train.use_cpu is True:
         return None, CPU_SOURCE

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor import checkpoints
+from supervisor.checkpoints import folders as checkpoints
 from supervisor.guards.base import GIB, Window
 from supervisor.states import RunState
 

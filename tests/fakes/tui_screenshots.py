@@ -1,6 +1,6 @@
 """Export the dashboard's main states as SVG for the docs.
 
-python -m supervisor.tui.screenshots docs/screenshots      # 120x36, one file per state
+python -m tests.fakes.tui_screenshots docs/screenshots      # 120x36, one file per state
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import sys
 from datetime import timezone
 from pathlib import Path
 
-from .app import make_app
-from .fixtures import SCENARIOS, build, plan_for
-from .replay import ReplayClient
+from supervisor.tui.app import make_app
+from supervisor.tui.replay import ReplayClient
+from tests.fakes.tui_scenarios import SCENARIOS, build, plan_for
 
 SIZE = (120, 36)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from supervisor import checkpoints
-from supervisor.prune import step_of
+from supervisor.checkpoints import folders as checkpoints
+from supervisor.checkpoints.plan import step_of
 from supervisor.recipe import Recipe, RecipeError, apply_sets, recipe_from_json, recipe_to_json
 from supervisor.states import RESUMABLE, RunState
 from supervisor.store import RunStore, atomic_write
@@ -83,7 +83,7 @@ def _pick(out: Path, run_id: str, from_ckpt: str | None) -> checkpoints.Checkpoi
 def _wait_while_stopping(store: RunStore) -> None:
     """`qlora-watch stop && qlora-watch resume`: the stop is still saving, or the supervisor of
     the ended run is still closing; let them finish (bounded) instead of refusing."""
-    from supervisor import runs
+    from supervisor.control import runs
 
     try:
         grace = recipe_from_json((store.path / "recipe.json").read_text()).supervisor.stop_grace_s
@@ -101,7 +101,7 @@ def _wait_while_stopping(store: RunStore) -> None:
 def plan_resume(store: RunStore, from_ckpt: str | None = None,
                 overrides: Iterable[str] = ()) -> ResumePlan:
     """Check that the run can be resumed as asked; raises ResumeError saying why not."""
-    from supervisor import runs
+    from supervisor.control import runs
 
     overrides = list(overrides)
     st = store.read_state()
@@ -166,7 +166,7 @@ def request_resume(store: RunStore, from_ckpt: str | None = None,
 def resume_run(store: RunStore, from_ckpt: str | None = None, overrides: Iterable[str] = (),
                wait_s: float = 20.0) -> ResumePlan:
     """Plan, record and start the next attempt under a new supervisor; raises ResumeError."""
-    from supervisor import runs
+    from supervisor.control import runs
 
     plan = request_resume(store, from_ckpt, overrides)
     runs.spawn_supervisor(store)

@@ -54,7 +54,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
         print(f"qlora-watch: {args.recipe}: preflight needs [model] (a [trainer]-only recipe runs a "
               "command whose model qlora-watch does not know)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from supervisor.preflight import run_preflight
+    from supervisor.preflight.memory import run_preflight
 
     text, code = run_preflight(recipe, args.gpu_mem, args.host_ram, args.json)
     print(text)
@@ -91,7 +91,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     require_for_run(recipe)
     if recipe.foreign:  # a [trainer]-only recipe: the same as `qlora-watch run`
         return _create_and_launch(args, recipe, resolve(args.recipe), None, None)
-    from supervisor.preflight import estimate, margin_line, render_table
+    from supervisor.preflight.memory import estimate, margin_line, render_table
 
     if not Path(recipe.data.path).is_file():
         print(f"qlora-watch: {args.recipe}: data.path {recipe.data.path} does not exist "
@@ -125,7 +125,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def _create_and_launch(args: argparse.Namespace, recipe: Any, recipe_path: str | None,
                        report: Any, start_rung: int | None) -> int:
-    from supervisor import runs
+    from supervisor.control import runs
 
     try:
         store = runs.create(recipe_path, recipe, report, start_rung=start_rung)
@@ -138,7 +138,7 @@ def _create_and_launch(args: argparse.Namespace, recipe: Any, recipe_path: str |
 def _launched(store: Any, args: argparse.Namespace, what: str, spawn: bool = True) -> int:
     """Spawn the supervisor (unless already), then print the run id or open the dashboard;
     a run that fails at once is reported with its reason and a non-zero exit."""
-    from supervisor import runs
+    from supervisor.control import runs
 
     if spawn:
         runs.spawn_supervisor(store)
@@ -160,7 +160,7 @@ def _launched(store: Any, args: argparse.Namespace, what: str, spawn: bool = Tru
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Supervise any training command: `qlora-watch run --output-dir D -- python train.py`."""
-    from supervisor.foreign_cli import FOREIGN_ERRORS, recipe_for_command
+    from supervisor.cli.foreign import FOREIGN_ERRORS, recipe_for_command
 
     try:
         recipe = recipe_for_command(args)
@@ -171,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from supervisor.resume import ResumeError, resume_run
+    from supervisor.control.resume import ResumeError, resume_run
 
     store = _find(args.run)
     try:
@@ -203,13 +203,14 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from supervisor import doctor
+    from supervisor.preflight import doctor
 
     return doctor.main(args.json)
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
-    from supervisor import catalog, completion
+    from supervisor import catalog
+    from supervisor.cli import completion
 
     sys.stdout.write(completion.script(args.shell, build_parser(), catalog.names()))
     return 0
@@ -217,7 +218,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 def cmd_supervise(args: argparse.Namespace) -> int:
     from supervisor import paths
-    from supervisor.core import run_supervisor
+    from supervisor.daemon.core import run_supervisor
 
     run_dir = Path(args.run_dir)
     sock = paths.socket_path(run_dir.name)
@@ -225,7 +226,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from supervisor import runs
+    from supervisor.control import runs
 
     rows = [runs.summary(s) for s in runs.all_runs()]
     if args.json:
@@ -248,7 +249,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from supervisor import runs
+    from supervisor.control import runs
 
     store = _find(args.run)
     runs.ensure_supervisor(store)
@@ -261,21 +262,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from supervisor import runs
+    from supervisor.control import runs
 
     store = _find(args.run)
     return runs.print_logs(store, follow=args.follow, lines=args.lines)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from supervisor import runs
+    from supervisor.control import runs
 
     store = _find(args.run)
     return runs.stop(store, now=args.now)
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    from supervisor import runs
+    from supervisor.control import runs
 
     store = _find(args.run)
     return runs.wait(store, timeout=args.timeout)
@@ -283,10 +284,10 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 def cmd_attach(args: argparse.Namespace) -> int:
     if args.ssh:
-        from supervisor.remote import attach_over_ssh
+        from supervisor.control.remote import attach_over_ssh
 
         return attach_over_ssh(args.ssh, args.run)
-    from supervisor import runs
+    from supervisor.control import runs
 
     if args.run is None:
         live = [s for s in runs.all_runs() if runs.is_live(s)]
@@ -302,7 +303,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def _attach(store: Any, args: argparse.Namespace) -> int:
-    from supervisor import runs
+    from supervisor.control import runs
 
     client = runs.client_for(store)
     try:
@@ -327,7 +328,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_socket(args: argparse.Namespace) -> int:
     """Used by `attach --ssh` on the remote side: print the run's socket path."""
-    from supervisor import paths, runs
+    from supervisor import paths
+    from supervisor.control import runs
 
     store = _find(args.run)
     runs.ensure_supervisor(store)
@@ -343,7 +345,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from supervisor.extras import require
 
     require("report", "report (its plots)")
-    from supervisor.report import ReportError, generate_report
+    from supervisor.report.data import ReportError, generate_report
 
     store = _find(args.run)
     other = _find(args.compare).path if args.compare else None
@@ -358,7 +360,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from supervisor.merge import RemoveError, describe_removal, remove_run
+    from supervisor.control.merge import RemoveError, describe_removal, remove_run
 
     store = _find(args.run)
     text = describe_removal(store.path, args.checkpoints)
@@ -386,7 +388,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from supervisor.extras import require
 
     require("train", "merge")
-    from supervisor.merge import MergeError, find_adapter, merge_adapter
+    from supervisor.control.merge import MergeError, find_adapter, merge_adapter
 
     src = Path(args.run)
     if not (os.sep in args.run and src.is_dir()):  # a run id, else an adapter/output folder path
@@ -403,7 +405,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_tui_client(args: argparse.Namespace) -> int:
     """Used by `attach --ssh`: run the dashboard against a local (forwarded) socket."""
-    from supervisor.client import AsyncRunClient
+    from supervisor.control.client import AsyncRunClient
     from supervisor.tui.app import make_app
 
     make_app(AsyncRunClient(Path(args.socket))).run()
@@ -414,7 +416,7 @@ def cmd_tui_client(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from supervisor.cli_help import Parser, epilog
+    from supervisor.cli.help import Parser, epilog
 
     ap = Parser(
         prog="qlora-watch",
@@ -558,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else argv
     if not __version__ and args_in[:1] != ["doctor"]:
-        from supervisor.doctor import SEPARATE_VENV
+        from supervisor.preflight.doctor import SEPARATE_VENV
 
         print("qlora-watch: the `supervisor` package here is not qlora-watch's (the PyPI package "
               f"supervisor, supervisord, uses the same name); use a separate venv: {SEPARATE_VENV}",

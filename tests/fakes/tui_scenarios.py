@@ -1,6 +1,6 @@
 """Deterministic recorded runs for tests, screenshots and the benchmark.
 
-    python -m supervisor.tui.fixtures tests/fixtures     # writes recorded_run_<scenario>.json
+    python -m tests.fakes.tui_scenarios tests/fixtures     # writes recorded_run_<scenario>.json
 
 A recording is {"run", "state", "samples", "steps", "events", "log", "live"}: what
 AsyncRunClient.connect() returns plus the live messages that follow. Fixed timestamps and a
@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.records import Event, to_dict
-
-from .synth import LOAD_S, T0, Plan, sample_at, step_history, step_record
+from tests.fakes.tui_synth import LOAD_S, T0, Plan, sample_at, step_history, step_record
 
 SCENARIOS = ("training", "throttling", "oom_relaunch", "completed", "no_gpu")
 RUNG_DESC = "max_seq_len 1024 -> 768 after OOM"

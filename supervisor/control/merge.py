@@ -100,7 +100,7 @@ def find_base(adapter: Path, run_dir: Path | None, base_model: str | None = None
 
 def bf16_bytes(config: dict[str, Any]) -> int:
     """Bytes of the model in bf16 from its config (2 bytes per parameter)."""
-    from supervisor.shapes import ShapeError, shape_from_config
+    from supervisor.preflight.shapes import ShapeError, shape_from_config
 
     try:
         return 2 * shape_from_config(config, "config.json").total_params
@@ -188,7 +188,7 @@ class RemoveError(Exception):
 
 def _live_reason(run_dir: Path) -> str | None:
     """Why the run must not be removed now, or None."""
-    from supervisor.runs import supervisor_running
+    from supervisor.control.runs import supervisor_running
     from supervisor.states import RunState
     from supervisor.store import RunStore
 
@@ -208,8 +208,8 @@ def _live_reason(run_dir: Path) -> str | None:
 
 def _ckpt_targets(run_dir: Path) -> tuple[Path | None, list[Path], list[str]]:
     """(output dir, folders to delete in it, notes on what is kept and why)."""
-    from supervisor.checkpoints import output_dir_owner
-    from supervisor.prune import DELETABLE_RE, PENDING_DELETE_RE
+    from supervisor.checkpoints.folders import output_dir_owner
+    from supervisor.checkpoints.plan import DELETABLE_RE, PENDING_DELETE_RE
 
     info = read_json(run_dir / "run.json") or {}
     out = Path(info["output_dir"]) if info.get("output_dir") else None
@@ -234,7 +234,7 @@ def _ckpt_targets(run_dir: Path) -> tuple[Path | None, list[Path], list[str]]:
 
 def describe_removal(run_dir: Path, with_checkpoints: bool) -> str:
     """What remove_run would delete, for the confirmation prompt."""
-    from supervisor.checkpoints import dir_size
+    from supervisor.checkpoints.folders import dir_size
 
     run_dir = Path(run_dir)
     lines = []
@@ -257,7 +257,7 @@ def describe_removal(run_dir: Path, with_checkpoints: bool) -> str:
 
 def _rm_entry(parent: Path, name: str) -> None:
     """Delete parent/name without following symlinks (a link is unlinked, its target kept)."""
-    from supervisor.safedelete import SafeDir
+    from supervisor.checkpoints.delete import SafeDir
 
     with SafeDir.open(parent) as sd:
         sd.verify()

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor import checkpoints
-from supervisor.checkpoints import CheckpointInfo
+from supervisor.checkpoints import folders as checkpoints
+from supervisor.checkpoints.folders import CheckpointInfo
 
 ADAPTER_NAMES = (checkpoints.ADAPTER_FILE, checkpoints.ADAPTER_BIN)
 

@@ -21,12 +21,12 @@ from typing import Any
 
 import psutil
 
-from supervisor.bgqueue import close_worker
 from supervisor.extras import installed
 from supervisor.records import Event, Sample, Step
 from supervisor.redact import redact, redact_argv
+from supervisor.sinks.bgqueue import close_worker
+from supervisor.sinks.tbwriter import TelemetryTB, finite, sample_scalars, system_logdir
 from supervisor.store import atomic_write, read_json
-from supervisor.tbwriter import TelemetryTB, finite, sample_scalars, system_logdir
 
 log = logging.getLogger("qlora-watch.trackers")
 

@@ -13,8 +13,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from supervisor.report import RunData, marked_events, recipe_diffs, recipe_table, summarize
-from supervisor.report_plots import make_plots, plot_compare
+from supervisor.report.data import RunData, marked_events, recipe_diffs, recipe_table, summarize
+from supervisor.report.plots import make_plots, plot_compare
 from supervisor.states import TERMINAL_VALUES
 
 MAX_EVENT_ROWS = 2000

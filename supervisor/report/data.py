@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.records import Event
+from supervisor.sinks.tbwriter import finite, throttle_reasons
 from supervisor.store import RunStore, continuous, read_json
-from supervisor.tbwriter import finite, throttle_reasons
 
 # Recipe keys shown for every attempt (all keys that differ between attempts are shown too).
 KEY_FIELDS = (
@@ -359,7 +359,7 @@ def marked_events(events: list[Event]) -> list[Event]:
 
 def generate_report(run_dir: Path, out_dir: Path, compare_run_dir: Path | None = None) -> Path:
     """Write report.html and its PNG plots into out_dir; returns the HTML path."""
-    from supervisor.report_html import write_report
+    from supervisor.report.html import write_report
 
     run = load_run(Path(run_dir))
     other = load_run(Path(compare_run_dir)) if compare_run_dir is not None else None

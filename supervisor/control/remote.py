@@ -60,7 +60,7 @@ def forward(ssh: str, host: str, remote: str, local: Path) -> subprocess.Popen:
 
 
 def attach_over_ssh(host: str, run: str | None) -> int:
-    from supervisor.client import AsyncRunClient
+    from supervisor.control.client import AsyncRunClient
     from supervisor.tui.app import make_app
 
     try:

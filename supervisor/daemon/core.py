@@ -18,17 +18,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor import launcher, notify
+from supervisor import procgroup
 from supervisor import protocol as proto
-from supervisor.attempts import AttemptRunner
-from supervisor.emulation import card_total_mib
-from supervisor.logprogress import LogProgress
+from supervisor.daemon.attempts import AttemptRunner
+from supervisor.daemon.followers import JsonlFollower, LogFollower
+from supervisor.daemon.logprogress import LogProgress
+from supervisor.preflight.emulation import card_total_mib
 from supervisor.recipe import Recipe, recipe_from_json
 from supervisor.records import Event, Sample, Step, step_from_dict, to_dict
+from supervisor.sinks import notify
+from supervisor.sinks.trackers import from_recipe as trackers_for
 from supervisor.states import RunState
 from supervisor.store import RunStore, read_json
-from supervisor.tail import JsonlFollower, LogFollower
-from supervisor.trackers import from_recipe as trackers_for
 
 log = logging.getLogger("qlora-watch.supervisor")
 
@@ -161,7 +162,7 @@ class Supervisor:
     # -- the loop ---------------------------------------------------------------------
     async def run(self) -> int:
         lock_fd = acquire_lock(self.store)
-        launcher.become_subreaper()
+        procgroup.become_subreaper()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # a closed terminal is not a stop
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -200,7 +201,7 @@ class Supervisor:
     async def _start_server(self) -> None:
         if self.socket_path is None:
             return
-        from supervisor.server import ControlServer
+        from supervisor.daemon.server import ControlServer
 
         self.server = ControlServer(self.socket_path, self)
         await self.server.start()

@@ -18,19 +18,22 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from supervisor import checkpoints, foreign, handoff, launcher, trackers
 from supervisor import guards as guardlib
-from supervisor.prune import newest_complete_of, prune_plan
+from supervisor import procgroup
+from supervisor.checkpoints import folders as checkpoints
+from supervisor.checkpoints.plan import newest_complete_of, prune_plan
+from supervisor.daemon import foreign, handoff
+from supervisor.daemon.followers import JsonlFollower
 from supervisor.recipe import Recipe, describe_rung, recipe_to_json
 from supervisor.records import Step
 from supervisor.redact import redact_argv
+from supervisor.sinks import trackers
 from supervisor.states import RunState
 from supervisor.store import read_json
-from supervisor.tail import JsonlFollower
 from supervisor.telemetry.host import oom_kills
 
 if TYPE_CHECKING:
-    from supervisor.core import Supervisor
+    from supervisor.daemon.core import Supervisor
 
 log = logging.getLogger("qlora-watch.attempts")
 
@@ -86,7 +89,7 @@ class AttemptRunner:
         w = self.st.get("wrapper")
         if not w or self.st.get("exited"):
             return False
-        return launcher.group_alive(w["pid"])
+        return procgroup.group_alive(w["pid"])
 
     def ladder_reach(self) -> str | None:
         """How the ladder's settings reach this trainer; None when they cannot (handoff.py)."""
@@ -100,7 +103,7 @@ class AttemptRunner:
     def effective_recipe(self, rung: int | None) -> Recipe:
         """The base recipe with ladder rungs 0..rung applied cumulatively, then the --set of
         every `qlora-watch resume` (resume.effective)."""
-        from supervisor.resume import effective
+        from supervisor.control.resume import effective
 
         return effective(self.recipe, rung, list(self.st.get("overrides") or []))
 
@@ -139,7 +142,7 @@ class AttemptRunner:
         attempt = st.get("attempt") or 1
         exit_file = self.attempt_dir() / "exit.json"
         self._follow_attempt(attempt, offset=st.get("events_offset", 0))
-        if wrapper and launcher.verify(wrapper):
+        if wrapper and procgroup.verify(wrapper):
             self.sup.record("adopted", f"adopted trainer group {wrapper['pid']} (attempt {attempt}); "
                             "pid, start time, boot id and command line verified")
             return
@@ -185,8 +188,8 @@ class AttemptRunner:
                     continue
             except (psutil.Error, IndexError):
                 continue
-            launcher.signal_group(p.pid, signal.SIGKILL)
-            await asyncio.to_thread(launcher.wait_gone, p.pid, 10.0)
+            procgroup.signal_group(p.pid, signal.SIGKILL)
+            await asyncio.to_thread(procgroup.wait_gone, p.pid, 10.0)
             stopped.append(p.pid)
         if not stopped:
             return
@@ -250,7 +253,7 @@ class AttemptRunner:
             env["QLW_RESUME"] = resume
         cwd = Path(self.sup.run_info.get("cwd") or os.getcwd())
         try:  # the ladder's settings, three ways: QLW_* env, {placeholders}, an axolotl copy
-            ho = handoff.prepare(recipe, launcher.trainer_argv(recipe),
+            ho = handoff.prepare(recipe, procgroup.trainer_argv(recipe),
                                  rungs=self.recipe.oom_ladder[: rung + 1] if rung is not None else [],
                                  resume=resume, attempt=attempt, rung=rung, output_dir=out,
                                  cwd=cwd, attempt_dir=adir)
@@ -267,7 +270,7 @@ class AttemptRunner:
         self.child_rc = None
         oom_kills_before = oom_kills()  # the kernel's count: a SIGKILL exit is checked against it
         try:
-            self.proc = launcher.spawn(
+            self.proc = procgroup.spawn(
                 argv, env=env, cwd=cwd,
                 exit_file=adir / "exit.json", log_path=self.sup.store.log_path,
                 log_max_bytes=recipe.supervisor.log_max_bytes,
@@ -276,7 +279,7 @@ class AttemptRunner:
         except OSError as e:
             self._fail(f"cannot start the trainer wrapper: {e}", kind="config_error")
             return
-        ident = await asyncio.to_thread(launcher.identity_after_exec, self.proc.pid, list(self.proc.args))
+        ident = await asyncio.to_thread(procgroup.identity_after_exec, self.proc.pid, list(self.proc.args))
         launched = time.time()
         self.mark_time(launched)
         self.sup.set_state(
@@ -298,7 +301,7 @@ class AttemptRunner:
 
     # -- polling ----------------------------------------------------------------------
     async def poll(self) -> None:
-        statuses = launcher.reap_children()
+        statuses = procgroup.reap_children()
         w = self.st.get("wrapper") or {}
         tree = getattr(self.sup.sampler, "tree_pids", None)
         if tree and self.trainer_alive():
@@ -307,13 +310,13 @@ class AttemptRunner:
             self.child_rc = statuses[self.proc.pid]
             self.proc.returncode = self.child_rc  # keep Popen from waiting again
         if w and not self.st.get("exited"):
-            gone = (self.child_rc is not None) if self.proc is not None else not launcher.verify(w)
+            gone = (self.child_rc is not None) if self.proc is not None else not procgroup.verify(w)
             if gone:
                 info = await self._read_exit_file()
                 await self.handle_exit(info)
         if self.stop_deadline is not None and time.monotonic() > self.stop_deadline:
             self.stop_deadline = None
-            if w and launcher.signal_group(w["pid"], signal.SIGKILL):
+            if w and procgroup.signal_group(w["pid"], signal.SIGKILL):
                 self.stop_killed = True
                 self.sup.record("stop", f"trainer did not exit within {self.recipe.supervisor.stop_grace_s:.0f} s "
                                 f"of {self.recipe.trainer.stop_signal}: killed the process group",
@@ -341,8 +344,8 @@ class AttemptRunner:
         tail = [str(x) for x in info.get("tail") or []]
         pgid = w.get("pid")
         if pgid:  # leftover workers hold GPU memory: kill the group and subreaped escapers
-            launcher.signal_group(pgid, signal.SIGKILL)
-        launcher.kill_orphans(self.sup.tb.helper_pids())  # not the trackers' own (wandb's service)
+            procgroup.signal_group(pgid, signal.SIGKILL)
+        procgroup.kill_orphans(self.sup.tb.helper_pids())  # not the trackers' own (wandb's service)
         self.sup.set_state(exited=True, exit_code=rc, exit_signal=sig, ended_at=time.time())
         self.sup._follow_events()  # the last events before exit (checkpoint, finished)
         self.sup._follow_log()
@@ -494,13 +497,13 @@ class AttemptRunner:
         self.sup.set_state(RunState.STOPPING, stop_state=state.value, message=reason)
         pgid = w["pid"]
         if now:
-            launcher.signal_group(pgid, signal.SIGKILL)
+            procgroup.signal_group(pgid, signal.SIGKILL)
             self.stop_killed = self.stop_now = True
             self.sup.record("stop", f"{reason}: killed the process group (--now)", level="warning")
             return
         name = self.recipe.trainer.stop_signal  # SIGINT for scripts that save on KeyboardInterrupt
-        launcher.signal_group(pgid, getattr(signal, name))
-        launcher.signal_group(pgid, signal.SIGCONT)  # a stopped trainer must see the signal
+        procgroup.signal_group(pgid, getattr(signal, name))
+        procgroup.signal_group(pgid, signal.SIGCONT)  # a stopped trainer must see the signal
         self.stop_deadline = time.monotonic() + self.recipe.supervisor.stop_grace_s
         self.sup.record("stop", f"{reason}: {name} sent; the trainer saves a checkpoint "
                         f"(grace {self.recipe.supervisor.stop_grace_s:.0f} s)")
@@ -585,8 +588,8 @@ class AttemptRunner:
         elif kind == "Relaunch":
             if self.trainer_alive():  # a stall: stop the stuck trainer first
                 w = self.st["wrapper"]
-                launcher.signal_group(w["pid"], signal.SIGKILL)
-                await asyncio.to_thread(launcher.wait_gone, w["pid"], 10.0)
+                procgroup.signal_group(w["pid"], signal.SIGKILL)
+                await asyncio.to_thread(procgroup.wait_gone, w["pid"], 10.0)
                 self.sup.set_state(exited=True)
             self.sup.record("relaunch", a.message, level="warning", guard=a.guard, evidence=a.evidence)
             self.sup.set_state(RunState.BACKOFF, next_launch_in_s=a.delay_s,
@@ -618,7 +621,7 @@ class AttemptRunner:
         """Bounded wait: the old group gone and its GPU memory back near the baseline."""
         w = self.st.get("wrapper") or {}
         cfg = self.recipe.guards.oom
-        if w.get("pid") and not await asyncio.to_thread(launcher.wait_gone, w["pid"], cfg.release_timeout_s):
+        if w.get("pid") and not await asyncio.to_thread(procgroup.wait_gone, w["pid"], cfg.release_timeout_s):
             self._fail(f"the old trainer group {w['pid']} is still alive after "
                        f"{cfg.release_timeout_s:.0f} s: not relaunching")
             return False

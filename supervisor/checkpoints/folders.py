@@ -19,7 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor.prune import (
+from supervisor.checkpoints.delete import (
+    DeleteResult,
+    SafeDir,
+    UnsafeDirError,
+    finish_pending_deletes,
+    quarantine,
+    safe_delete,
+    tree_size,
+)
+from supervisor.checkpoints.plan import (
     CHECKPOINT_RE,
     QUARANTINED_RE,
     CheckpointInfo,
@@ -28,15 +37,6 @@ from supervisor.prune import (
     newest_complete_of,
     prune_plan,
     step_of,
-)
-from supervisor.safedelete import (
-    DeleteResult,
-    SafeDir,
-    UnsafeDirError,
-    finish_pending_deletes,
-    quarantine,
-    safe_delete,
-    tree_size,
 )
 
 __all__ = [

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from supervisor.report import RunData, ema, finite, marked_events, throttle_periods
+from supervisor.report.data import RunData, ema, finite, marked_events, throttle_periods
 
 MAX_POINTS = 3000  # longer series are averaged in buckets: a day at 1 Hz is 86,400 samples
 EVENT_COLOURS = {"guard": "#d97706", "relaunch": "#dc2626", "launch": "#16a34a", "finished": "#2563eb"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from supervisor import handoff
+from supervisor.daemon import handoff
 from supervisor.recipe import Recipe, RecipeError, apply_overrides, parse_override, validate
 
 FOREIGN_ERRORS = (RecipeError, handoff.HandoffError)

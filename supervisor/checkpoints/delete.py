@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from supervisor.prune import DELETABLE_RE, PENDING_DELETE_RE, QUARANTINED_RE, step_of
+from supervisor.checkpoints.plan import DELETABLE_RE, PENDING_DELETE_RE, QUARANTINED_RE, step_of
 
 
 class UnsafeDirError(Exception):

@@ -26,7 +26,7 @@ class StartError(Exception):
 def create(recipe_path: str | None, recipe: Recipe, report: Any, start_rung: int | None = None) -> RunStore:
     """A new run folder with the recipe snapshot; nothing is launched yet. recipe_path None:
     a recipe built on the command line (`qlora-watch run`), saved as recipe.json only."""
-    from supervisor.checkpoints import OutputDirError, check_output_dir
+    from supervisor.checkpoints.folders import OutputDirError, check_output_dir
     from supervisor.store import new_run_id
 
     runs_root = paths.runs_dir()
@@ -62,7 +62,7 @@ def create(recipe_path: str | None, recipe: Recipe, report: Any, start_rung: int
 
 def resume_run(store: RunStore, from_ckpt: str | None = None, overrides: Any = ()) -> Any:
     """`qlora-watch resume` as a function (also for a requeued Slurm job): see resume.py."""
-    from supervisor.resume import resume_run as _resume
+    from supervisor.control.resume import resume_run as _resume
 
     return _resume(store, from_ckpt=from_ckpt, overrides=overrides)
 
@@ -193,7 +193,7 @@ def fmt_duration(s: float | None) -> str:
 def _clean(text: Any) -> str:
     """Trainer text for a terminal: escape sequences and control characters removed (OSC 52
     would write the user's clipboard, CSI 2J clear the screen), line breaks kept."""
-    from supervisor.tui.sanitize import sanitize
+    from supervisor.sanitize import sanitize
 
     return "\n".join(sanitize(line) for line in str(text).split("\n"))
 
@@ -239,7 +239,7 @@ def render_status(d: dict[str, Any]) -> str:
 
 
 def print_logs(store: RunStore, follow: bool, lines: int) -> int:
-    from supervisor.tail import LogFollower
+    from supervisor.daemon.followers import LogFollower
 
     for line in store.log_tail(lines):
         print(_clean(line))
@@ -262,7 +262,7 @@ def print_logs(store: RunStore, follow: bool, lines: int) -> int:
 
 
 def request(store: RunStore, cmd: str, **kw: Any) -> dict[str, Any]:
-    from supervisor.client import request as sock_request
+    from supervisor.control.client import request as sock_request
 
     return sock_request(paths.socket_path(store.run_id), cmd, **kw)
 
@@ -316,10 +316,10 @@ def client_for(store: RunStore) -> Any:
     """A socket client for a live run; a store reader for a finished one."""
     if is_live(store):
         ensure_supervisor(store)
-        from supervisor.client import AsyncRunClient
+        from supervisor.control.client import AsyncRunClient
 
         return AsyncRunClient(paths.socket_path(store.run_id))
-    from supervisor.offline import StoreClient
+    from supervisor.control.offline import StoreClient
 
     return StoreClient(store.path)
 

@@ -11,9 +11,9 @@ import queue
 import threading
 from typing import Any
 
-from supervisor.bgqueue import close_worker
 from supervisor.records import Event
 from supervisor.redact import redact
+from supervisor.sinks.bgqueue import close_worker
 
 log = logging.getLogger("qlora-watch.notify")
 

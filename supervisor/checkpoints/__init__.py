@@ -1,0 +1,1 @@
+"""Checkpoint folders: inspect (completeness, ownership), plan (retention), delete (symlink-safe)."""

@@ -1,0 +1,1 @@
+"""Where a run's facts go besides the store: notifications, trackers, TensorBoard."""

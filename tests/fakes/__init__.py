@@ -1,0 +1,1 @@
+"""Stand-ins for hardware this machine lacks, and generated test data."""
