@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -86,6 +87,20 @@ def shared_home(monkeypatch: pytest.MonkeyPatch):
         assert_no_leftovers(home)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """QLORA_WATCH_HOME under a short folder uid 65534 can traverse (pytest's tmp_path sits
+    under a 0700 dir; a socket path must fit sun_path); unlike shared_home, not created."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="qlw-", dir="/tmp"))
+    base.chmod(0o711)
+    monkeypatch.setenv("QLORA_WATCH_HOME", str(base / "h"))
+    yield base / "h"
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

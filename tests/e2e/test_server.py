@@ -12,7 +12,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -88,16 +87,6 @@ class ServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
-
-
-@pytest.fixture
-def home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    # Short and traversable by uid 65534 (pytest's tmp_path sits under a 0700 dir).
-    base = Path(tempfile.mkdtemp(prefix="qlw-", dir="/tmp"))
-    base.chmod(0o711)
-    monkeypatch.setenv("QLORA_WATCH_HOME", str(base / "h"))
-    yield base / "h"
-    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
