@@ -561,7 +561,9 @@ def detect_gpu(lib: Any = None) -> tuple[float | None, str]:
     """(total bytes of device 0, description) from NVML; (None, why) without a usable GPU."""
     try:
         if lib is None:
-            import pynvml as lib  # noqa: N813
+            from supervisor.telemetry.nvml import nvml_library
+
+            lib = nvml_library()
         lib.nvmlInit()
     except Exception as e:  # NVMLError_LibraryNotFound without a driver; ImportError; OSError
         return None, f"no GPU detected ({type(e).__name__}: {e})"
