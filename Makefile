@@ -18,6 +18,6 @@ check:
 bench:
 	.venv/bin/python bench/telemetry_cost.py --seconds 20
 	.venv/bin/python bench/tui_first_frame.py
-# The recipe's JSON Schema, from the pydantic model (tests/test_packaging.py checks it is current).
+# The recipe's JSON Schema, from the pydantic model (tests/unit/test_packaging.py checks it is current).
 schema:
 	.venv/bin/python -m supervisor recipes schema > docs/recipe.schema.json

@@ -107,7 +107,7 @@ class Calibration:
     allocator_slack_expandable: float = 0.05
     # A need within this share of the card either way is "tight", not "fits" / "does not fit":
     # twice the worst full-depth error (1.4 %), as 11 runs on two shapes are a small sample
-    # (tests/test_estimator_calibration.py keeps every full-depth row inside it)
+    # (tests/unit/test_estimator_calibration.py keeps every full-depth row inside it)
     estimate_error: float = 0.03
     # --- host
     host_framework_gib: float = 3.0  # python + torch + CUDA libs + transformers, resident

@@ -1,7 +1,7 @@
 """RELIABILITY_PLAN C: checkpoints and retention, at the supervisor level.
 
-The folder-level rows are covered in tests/test_checkpoints.py (C2, C3, C4 hypothesis, C6,
-C7 symlinks and swaps, C8 EACCES as nobody) and tests/test_relaunch.py (C1); see
+The folder-level rows are covered in tests/unit/test_checkpoints.py (C2, C3, C4 hypothesis, C6,
+C7 symlinks and swaps, C8 EACCES as nobody) and tests/e2e/test_relaunch.py (C1); see
 docs/reliability.md. Here: what the running supervisor does with them.
 """
 
@@ -132,7 +132,7 @@ def test_c8_c11_undeletable_checkpoint_is_reported_then_finished_on_restart(qlw_
     """checkpoint-10 holds a busy mount point, so its delete fails (EBUSY) even for root. The
     prune failure is one event, the checkpoint is not reported deleted, the supervisor goes
     on. The half-done delete is left as checkpoint-10.deleting-<ts> (never resumable); the
-    next supervisor start finishes it once it can. (As nobody: tests/test_checkpoints.py.)"""
+    next supervisor start finishes it once it can. (As nobody: tests/unit/test_checkpoints.py.)"""
     got = run_in_tmpfs(tmp_path / "mnt", "64m", UNDELETABLE)
     failed = [e for e in got["events1"] if e["kind"] == "prune_failed"]
     assert len(failed) == 1 and "EBUSY" in failed[0]["message"], failed

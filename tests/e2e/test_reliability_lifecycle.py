@@ -1,7 +1,7 @@
 """RELIABILITY_PLAN A: process lifecycle and signals, with real processes.
 
-Rows already covered elsewhere (see docs/reliability.md): A1, A2 (tests/test_supervisor.py,
-tests/test_relaunch.py), A9 adoption, A10, A11, A13 (tests/test_supervisor.py).
+Rows already covered elsewhere (see docs/reliability.md): A1, A2 (tests/e2e/test_supervisor.py,
+tests/e2e/test_relaunch.py), A9 adoption, A10, A11, A13 (tests/e2e/test_supervisor.py).
 """
 
 from __future__ import annotations

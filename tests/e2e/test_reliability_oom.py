@@ -1,6 +1,6 @@
 """RELIABILITY_PLAN B: OOM relaunch and failure classes, with real processes.
 
-Covered elsewhere (see docs/reliability.md): B2, B3, B4 (tests/test_relaunch.py); B7 through
+Covered elsewhere (see docs/reliability.md): B2, B3, B4 (tests/e2e/test_relaunch.py); B7 through
 A14 (config error), C10 (disk full) and F2 (GPU lost) here.
 """
 

@@ -1,7 +1,7 @@
 """RELIABILITY_PLAN E: log and metric parsing, and the readers fuzzed with random bytes.
 
-E6 (divergence) is tests/test_relaunch.py::test_nan_stops_the_run_as_diverged; the socket
-decoder's fuzzing is in tests/test_protocol.py (see docs/reliability.md).
+E6 (divergence) is tests/e2e/test_relaunch.py::test_nan_stops_the_run_as_diverged; the socket
+decoder's fuzzing is in tests/unit/test_protocol.py (see docs/reliability.md).
 """
 
 from __future__ import annotations

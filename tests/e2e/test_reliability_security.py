@@ -1,7 +1,7 @@
 """RELIABILITY_PLAN H (socket, client, secrets) and the security checklist, against a REAL
-running supervisor. Server-level tests with a test server are in tests/test_server.py (H1/H2
+running supervisor. Server-level tests with a test server are in tests/e2e/test_server.py (H1/H2
 modes and SO_PEERCRED, H4 stale/live sockets, H5 long paths, H6 protocol abuse) and the
-decoder fuzzing in tests/test_protocol.py; see docs/reliability.md.
+decoder fuzzing in tests/unit/test_protocol.py; see docs/reliability.md.
 """
 
 from __future__ import annotations

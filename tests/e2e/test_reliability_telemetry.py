@@ -1,6 +1,6 @@
 """RELIABILITY_PLAN F: telemetry faults against the real supervisor (FakeNVML injected).
 
-Unit-level coverage is in tests/test_telemetry.py (F1 no library, F3 hung call, F4 per-field
+Unit-level coverage is in tests/unit/test_telemetry.py (F1 no library, F3 hung call, F4 per-field
 errors, F5 psutil races); see docs/reliability.md.
 """
 

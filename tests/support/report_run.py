@@ -1,8 +1,8 @@
 """A realistic synthetic run store for the report: an 8B run on a 24 GB card with an OOM relaunch
 (OOM ladder rung 0, max_seq_len 4096 -> 768, resumed from checkpoint-200) and a thermal
-throttle period. Shared by tests/test_report.py and the docs/report.png screenshot:
+throttle period. Shared by tests/unit/test_report.py and the docs/report.png screenshot:
 
-    python -m tests.report_fixture /tmp/qlw-demo    # writes /tmp/qlw-demo/report/report.html
+    python -m tests.support.report_run /tmp/qlw-demo   # writes /tmp/qlw-demo/report/report.html
     chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1200,1600 \
         --screenshot=docs/report.png file:///tmp/qlw-demo/report/report.html
 """

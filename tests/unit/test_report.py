@@ -1,4 +1,4 @@
-"""generate_report on synthetic run stores (tests/report_fixture.py): numbers, plots, edge cases."""
+"""generate_report on synthetic run stores (tests/support/report_run.py): numbers, plots, edge cases."""
 
 from __future__ import annotations
 
