@@ -81,7 +81,9 @@ def test_every_core_module_is_in_the_core_contract() -> None:
     contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
     core = next(c for c in contracts if c["name"].startswith("The supervisor core"))
     top = {m.name for m in pkgutil.iter_modules([str(ROOT / "supervisor")])} - {"runner", "tui"}
-    assert set(core["source_modules"]) == {f"supervisor.{m}" for m in top}
+    want, have = {f"supervisor.{m}" for m in top}, set(core["source_modules"])
+    assert have == want, (f"pyproject.toml, contract {core['name']!r}: add {sorted(want - have)} to "
+                          f"source_modules, remove {sorted(have - want)}")
 
 
 def test_no_test_module_imports_another() -> None:

@@ -1,4 +1,5 @@
-"""Where the state lives: QLORA_WATCH_HOME, the socket's short-path and runtime-dir fallbacks, private folders."""
+"""Where the state lives: QLORA_WATCH_HOME, the runtime-dir and /tmp fallbacks, private folders.
+(The short-path fallback with a live server: tests/e2e/test_server.py.)"""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from supervisor import paths
+
+pytestmark = pytest.mark.timeout(120)
 
 
 def test_paths_follow_qlora_watch_home(home: Path) -> None:

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from tests.support import EVIL
 
+pytestmark = pytest.mark.timeout(90)
+
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(st.binary(max_size=300), st.sampled_from([b"\n", b"\r", b"\r\n", b"x" * 70000])),

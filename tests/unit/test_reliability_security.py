@@ -12,6 +12,8 @@ from tests.support import (
     WANDB,
 )
 
+pytestmark = pytest.mark.timeout(90)
+
 # Real-looking samples (ROCm/cvs PR #323: a redaction regex that never matched anything).
 REDACT = [
     (f"HF_TOKEN={HF}", HF),

@@ -13,6 +13,8 @@ from tests.support import (
     FakeClock,
 )
 
+pytestmark = pytest.mark.timeout(90)
+
 
 def test_d4_follower_survives_rotation_and_truncation(tmp_path: Path) -> None:
     from supervisor.daemon.followers import LogFollower
