@@ -394,15 +394,20 @@ def make_ckpt(root: Path, step: int, *, global_step: int | None = None, state: s
               adapter: str = "safetensors", sentinel: bool = False, best: str | None = None,
               files: int = 0) -> Path:
     """A checkpoint folder as transformers 5 writes it (trainer_state.json last); `files` extra
-    one-byte shards (a folder that takes a while to delete)."""
+    one-byte shards (a folder that takes a while to delete). adapter="tensor": the smallest
+    complete one, a single F32 tensor, the shards and trainer_state.json, nothing else."""
     d = root / f"checkpoint-{step}"
     d.mkdir(parents=True)
+    if adapter == "tensor":
+        header = {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+        (d / "adapter_model.safetensors").write_bytes(safetensors_bytes(header, b"\0" * 4))
+        for i in range(files):
+            (d / f"shard-{i}.bin").write_bytes(b"x")
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        return d
     (d / "adapter_config.json").write_text("{}")
     if adapter == "safetensors":
         (d / "adapter_model.safetensors").write_bytes(safetensors_bytes())
-    elif adapter == "tensor":  # one real F32 tensor
-        header = {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
-        (d / "adapter_model.safetensors").write_bytes(safetensors_bytes(header, b"\0" * 4))
     elif adapter == "truncated":  # header length promises more than the file has
         (d / "adapter_model.safetensors").write_bytes(struct.pack("<Q", 10_000) + b"{}")
     elif adapter == "badjson":
