@@ -170,7 +170,7 @@ def test_d4_truncated_log_marker_reaches_clients(qlw_home: Path, tmp_path: Path)
 def test_d5_stop_grace_and_backoff_use_the_monotonic_clock(monkeypatch, tmp_path: Path) -> None:
     """The SIGKILL after the stop grace and the relaunch after its back-off wait for monotonic
     time to pass; wall-clock jumps of +-1 h change nothing."""
-    from supervisor import procgroup as launcher
+    from supervisor import procgroup
     from supervisor.daemon import attempts
     from supervisor.guards import Relaunch
     from supervisor.recipe import load_recipe
@@ -179,10 +179,10 @@ def test_d5_stop_grace_and_backoff_use_the_monotonic_clock(monkeypatch, tmp_path
     clock = FakeClock()
     monkeypatch.setattr(attempts, "time", clock.as_time_module())
     sent: list[int] = []
-    monkeypatch.setattr(launcher, "signal_group", lambda pgid, sig: sent.append(sig) or True)
-    monkeypatch.setattr(launcher, "group_alive", lambda pgid: True)
-    monkeypatch.setattr(launcher, "reap_children", lambda: {})
-    monkeypatch.setattr(launcher, "verify", lambda ident: True)
+    monkeypatch.setattr(procgroup, "signal_group", lambda pgid, sig: sent.append(sig) or True)
+    monkeypatch.setattr(procgroup, "group_alive", lambda pgid: True)
+    monkeypatch.setattr(procgroup, "reap_children", lambda: {})
+    monkeypatch.setattr(procgroup, "verify", lambda ident: True)
     recipe = load_recipe(fake_recipe(tmp_path, []), ["supervisor.stop_grace_s=30"])
     state = {"state": "training", "wrapper": {"pid": 424242}, "attempt": 1}
 
@@ -224,8 +224,8 @@ def test_d5_stop_grace_and_backoff_use_the_monotonic_clock(monkeypatch, tmp_path
 
         runner._relaunch_now = fake_relaunch  # type: ignore[method-assign]
         state.update(state="training", exited=True)
-        monkeypatch.setattr(launcher, "group_alive", lambda pgid: False)
-        await runner.execute([Relaunch(guard="t", reason="crash", rung_index=None, resume_from=None,
+        monkeypatch.setattr(procgroup, "group_alive", lambda pgid: False)
+        await runner.execute([Relaunch(guard="t", reason="crash", rung=None, resume_from=None,
                                        delay_s=20, fresh_output=False, message="m")])
         for jump in (3600, -7200):
             clock.jump_wall(jump)

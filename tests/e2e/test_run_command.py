@@ -43,7 +43,7 @@ def test_plain_hf_trainer_script_oom_ladder_retention_stop_resume(qlw_home: Path
     wait_for(lambda: read_state(qlw_home, run_id).get("attempt") == 2, timeout=120, what="the relaunch")
     seen = wait_for(lambda: (lambda d: d if (d.get("step") or 0) >= 6 and d.get("last_loss") else None)(status(run_id)),
                     timeout=90, what="steps and loss in status --json")
-    assert seen["state"] == "training" and seen["max_steps"] == 24 and seen["rung"] == 0
+    assert seen["state"] == "training" and seen["max_steps"] == 24 and seen["rung"] == 1
     assert 3.0 < seen["last_loss"] < 6.0  # the Trainer's printed loss (log(128) ~ 4.85)
     assert seen["resume_from"].endswith("checkpoint-4")
     evs = events(qlw_home, run_id)
@@ -63,7 +63,7 @@ def test_plain_hf_trainer_script_oom_ladder_retention_stop_resume(qlw_home: Path
     assert res.returncode == 0, res.stderr
     assert wait_end(run_id, timeout=120) == 0, qlw("logs", run_id).stdout
     st = read_state(qlw_home, run_id)
-    assert st["state"] == "completed" and st["attempt"] == 3 and st["step"] == 24 and st["rung"] == 0
+    assert st["state"] == "completed" and st["attempt"] == 3 and st["step"] == 24 and st["rung"] == 1
     import sqlite3
 
     db = sqlite3.connect(qlw_home / "runs" / run_id / "db.sqlite")

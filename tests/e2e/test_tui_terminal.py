@@ -48,15 +48,15 @@ def test_serve_starts_and_stops() -> None:
         port = s.getsockname()[1]
     code = f"from supervisor.tui.serve import serve; serve(['true'], {port})"
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
+        url = proc.stdout.readline().split(" at ")[-1].strip()  # the URL with its token, printed once
         deadline, page = time.monotonic() + 30, ""
         while time.monotonic() < deadline and not page:
             try:
-                page = (
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
-                )
+                page = urllib.request.urlopen(url, timeout=2).read().decode()
             except OSError:
                 time.sleep(0.2)
         assert "qlora-watch" in page

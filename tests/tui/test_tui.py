@@ -473,7 +473,7 @@ def test_formatting() -> None:
 def test_fixtures_are_deterministic() -> None:
     assert build(Plan(scenario="throttling")) == build(Plan(scenario="throttling"))
     rec = recorded("oom_relaunch")
-    assert rec["state"]["attempt"] == 2 and rec["state"]["rung"] == 0
+    assert rec["state"]["attempt"] == 2 and rec["state"]["rung"] == 1
     assert rec["state"]["rung_desc"] == "max_seq_len 1024 -> 768 after OOM"
     nogpu = recorded("no_gpu")["samples"][-1]
     assert nogpu["gpus"] == [] and nogpu["nvml"] == "unavailable: NVML library not found"

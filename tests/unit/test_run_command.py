@@ -26,11 +26,12 @@ def test_axolotl_rewrite_of_every_documented_key() -> None:
 
 
 def test_log_lines_give_steps_loss_and_total() -> None:
-    from supervisor.daemon.core import _to_step
     from supervisor.daemon.logprogress import LogProgress, parse_bar, parse_dict
 
     got = parse_dict("{'loss': '10.78', 'grad_norm': '0.2812', 'learning_rate': '1e-04', 'epoch': '0.1'}")
-    step = _to_step({"step": 3, **got}, attempt=1)  # the one translator every source goes through
+    from supervisor.records import Step
+
+    step = Step.from_trainer({"step": 3, **got}, attempt=1)  # the one translator every source goes through
     assert (step.loss, step.grad_norm, step.lr, step.epoch, step.tokens) == (10.78, 0.2812, 1e-4, 0.1, None)
     assert parse_dict("{'loss': 1.5, 'learning_rate': 2e-05, 'epoch': 0.5}")["loss"] == 1.5  # transformers 4
     assert parse_dict("{'train_runtime': '0.1', 'train_loss': '4.84', 'epoch': '0.5'}") is None
