@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import copy
 from datetime import timezone
-from pathlib import Path
 
 from textual.app import ComposeResult
 from textual.widgets import Static
@@ -13,8 +12,9 @@ from textual.widgets import Static
 from supervisor.tui.app import WatchApp
 from supervisor.tui.panel import STEPS, Panel
 from supervisor.tui.replay import ReplayClient, load_recorded
+from tests.support import FIXTURES
 
-RECORDED = Path(__file__).parent / "fixtures" / "recorded_run_training.json"
+RECORDED = FIXTURES / "recorded_run_training.json"
 
 
 class StepCount(Static, Panel):

@@ -20,7 +20,7 @@ import pytest
 from supervisor import ladder
 from supervisor.preflight.memory import CALIBRATION, estimate
 from supervisor.recipe import load_recipe
-from tests.conftest import ROOT, qlw, read_state
+from tests.support import ROOT, qlw, read_state
 
 pytestmark = pytest.mark.slow
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 from supervisor.records import Event, EventKind
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 # What run stores, the socket protocol and [notify] rules have carried: renaming one breaks them.
 STORED = {
     "launch", "adopted", "lost", "stray", "config_rewritten", "phase", "notice", "finished",

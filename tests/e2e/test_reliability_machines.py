@@ -13,13 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, fake_recipe, qlw, read_state, wait_for
-from tests.rel_helpers import (
+from tests.support import (
+    HF,
+    ROOT,
     create_run,
+    fake_recipe,
     kinds,
+    qlw,
+    read_state,
     reap,
     supervisor_pid,
     wait_end,
+    wait_for,
     wait_state,
     wait_step,
 )
@@ -40,16 +45,6 @@ def _supervise(store, env: dict[str, str] | None = None) -> subprocess.Popen:
 
 
 # ------------------------------------------------------------------------------ 4. preemption
-
-
-def test_r4_sigterm_mode() -> None:
-    from supervisor.daemon.preempt import sigterm_preempts
-
-    assert not sigterm_preempts({}, pid=4242)  # a workstation: SIGTERM detaches (A12)
-    assert sigterm_preempts({"SLURM_JOB_ID": "77"}, pid=4242)
-    assert sigterm_preempts({}, pid=1)  # a container's pid 1: `docker stop`
-    assert sigterm_preempts({"QLW_ON_SIGTERM": "preempt"}, pid=4242)
-    assert not sigterm_preempts({"QLW_ON_SIGTERM": "detach", "SLURM_JOB_ID": "77"}, pid=1)
 
 
 @pytest.mark.parametrize("how", ["usr1-then-term", "term-under-slurm"])
@@ -107,94 +102,6 @@ def test_r4_preempted_while_waiting_to_relaunch(qlw_home: Path, tmp_path: Path) 
 
 # ------------------------------------------------------------------------------ 6. redaction
 
-_HF = "hf_" + "aB3dE6gH9jK2mN5pQ8sT1vW4yZ7bC0eF3h"
-_GHP = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
-_PAT = "github_pat_" + "11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUV"
-_S = "s3cr3t-Value-4711"  # a value with no shape: only its name marks it
-
-SECRETS = [  # (line, the secret that must not survive)
-    (f"HF_TOKEN={_HF}", _HF),
-    (f"loading with token {_HF}", _HF),
-    (f"git clone https://x:{_GHP}@github.com/o/r", _GHP),
-    (f"GH_TOKEN={_GHP}", _GHP),
-    (f"using {_PAT} for the push", _PAT),
-    ("discord://4174216298/JHMHI8qBe7bk2ZwO5U711o3dV_js", "JHMHI8qBe7bk2ZwO5U711o3dV_js"),
-    ("notify: slack://T1JJ3T3L2/A1BRTD4JD/TIiajkdnlazkcOXrIdevi7FQ", "TIiajkdnlazkcOXrIdevi7FQ"),
-    ("ntfys://alice:hunter2pass@ntfy.example.com/topic", "hunter2pass"),
-    ("tgram://123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw/4242", "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"),
-    ("mailtos://user:mailpass99@smtp.example.com", "mailpass99"),
-    ("postgres://trainer:db-pass-77@10.0.0.5:5432/runs", "db-pass-77"),
-    ("https://hooks.slack.com/services/T000/B000/XXXXXXXXXXXXXXXXXXXXXXXX", "XXXXXXXXXXXXXXXXXXXXXXXX"),
-    ("https://discord.com/api/webhooks/1234567/abcDEF_ghiJKL-mno", "abcDEF_ghiJKL-mno"),
-    ("OPENAI_API_KEY=sk-proj-abcdefghijklmnopqrstuvwxyz012345", "sk-proj-abcdefghij"),
-    ("key sk-ant-api03-abcdefghijklmnopqrstuvwx in use", "sk-ant-api03-abcdefghij"),
-    ("SLACK_BOT=xoxb-123456789012-abcdefghijkl", "xoxb-123456789012"),
-    ("google AIzaSyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q", "AIzaSyA1b2C3d4E5f6G7h8"),
-    ("AWS_ACCESS_KEY_ID=AKIAABCDEFGHIJKLMNOP", "AKIAABCDEFGHIJKLMNOP"),
-    ("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "wJalrXUtnFEMI"),
-    ("Authorization: Bearer abcdefgh12345678", "abcdefgh12345678"),
-    ("jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
-     "dozjgNryP4J3jVmNHl0w5N"),
-    ("wandb: Appending key for api.wandb.ai: 0123456789abcdef0123456789abcdef01234567",
-     "0123456789abcdef0123456789abcdef01234567"),
-    (f"python train.py --hub_token {_S} --push_to_hub", _S),
-    (f"python train.py --hub-token={_S}", _S),
-    (f"{{'hub_token': '{_S}', 'loss': 1.2}}", _S),
-    (f'{{"api_key": "{_S}"}}', _S),
-    (f"['--hub_token', '{_S}']", _S),
-    (f"DB_PASSWORD: {_S}", _S),
-    (f"MY_SECRET_THING={_S}", _S),
-    (f"password=1234 and {_S}", "1234"),
-    (f"accessToken: {_S}", _S),
-    (f"GET /models?access_token={_S}&x=1", _S),
-    ("npm_abcdefghijklmnopqrstuvwxyz0123456789 published", "npm_abcdefghijklmnop"),
-    ("glpat-abcdefghijklmnopqrst12 for gitlab", "glpat-abcdefghijklmnopqrst12"),
-]
-
-KEPT = [  # metrics, arguments and words that contain "token" or "key": unchanged
-    "{'loss': '1.2345', 'grad_norm': '0.5', 'learning_rate': '0.0001', 'num_tokens': '40960.0'}",
-    "{'mean_token_accuracy': '0.6123', 'epoch': '0.5'}",
-    "{'train_runtime': '12.5', 'train_tokens_per_second': '3800.1', 'train_loss': '1.1'}",
-    "generate(max_new_tokens=128, do_sample=False)",
-    "python train.py --tokenizer_name ./tok --max_new_tokens 128",
-    "{'num_input_tokens_seen': 1048576}",
-    "pad_token: <|pad|> eos_token=</s> bos_token_id: 1 pad_token_id=0",
-    "tokens/s 3800 max_tokens 2048 tokenizer: ./tok",
-    "token: 42 key: loss",
-    "dataset_text_key: text, sort_key=length, metric_for_best_model=eval_loss",
-    "checkpoint-500 saved (12.3 MB) to https://huggingface.co/org/model",
-    "HF_TOKEN_PATH=/home/u/.cache/huggingface/token",
-    "the tokenizer adds 3 special tokens; keys: ['input_ids', 'attention_mask']",
-    "https://example.com:8080/path?page=2",
-]
-
-
-@pytest.mark.parametrize("line, secret", SECRETS)
-def test_r6_secret_shapes_are_masked(line: str, secret: str) -> None:
-    from supervisor.redact import redact
-
-    out = redact(line)
-    assert secret not in out and "***" in out, out
-
-
-@pytest.mark.parametrize("line", KEPT)
-def test_r6_metrics_and_arguments_are_kept(line: str) -> None:
-    from supervisor.redact import redact
-
-    assert redact(line) == line
-
-
-def test_r6_lists_are_long_enough_and_argv() -> None:
-    from supervisor.redact import redact_argv
-
-    assert len(SECRETS) >= 20 and len(KEPT) >= 10
-    argv = ["python", "t.py", "--tokenizer_name", "./tok", "--max_new_tokens", "128",
-            "--hub_token", _S, "--api-key", _S, "--num_tokens", "7", f"WANDB_API_KEY={_S}"]
-    assert redact_argv(argv) == ["python", "t.py", "--tokenizer_name", "./tok", "--max_new_tokens",
-                                 "128", "--hub_token", "***", "--api-key", "***", "--num_tokens", "7",
-                                 "WANDB_API_KEY=***"]
-
-
 # ------------------------------------------------------------------------------ 1. logout
 
 
@@ -226,7 +133,7 @@ def test_r1_socket_removed_under_a_live_supervisor_is_bound_again(
     import stat
 
     from supervisor import paths
-    from tests.rel_helpers import start, stop_now
+    from tests.support import start, stop_now
 
     recipe = fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.05"])
     run_id = start(recipe)
@@ -250,17 +157,6 @@ def test_r1_socket_removed_under_a_live_supervisor_is_bound_again(
         stop_now(run_id)
 
 
-def test_r1_socket_dir_is_per_uid_in_tmp_not_the_runtime_dir(monkeypatch: pytest.MonkeyPatch,
-                                                              tmp_path: Path) -> None:
-    from supervisor import paths
-
-    monkeypatch.delenv("QLORA_WATCH_HOME", raising=False)
-    runtime = tmp_path / "xdg"
-    runtime.mkdir(mode=0o700)
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    assert paths.socket_path("abc") == Path(f"/tmp/qlora-watch-{os.geteuid()}/abc.sock")
-
-
 def _logind_root(tmp_path: Path, kill: bool, linger: bool) -> Path:
     from supervisor.control.logind import user_name
 
@@ -281,7 +177,7 @@ def _logind_root(tmp_path: Path, kill: bool, linger: bool) -> Path:
 def test_r1_start_says_when_logout_would_end_the_run(qlw_home: Path, tmp_path: Path,
                                                      kill: bool, linger: bool, said: bool) -> None:
     from supervisor.control.logind import user_name
-    from tests.rel_helpers import wait_end
+    from tests.support import wait_end
 
     root = _logind_root(tmp_path, kill, linger)
     recipe = fake_recipe(tmp_path, ["--steps", "3", "--step-time", "0.01"])
@@ -291,25 +187,6 @@ def test_r1_start_says_when_logout_would_end_the_run(qlw_home: Path, tmp_path: P
     fix = f"loginctl enable-linger {user_name()}"
     assert (fix in res.stderr and "KillUserProcesses=yes" in res.stderr) == said, res.stderr
     assert wait_end(res.stdout.strip().splitlines()[-1], 30) == 0
-
-
-def test_r1_scope_when_systemd_run_is_usable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from supervisor.control import logind
-
-    state = logind.Logind(in_use=True, kill_user_processes=True, linger=False, user="u")
-    fake = tmp_path / "bin" / "systemd-run"
-    fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\nexit 0\n")
-    fake.chmod(0o755)
-    (tmp_path / "rt" / "systemd").mkdir(parents=True)
-    (tmp_path / "rt" / "systemd" / "private").write_text("")
-    monkeypatch.setenv("PATH", str(fake.parent))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "rt"))
-    argv, scoped = logind.scope_argv(["python", "-m", "supervisor"], state)
-    assert scoped and argv[:5] == [str(fake), "--user", "--scope", "--quiet", "--collect"]
-    assert "systemd-run --user --scope" in state.note(scoped=True)
-    monkeypatch.setenv("QLW_NO_SCOPE", "1")
-    assert logind.scope_argv(["x"], state) == (["x"], False)
 
 
 # ------------------------------------------------------------------------------ 8. errors in words
@@ -405,21 +282,12 @@ print(json.dumps({"rc": res.returncode, "err": res.stderr, "out": res.stdout}))
 @pytest.mark.parametrize("mode, words", [("ro", ("read-only file system", "QLORA_WATCH_HOME")),
                                          ("full", ("no space left", "free", "QLORA_WATCH_HOME"))])
 def test_r8_read_only_or_full_home_is_one_line_exit_2(tmp_path: Path, mode: str, words: tuple) -> None:
-    from tests.rel_helpers import run_in_tmpfs
+    from tests.support import run_in_tmpfs
 
     recipe = fake_recipe(tmp_path, ["--steps", "3"])
     driver = MOUNTED_HOME.replace('sys.argv[1], sys.argv[2]', f'{str(recipe)!r}, {mode!r}')
     got = run_in_tmpfs(tmp_path / "home", "256k", driver, env={"PYTHONPATH": str(ROOT)})
     _one_line_exit_2(subprocess.CompletedProcess([], got["rc"], got["out"], got["err"]), *words)
-
-
-def test_r8_sizes_in_units_that_fit() -> None:
-    from supervisor.guards.base import gib
-    from supervisor.units import size
-
-    assert [size(x) for x in (0, 512, 400 * 1024, 2**30 * 3.1, 2**40 * 5)] == [
-        "0 B", "512 B", "400.0 KB", "3.1 GB", "5.0 TB"]
-    assert gib(0) == "0 B" and gib(420_000) == "410.2 KB"  # not "0.0 GB free, needs ~0.0 GB"
 
 
 # ------------------------------------------------------------------------------ 7. serve's key
@@ -490,33 +358,12 @@ def test_r7_serve_needs_its_token(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ 2. shared GPUs
 
 
-def test_r2_cuda_visible_devices_to_nvml() -> None:
-    from supervisor.telemetry.visible import Device, resolve
-
-    devs = [Device(0, "GPU-8f2a1111-aaaa-bbbb-cccc-000000000000"),
-            Device(1, "GPU-77c02222-aaaa-bbbb-cccc-000000000001",
-                   ("MIG-3b1e0000-0000-0000-0000-00000000000a",)),
-            Device(2, "GPU-8f2a3333-aaaa-bbbb-cccc-000000000002")]
-    assert resolve(None, devs) is None  # unset: all
-    assert resolve("", devs) == set()
-    assert resolve("1", devs) == {1}
-    assert resolve("2,0", devs) == {0, 2}
-    assert resolve("GPU-77c0", devs) == {1}  # a unique prefix
-    assert resolve("77c02222", devs) == {1}  # GPU- optional
-    assert resolve("GPU-8f2a", devs) == set()  # ambiguous: nothing, like CUDA
-    assert resolve("MIG-3b1e0000-0000-0000-0000-00000000000a", devs) == {1}
-    assert resolve("MIG-GPU-8f2a3333-aaaa-bbbb-cccc-000000000002/1/0", devs) == {2}
-    assert resolve("0,7,2", devs) == {0}  # CUDA stops at the first bad entry
-    assert resolve("-1", devs) == set()
-    assert resolve("1,1", devs) == {1}
-
-
 def _nvml_gpus_guarded(qlw_home: Path, tmp_path: Path, cvd: str | None) -> list[dict]:
     """2 FakeNVML GPUs: GPU 0 idle and hot (another job's card), GPU 1 busy and cool. The
     utilisation and thermal guards see a short window."""
     import json as _json
 
-    from tests.rel_helpers import PATCHED, events
+    from tests.support import PATCHED, events
 
     extra = f'[env]\nCUDA_VISIBLE_DEVICES = "{cvd}"\n' if cvd is not None else ""
     recipe = fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.05", "--save-every", "100000"],
@@ -580,7 +427,7 @@ def _download_recipe(tmp_path: Path, into: Path) -> Path:
 
 
 def test_r3_slow_download_is_progress_not_a_stall(qlw_home: Path, tmp_path: Path) -> None:
-    from tests.rel_helpers import events, start
+    from tests.support import events, start
 
     repo = tmp_path / "hf" / "hub" / "models--fake-model"  # the recipe's model.name
     run_id = start(_download_recipe(tmp_path, repo))
@@ -600,7 +447,7 @@ def test_r3_slow_download_is_progress_not_a_stall(qlw_home: Path, tmp_path: Path
 
 def test_r3_the_control_bytes_elsewhere_are_a_stall(qlw_home: Path, tmp_path: Path) -> None:
     """The same trainer writing outside the HF cache: the stall guard relaunches it."""
-    from tests.rel_helpers import start, stop_now
+    from tests.support import start, stop_now
 
     run_id = start(_download_recipe(tmp_path, tmp_path / "elsewhere"))
     try:
@@ -614,7 +461,7 @@ def test_r3_disk_checked_against_the_cached_download_size(qlw_home: Path, tmp_pa
     the cache's free disk is said at launch."""
     import json as _json
 
-    from tests.rel_helpers import events, start
+    from tests.support import events, start
 
     repo = tmp_path / "hf" / "hub" / "models--fake-model"
     snap = repo / "snapshots" / "abc123"
@@ -629,18 +476,6 @@ def test_r3_disk_checked_against_the_cached_download_size(qlw_home: Path, tmp_pa
     assert msgs and "the model download needs about 125.2 PB more" in msgs[0] and "HF_HOME" in msgs[0], msgs
 
 
-def test_r3_hub_cache_paths() -> None:
-    from supervisor.download import describe, hub_cache, repo_folder
-
-    assert hub_cache({"HF_HUB_CACHE": "/c"}) == Path("/c")
-    assert hub_cache({"HF_HOME": "/h"}) == Path("/h/hub")
-    assert hub_cache({"XDG_CACHE_HOME": "/x"}) == Path("/x/huggingface/hub")
-    assert repo_folder("meta-llama/Llama-3.1-8B") == "models--meta-llama--Llama-3.1-8B"
-    assert repo_folder("./local/model") is None and repo_folder(None) is None
-    assert describe({"active": True, "bytes": 3 * 2**30, "total": 16 * 2**30, "rate_bps": 45 * 2**20,
-                     "eta_s": 296}) == "downloading the model: 3.0 GB of 16.0 GB at 45.0 MB/s, ETA 4m56s"
-
-
 # ------------------------------------------------------------------------------ 5. the run's environment
 
 
@@ -650,12 +485,12 @@ def test_r5_relaunch_after_readoption_uses_the_start_environment(qlw_home: Path,
     captured at start, and env.json is 0600."""
     import stat
 
-    from tests.rel_helpers import launches, stop_now, trainer_pid
+    from tests.support import launches, stop_now, trainer_pid
 
     rec = tmp_path / "rec.jsonl"
     recipe = fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.02", "--record", str(rec)])
     res = qlw("start", str(recipe), "--detach", "--force", check=True,
-              env={**os.environ, "QLW_TEST_PROBE": "from-start", "HF_TOKEN": _HF})
+              env={**os.environ, "QLW_TEST_PROBE": "from-start", "HF_TOKEN": HF})
     run_id = res.stdout.strip().splitlines()[-1]
     try:
         wait_step(qlw_home, run_id, 3)
@@ -672,7 +507,7 @@ def test_r5_relaunch_after_readoption_uses_the_start_environment(qlw_home: Path,
         assert second["qlw_env"]["QLW_TEST_PROBE"] == "from-start"
         assert "HF_TOKEN" in second["env_keys"]
         st = qlw("status", run_id, "--json", check=True).stdout
-        assert _HF not in st and "from-start" not in st  # the environment is never shown
+        assert HF not in st and "from-start" not in st  # the environment is never shown
     finally:
         stop_now(run_id)
 
@@ -682,7 +517,7 @@ def test_r5_supervisor_logs_rotate(qlw_home: Path, tmp_path: Path) -> None:
     stdout) by copy-and-truncate while it runs: both stay near log_max_bytes, backups kept."""
     import stat
 
-    from tests.rel_helpers import start, stop_now
+    from tests.support import start, stop_now
 
     recipe = fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.01", "--save-every", "1"],
                          extra="")
@@ -770,7 +605,7 @@ def _remote_qlw(tmp_path: Path, home: Path) -> Path:
 
 
 def _live_run(tmp_path: Path) -> str:
-    from tests.rel_helpers import start
+    from tests.support import start
 
     return start(fake_recipe(tmp_path, ["--steps", "100000", "--step-time", "0.05"]))
 
@@ -781,7 +616,7 @@ def _attach_ssh(ssh: Path, run_id: str, *extra: str, env: dict | None = None) ->
 
 
 def test_r9_remote_path_without_qlora_watch_is_said(qlw_home: Path, tmp_path: Path, sshd) -> None:
-    from tests.rel_helpers import stop_now
+    from tests.support import stop_now
 
     ssh = sshd()
     run_id = _live_run(tmp_path)
@@ -796,7 +631,7 @@ def test_r9_remote_path_without_qlora_watch_is_said(qlw_home: Path, tmp_path: Pa
 
 
 def test_r9_forwarding_refused_is_said(qlw_home: Path, tmp_path: Path, sshd) -> None:
-    from tests.rel_helpers import stop_now
+    from tests.support import stop_now
 
     ssh = sshd(AllowTcpForwarding="no", AllowStreamLocalForwarding="no")
     run_id = _live_run(tmp_path)
@@ -817,7 +652,7 @@ def test_r9_attach_over_a_real_sshd_and_reconnect(qlw_home: Path, tmp_path: Path
     import psutil
 
     pexpect = pytest.importorskip("pexpect")
-    from tests.rel_helpers import stop_now
+    from tests.support import stop_now
     from tests.test_tui_live import steps_seen
 
     ssh = sshd()

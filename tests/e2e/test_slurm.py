@@ -1,6 +1,6 @@
 """Slurm runs (`qlora-watch submit`, docs/slurm.md) against a real single-node Slurm.
 
-tests/slurm_cluster.py starts munged + slurmctld + slurmd with their own config in a temp
+tests/support/slurm_cluster.py starts munged + slurmctld + slurmd with their own config in a temp
 folder (localhost only); the cluster tests skip with the reason when Slurm is not installed
 or this is not root. The script, the argv and the no-Slurm errors are checked without one.
 """
@@ -17,36 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.slurm import commands as slurm
-from supervisor.slurm.node import node_argv
-from supervisor.slurm.script import SubmitOptions, render
-from tests import slurm_cluster
-from tests.conftest import ROOT, fake_recipe, qlw, read_state, wait_for
+from tests.support import ROOT, events, fake_recipe, qlw, read_state, slurm_cluster, wait_for
 
 TINY = str(ROOT / "recipes" / "tiny.toml")
 STEP = re.compile(rb"step (?:\x1b\[[0-9;?]*[A-Za-z])*(\d[\d,]*)")
 
 
 # ------------------------------------------------------------------------------ no cluster
-
-
-def test_script_runs_the_supervisor_in_the_batch_step_with_requeue_and_usr1(tmp_path: Path) -> None:
-    from supervisor.recipe import load_recipe
-
-    recipe = load_recipe(TINY, ["supervisor.stop_grace_s=30"])
-    text = render(run_id="amber-fox", run_dir=tmp_path / "h" / "runs" / "amber-fox", home=tmp_path / "h",
-                  cwd="/work dir", recipe=recipe,
-                  opts=SubmitOptions(partition="gpu", gpus=2, time="1:00:00",
-                                     sbatch_args=["--account=proj"]))
-    lines = text.splitlines()
-    assert lines[0] == "#!/bin/bash"
-    for d in ("--requeue", "--signal=B:USR1@90", "--partition=gpu", "--time=1:00:00",
-              "--gpus-per-node=2", "--account=proj", "--open-mode=append", "--nodes=1",
-              f"--output={tmp_path}/h/runs/amber-fox/slurm-%j.out"):
-        assert f"#SBATCH {d}" in lines, d
-    assert f"export QLORA_WATCH_HOME={tmp_path}/h" in lines
-    assert "cd '/work dir' || exit 1" in lines  # shell-quoted
-    assert lines[-1] == f"exec {sys.executable} -m supervisor _slurm_job {tmp_path}/h/runs/amber-fox"
 
 
 def test_submit_dry_run_prints_the_script_and_creates_nothing(qlw_home: Path) -> None:
@@ -62,30 +39,6 @@ def test_submit_without_slurm_says_so_in_one_line(qlw_home: Path, tmp_path: Path
     assert res.returncode == 2
     assert "`sbatch` is not on PATH" in res.stderr and "Traceback" not in res.stderr
     assert not (qlw_home / "runs").exists() or not list((qlw_home / "runs").iterdir())
-
-
-def test_multinode_trainer_is_srun_then_accelerate_with_each_nodes_rank() -> None:
-    from supervisor.procgroup import trainer_argv
-    from supervisor.recipe import load_recipe
-
-    argv = trainer_argv(load_recipe(TINY, ["hardware.nodes=2", "hardware.gpus=4"]))
-    assert argv[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    inner = argv[argv.index("--") + 1:]
-    assert inner[inner.index("--num_processes") + 1] == "8"
-    assert inner[inner.index("--num_machines") + 1] == "2"
-    task = node_argv(inner, {"SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"})
-    assert task[3:9] == ["--machine_rank", "1", "--main_process_ip", "gpu07", "--main_process_port", "29742"]
-    assert task[-2:] == ["-m", "supervisor.runner.train"]
-    one = trainer_argv(load_recipe(TINY, []))
-    assert one[0] != "srun"  # one node: as before
-
-
-def test_first_node_of_a_slurm_node_list() -> None:
-    assert slurm.first_node("gpu[01-03,7],cpu1") == "gpu01"
-    assert slurm.first_node("node5,node6") == "node5"
-    assert slurm.first_node("a[10-11]-ib") == "a10-ib"
-    assert slurm.first_node("") is None and slurm.first_node("(Resources)") is None
-    assert slurm.is_local("localhost") and not slurm.is_local("some-other-node")
 
 
 # ------------------------------------------------------------------------------ the cluster
@@ -119,16 +72,6 @@ def _submit(cluster, tmp_path: Path, recipe: str, *extra: str) -> tuple[str, str
     res = qlw("submit", recipe, "--gpus", "0", *extra, env=_env(cluster), cwd=tmp_path, check=True)
     rid, jid = res.stdout.split()
     return rid, jid
-
-
-def _events(home: Path, rid: str) -> list[tuple[str, str]]:
-    from supervisor.store import RunStore
-
-    s = RunStore(home / "runs" / rid)
-    try:
-        return [(e.kind, e.message) for e in s.events()]
-    finally:
-        s.close()
 
 
 def _attach_sees_steps(cluster, home: Path, rid: str) -> None:
@@ -191,7 +134,7 @@ def test_submit_pending_running_attach_requeue_resumes_from_checkpoint(
     assert Path(st["resume_from"]).name == Path(saved).name  # the checkpoint the preemption saved
     ckpt = int(Path(saved).name.split("-")[1])
     assert 10 <= ckpt < 40, saved
-    msgs = [m for k, m in _events(qlw_home, rid) if k == "slurm"]
+    msgs = [e["message"] for e in events(qlw_home, rid) if e["kind"] == "slurm"]
     assert msgs[0] == f"Slurm job {jid} started on {cluster.host}"
     assert any(f"restart 1: resuming {rid} from checkpoint-{ckpt}" in m and "gap" in m for m in msgs), msgs
     starts = json.loads((qlw_home / "runs" / rid / "slurm.json").read_text())["starts"]
@@ -315,6 +258,6 @@ def test_a_job_killed_outright_is_resumed_by_the_next_start(cluster, qlw_home: P
              what="the resumed run to complete")
     st = read_state(qlw_home, rid)
     assert st["attempt"] == 2 and int(Path(st["resume_from"]).name.split("-")[1]) >= 20
-    kinds = _events(qlw_home, rid)
-    assert any(k == "slurm" and "ended while the run was training" in m for k, m in kinds), kinds
+    evs = events(qlw_home, rid)
+    assert any(e["kind"] == "slurm" and "ended while the run was training" in e["message"] for e in evs), evs
     wait_for(lambda: not cluster.squeue(), timeout=30, interval=0.3, what="the job to leave squeue")

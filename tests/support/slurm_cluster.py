@@ -6,7 +6,7 @@ cgroups needed), state, spool and logs. Clients find it through `SLURM_CONF` (se
 returned env). Needs Debian's `slurm-wlm` and `munge` and root (slurmd runs jobs as their
 user); `unavailable()` says why not, and the tests skip with that reason.
 
-    python -m tests.slurm_cluster DIR      # bring one up by hand; Ctrl-C takes it down
+    python -m tests.support.slurm_cluster DIR     # bring one up by hand; Ctrl-C takes it down
 """
 
 from __future__ import annotations
