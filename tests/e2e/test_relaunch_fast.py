@@ -190,7 +190,7 @@ def test_entry_for_other_inputs_is_not_used(tmp_path, tiny):
 
 
 def _start_standby(folder: Path, env: dict[str, str], parent: str | None = None) -> subprocess.Popen:
-    argv = [PY, "-m", "supervisor.daemon.standby", "--dir", str(folder)]
+    argv = [PY, "-m", "supervisor.runner.standby", "--dir", str(folder)]
     if parent:
         argv += ["--parent", parent]
     return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
