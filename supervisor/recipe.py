@@ -61,8 +61,9 @@ class ModelSection(_Strict):
         None, description="built-in shape for preflight when no local config.json, e.g. llama-3.1-8b"
     )
     attn_implementation: Literal[
-        "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"
-    ] = "sdpa"
+        "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "varlen"
+    ] = Field("sdpa", description="varlen: padding-free batches on PyTorch's own varlen flash kernel "
+                                  "(HF path; no flash-attn needed)")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     trust_remote_code: bool = False
     tiny: TinyModel | None = None
