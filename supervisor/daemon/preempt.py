@@ -53,6 +53,7 @@ class Preemption:
     def __init__(self, sup: "Supervisor"):
         self.sup = sup
         self.signals: list[str] = []
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def active(self) -> bool:
@@ -77,7 +78,7 @@ class Preemption:
             self.sup.record(EventKind.PREEMPTION_RECEIVED, f"{name} received while the preemption save runs; waiting for "
                             "the checkpoint", level="warning")
             return
-        loop.create_task(self.begin(name))
+        self._task = loop.create_task(self.begin(name))  # kept: the loop holds tasks weakly
 
     async def begin(self, name: str) -> None:
         sup = self.sup
