@@ -1,7 +1,9 @@
 """Where qlora-watch keeps things: the state home, run folders, the private socket dir and file.
 
-Sockets live apart from run data: `$XDG_RUNTIME_DIR/qlora-watch/` (tmpfs, per-user, cleaned at
-logout) or `/tmp/qlora-watch-<uid>/`. A test that sets `QLORA_WATCH_HOME` gets `<home>/sock`
+Sockets live apart from run data, in `/tmp/qlora-watch-<uid>/` (0700, checked like tmux's
+`/tmp/tmux-<uid>`): not `$XDG_RUNTIME_DIR`, which pam_systemd removes at the user's last logout
+while the supervisor goes on (a supervisor whose socket or folder vanishes binds it again within
+a second or two: server.py `ensure_bound`). A test that sets `QLORA_WATCH_HOME` gets `<home>/sock`
 instead, so parallel tests never share a socket dir. A socket path must fit `sun_path`
 (108 bytes with the NUL), so a deep state home falls back to a short hashed dir in /tmp.
 """
@@ -72,21 +74,6 @@ def tmp_socket_base() -> Path:
     return Path("/tmp") / f"{APP_NAME}-{os.geteuid()}"
 
 
-def _usable_runtime_dir(value: str | None) -> Path | None:
-    if not value or not os.path.isabs(value):
-        return None
-    try:
-        st = os.stat(value)
-    except OSError:
-        return None
-    # systemd makes it 0700 and ours; anything else is someone else's or misconfigured.
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        return None
-    if not os.access(value, os.W_OK | os.X_OK):
-        return None
-    return Path(value)
-
-
 def _fits(directory: Path, reserve: int) -> bool:
     return len(os.fsencode(str(directory))) + reserve <= SUN_PATH_MAX
 
@@ -101,9 +88,8 @@ def socket_dir(reserve: int = SOCKET_NAME_RESERVE) -> Path:
         # H5: deep test homes overflow sun_path; hash the home so tests stay isolated.
         digest = hashlib.sha256(os.fsencode(str(home))).hexdigest()[:16]
         return tmp_socket_base() / digest
-    runtime = _usable_runtime_dir(os.environ.get("XDG_RUNTIME_DIR"))
-    if runtime is not None and _fits(runtime / APP_NAME, reserve):
-        return runtime / APP_NAME
+    # Not $XDG_RUNTIME_DIR (issue #14): removed at logout unless the user lingers, and a client
+    # in another login (ssh, cron, a Slurm step) would not even see the same value.
     return tmp_socket_base()
 
 

@@ -146,6 +146,10 @@ def trainer_argv(recipe: object) -> list[str]:
     hw, tr = recipe.hardware, recipe.trainer  # type: ignore[attr-defined]
     if tr.command:
         return list(tr.command)
+    if getattr(hw, "nodes", 1) > 1:  # a Slurm job on several nodes: srun, one launcher per node
+        from supervisor.slurm.node import srun_argv
+
+        return srun_argv(recipe)
     if hw.gpus <= 1:
         return [sys.executable, "-m", "supervisor.runner.train"]
     return [

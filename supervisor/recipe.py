@@ -61,8 +61,9 @@ class ModelSection(_Strict):
         None, description="built-in shape for preflight when no local config.json, e.g. llama-3.1-8b"
     )
     attn_implementation: Literal[
-        "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"
-    ] = "sdpa"
+        "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "varlen"
+    ] = Field("sdpa", description="varlen: padding-free batches on PyTorch's own varlen flash kernel "
+                                  "(HF path; no flash-attn needed)")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     trust_remote_code: bool = False
     tiny: TinyModel | None = None
@@ -181,6 +182,8 @@ class HardwareSection(_Strict):
         "ballast", description="how to rehearse: ballast (faithful) or fraction (allocator cap)"
     )
     gpus: int = Field(1, ge=1, le=64, description=">1: FSDP-QLoRA through accelerate launch")
+    nodes: int = Field(1, ge=1, le=1024, description=">1: several Slurm nodes (qlora-watch submit): "
+                       "srun + accelerate launch, hardware.gpus per node")
     fsdp_cpu_offload: bool = Field(True, description="with gpus > 1: offload shards to host RAM")
     gpu_mem_gib: float | None = Field(None, gt=0.0, description="preflight: assume this card size")
     host_ram_gib: float | None = Field(None, gt=0.0, description="preflight: assume this much RAM")
@@ -651,31 +654,6 @@ def apply_sets(recipe: Recipe, items: list[str], source: str = "--set") -> Recip
         given |= {".".join(k) for k in keys if k[0] in ("train", "lora")}
         data["trainer"]["given"] = sorted(given)
     return validate(data, source)
-
-
-def rung_changes_adapter_shape(rung: Rung) -> bool:
-    """Rank or target changes make old checkpoints unloadable (size mismatch)."""
-    keys = set(_flatten(rung))
-    return bool(keys & {"lora.r", "lora.target_modules"})
-
-
-def describe_rung(recipe: Recipe, rung: Rung) -> str:
-    """'max_seq_len 1024 -> 768' for the header and events."""
-    parts = []
-    data = recipe.model_dump(mode="python")
-    for key, value in _flatten(rung).items():
-        cur: Any = data
-        for p in key.split("."):
-            cur = cur.get(p) if isinstance(cur, dict) else None
-        short = key.split(".")[-1]
-        parts.append(f"{short} {_fmt(cur)} -> {_fmt(value)}")
-    return ", ".join(parts)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, list):
-        return ",".join(str(x) for x in v)
-    return str(v)
 
 
 def recipe_to_json(recipe: Recipe) -> str:

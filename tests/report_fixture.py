@@ -1,5 +1,5 @@
 """A realistic synthetic run store for the report: an 8B run on a 24 GB card with an OOM relaunch
-(OOM ladder rung 0, max_seq_len 4096 -> 768, resumed from checkpoint-200) and a thermal
+(OOM ladder rung 1, max_seq_len 4096 -> 768, resumed from checkpoint-200) and a thermal
 throttle period. Shared by tests/test_report.py and the docs/report.png screenshot:
 
     python -m tests.report_fixture /tmp/qlw-demo    # writes /tmp/qlw-demo/report/report.html
@@ -132,7 +132,8 @@ def build_run(runs_dir: Path, *, oom: bool = True, throttle: bool = True, gpu: b
         launched = t
         resume = "checkpoint-200" if i > 1 else None
         b.event(t, "launch", f"attempt {i} started" + (f" from {resume}" if resume else "") + " (pid 41233)",
-                attempt=i, evidence={"resume": f"{out}/{resume}" if resume else None, "rung": 0 if i > 1 else None})
+                attempt=i, evidence={"resume": f"{out}/{resume}" if resume else None, "rung": 1 if i > 1 else None,
+                                     "rung_label": "rung 1" if i > 1 else "base"})
         b.event(t + 1, "phase", "trainer phase: loading_model", attempt=i)
         b.sample_until(t + 150, "loading")
         t += 150
@@ -155,7 +156,7 @@ def build_run(runs_dir: Path, *, oom: bool = True, throttle: bool = True, gpu: b
             t += 6
             b.event(t, "trainer_exited", "attempt 1 exited: cuda_oom: CUDA out of memory (torch.OutOfMemoryError)",
                     level="error", attempt=1, evidence={"returncode": 1, "signal": None, "class": "cuda_oom"})
-            b.event(t + 0.1, "relaunch", "CUDA OOM at base settings; relaunching at rung 0 (max_seq_len "
+            b.event(t + 0.1, "relaunch", "CUDA OOM at base settings; relaunching at rung 1 (max_seq_len "
                     "4096 -> 768), resuming from checkpoint-200", level="warning", attempt=1, guard="relaunch")
             exits.append((launched, t, 1))
             b.sample_until(t + 20, "idle")
@@ -183,7 +184,7 @@ def build_run(runs_dir: Path, *, oom: bool = True, throttle: bool = True, gpu: b
         store.add_event(ev)
     last_loss = next((s.loss for s in reversed(b.steps) if s.loss == s.loss), None)
     store.write_state({"state": "completed", "message": "training finished", "run_id": store.run_id,
-                       "attempt": len(recipes), "lineage": 1, "rung": 0 if oom else None,
+                       "attempt": len(recipes), "lineage": 1, "rung": 1 if oom else None,
                        "output_dir": str(out), "adapter_path": f"{out}/adapter", "step": step,
                        "max_steps": max_steps, "last_loss": last_loss, "started_at": T0, "ended_at": t})
     store.close()

@@ -23,7 +23,7 @@ from supervisor.guards import (
     divergence,
     host_ram,
     prelaunch_host_ram,
-    restarts_after_exit,
+    restarts_after,
     retention,
     run_guards,
     stall,
@@ -303,8 +303,8 @@ def test_stall(now, phase, since, steps, fires):
         return
     cap, rel = acts
     assert isinstance(cap, CaptureStacks) and isinstance(rel, Relaunch)
-    assert rel.reason == "stall" and rel.rung_index is None and rel.resume_from == "/runs/out/checkpoint-100"
-    assert stall.check(win(now, phase=phase, phase_since=T0 + since, steps=steps, rung_index=1), ST)[1].rung_index == 1
+    assert rel.reason == "stall" and rel.rung is None and rel.resume_from == "/runs/out/checkpoint-100"
+    assert stall.check(win(now, phase=phase, phase_since=T0 + since, steps=steps, rung=1), ST)[1].rung == 1
     assert rel.evidence["idle_s"] > rel.evidence["limit_s"]
 
 
@@ -456,8 +456,10 @@ def test_classify_spawn_error_and_describe():
 
 
 def test_classify_host_oom_confirmation_and_summary():
-    un = classify_exit(-9, None, ["loading"], oom_kill_delta=0)
+    un = classify_exit(-9, None, ["loading"], oom_kill_delta=None)  # /proc/vmstat unreadable
     assert un.kind == HOST_OOM_KILL and un.confirmed is False and "possible host OOM" in un.summary
+    moved_not = classify_exit(-9, None, ["loading"], oom_kill_delta=0)  # issue #14: not an OOM
+    assert moved_not.kind == CRASH and moved_not.summary == "killed by signal 9" and moved_not.retryable
     yes = classify_exit(-9, None, [], oom_kill_delta=1)
     assert yes.confirmed is True and "OOM killer" in yes.summary
     assert classify_exit(-signal.SIGKILL, None, []).retryable
@@ -471,40 +473,40 @@ CRASHED = classify_exit(1, None, ["Traceback (most recent call last):", "Runtime
 CKS = [ckpt(50), ckpt(100), ckpt(120, complete=False)]
 
 
-# Rungs follow the core: None = the recipe as written, k = oom_ladder[0..k] applied.
+# Rungs as ladder.py numbers them: None = the recipe as written, n = oom_ladder[0..n-1] applied.
 
 
-def test_oom_base_to_rung0_resumes():
-    (a,) = decide_relaunch(OOM, win(0, rung_index=None, checkpoints=CKS), R)
-    assert isinstance(a, Relaunch) and a.rung_index == 0 and not a.fresh_output
+def test_oom_base_to_rung1_resumes():
+    (a,) = decide_relaunch(OOM, win(0, rung=None, checkpoints=CKS), R)
+    assert isinstance(a, Relaunch) and a.rung == 1 and not a.fresh_output
     assert a.resume_from == "/runs/out/checkpoint-100" and a.delay_s == 0
     assert "max_seq_len 2048 -> 768" in a.message
 
 
 def test_oom_before_first_checkpoint_starts_from_scratch():
-    (a,) = decide_relaunch(OOM, win(0, rung_index=None, checkpoints=[ckpt(10, complete=False)]), R)
-    assert a.rung_index == 0 and a.resume_from is None and not a.fresh_output
-
-
-def test_oom_rung0_to_rung1_fresh():
-    (a,) = decide_relaunch(OOM, win(0, rung_index=0, checkpoints=CKS), R)
-    assert a.rung_index == 1 and a.fresh_output and a.resume_from is None
-    assert "r 16 -> 8" in a.message
+    (a,) = decide_relaunch(OOM, win(0, rung=None, checkpoints=[ckpt(10, complete=False)]), R)
+    assert a.rung == 1 and a.resume_from is None and not a.fresh_output
 
 
 def test_oom_rung1_to_rung2_fresh():
-    (a,) = decide_relaunch(OOM, win(0, rung_index=1, checkpoints=CKS), R)
-    assert a.rung_index == 2 and a.fresh_output and "target_modules all-linear -> q_proj,v_proj" in a.message
+    (a,) = decide_relaunch(OOM, win(0, rung=1, checkpoints=CKS), R)
+    assert a.rung == 2 and a.fresh_output and a.resume_from is None
+    assert "r 16 -> 8" in a.message
+
+
+def test_oom_rung2_to_rung3_fresh():
+    (a,) = decide_relaunch(OOM, win(0, rung=2, checkpoints=CKS), R)
+    assert a.rung == 3 and a.fresh_output and "target_modules all-linear -> q_proj,v_proj" in a.message
 
 
 def test_oom_after_a_fresh_rung_resumes_again_when_shapes_stay():
     r = recipe(oom_ladder=[{"lora.r": 8}, {"train.max_seq_len": 512}])
-    (a,) = decide_relaunch(OOM, win(0, rung_index=0, checkpoints=CKS), r)
-    assert a.rung_index == 1 and not a.fresh_output and a.resume_from == "/runs/out/checkpoint-100"
+    (a,) = decide_relaunch(OOM, win(0, rung=1, checkpoints=CKS), r)
+    assert a.rung == 2 and not a.fresh_output and a.resume_from == "/runs/out/checkpoint-100"
 
 
 def test_oom_last_rung_fails():
-    (a,) = decide_relaunch(OOM, win(0, rung_index=2, checkpoints=CKS), R)
+    (a,) = decide_relaunch(OOM, win(0, rung=3, checkpoints=CKS), R)
     assert isinstance(a, Fail) and a.message.startswith("CUDA OOM at minimum settings (rung 3)")  # oom_ladder[2]: the third change
     (a,) = decide_relaunch(OOM, win(0, checkpoints=CKS), recipe(oom_ladder=[]))
     assert isinstance(a, Fail) and "minimum settings (the recipe as written)" in a.message
@@ -512,8 +514,8 @@ def test_oom_last_rung_fails():
 
 def test_oom_relaunch_names_the_rung_as_a_user_counts_it():
     (a,) = decide_relaunch(OOM, win(0, checkpoints=CKS), R)
-    assert a.rung_index == 0 and "relaunching at rung 1 (max_seq_len" in a.message
-    (a,) = decide_relaunch(OOM, win(0, rung_index=0, checkpoints=CKS), R)
+    assert a.rung == 1 and "relaunching at rung 1 (max_seq_len" in a.message
+    (a,) = decide_relaunch(OOM, win(0, rung=1, checkpoints=CKS), R)
     assert a.message.startswith("CUDA OOM at rung 1; relaunching at rung 2")
 
 
@@ -523,17 +525,17 @@ def test_oom_ladder_disabled_fails():
 
 
 def test_ladder_keeps_effective_batch():
-    from supervisor.guards import effective_recipe
+    from supervisor import ladder
 
     r = recipe(oom_ladder=[{"train.per_device_batch": 4}, {"train.max_seq_len": 512}])
-    assert [effective_recipe(r, k).train.effective_batch for k in (None, 0, 1)] == [16, 16, 16]
-    assert effective_recipe(r, 1).train.max_seq_len == 512 and effective_recipe(r, 1).train.grad_accum == 4
+    assert [ladder.effective(r, k).train.effective_batch for k in (None, 1, 2)] == [16, 16, 16]
+    assert ladder.effective(r, 2).train.max_seq_len == 512 and ladder.effective(r, 2).train.grad_accum == 4
 
 
 @pytest.mark.parametrize("restarts, delay", [(0, 10.0), (1, 20.0), (2, 40.0)])
 def test_crash_backoff(restarts, delay):
-    (a,) = decide_relaunch(CRASHED, win(0, restarts_since_progress=restarts, checkpoints=CKS, rung_index=1), R)
-    assert isinstance(a, Relaunch) and a.delay_s == delay and a.rung_index == 1  # same rung
+    (a,) = decide_relaunch(CRASHED, win(0, restarts_since_progress=restarts, checkpoints=CKS, rung=1), R)
+    assert isinstance(a, Relaunch) and a.delay_s == delay and a.rung == 1  # same rung
     assert a.resume_from == "/runs/out/checkpoint-100"
 
 
@@ -547,14 +549,18 @@ def test_crash_loop_fails_with_stderr():
 
 
 def test_budget_resets_after_progress():
-    # Attempt launched from checkpoint-100 after 3 restarts; it wrote checkpoint-150 then crashed.
-    r = restarts_after_exit(3, step_at_launch=100, newest_complete_step=150)
+    # 3 restarts, then the attempt wrote a new complete checkpoint and crashed: the budget is full again.
+    r = restarts_after(3, "progress")
     assert r == 0
     (a,) = decide_relaunch(CRASHED, win(0, restarts_since_progress=r, checkpoints=CKS), R)
     assert isinstance(a, Relaunch) and a.delay_s == 10.0
-    assert restarts_after_exit(3, step_at_launch=100, newest_complete_step=100) == 3
-    assert restarts_after_exit(2, step_at_launch=None, newest_complete_step=None) == 2
-    assert restarts_after_exit(2, step_at_launch=None, newest_complete_step=50) == 0
+    assert restarts_after(3, "resume") == 0  # `qlora-watch resume`: a person asked
+
+
+def test_budget_counts_relaunches_at_the_same_rung_only():
+    assert restarts_after(2, "relaunch", rung_before=None, rung_after=None) == 3  # a crash, as written
+    assert restarts_after(2, "relaunch", rung_before=1, rung_after=1) == 3  # a stall at rung 1
+    assert restarts_after(2, "relaunch", rung_before=None, rung_after=1) == 2  # down the ladder
 
 
 def test_host_oom_kill_relaunches_like_a_crash():
@@ -594,7 +600,7 @@ def test_window_from_supervisor(tmp_path):
 
     out = tmp_path / "out"
     make_ckpt(out, 100)
-    st = {"phase": "training", "phase_since": T0, "attempt": 2, "rung": 0, "restarts": 1,
+    st = {"phase": "training", "phase_since": T0, "attempt": 2, "rung": 1, "restarts_since_progress": 1,
           "launched_at": T0, "last_progress_t": T0}
     sup = SimpleNamespace(
         state=st, run_state=RunState.TRAINING, recipe=recipe(env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
@@ -603,7 +609,7 @@ def test_window_from_supervisor(tmp_path):
         attempts=SimpleNamespace(output_dir=lambda: out, fired={"x"}),
     )
     w = Window.from_supervisor(sup)
-    assert (w.attempt, w.rung_index, w.restarts_since_progress, w.run_id) == (2, 0, 1, "r1")
+    assert (w.attempt, w.rung, w.restarts_since_progress, w.run_id) == (2, 1, 1, "r1")
     assert [i.name for i in w.infos()] == ["checkpoint-100"] and w.infos()[0].path.name == "checkpoint-100"
     assert w.disk_free_bytes == 50 * GIB and w.keep_checkpoints == 3 and w.already_fired == {"x"}
     assert w.env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True" and w.now >= T0

@@ -56,7 +56,7 @@ def test_auto_fit_starts_at_the_first_rung_that_fits(qlw_home: Path, tmp_path: P
     assert qlw("wait", run_id, "--timeout", "60").returncode == 0
     first = json.loads(rec.read_text().splitlines()[0])
     assert first["max_seq_len"] == 768  # a known OOM is never paid for
-    assert read_state(qlw_home, run_id)["rung"] == 0
+    assert read_state(qlw_home, run_id)["rung"] == 1
 
 
 def test_a_tight_estimate_starts_with_the_margin_said(qlw_home: Path, tmp_path: Path) -> None:

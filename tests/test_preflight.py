@@ -251,7 +251,7 @@ def test_ladder_names_the_first_rung_that_fits():
     assert ladder == [ladder[0]] and "rung 1 (max_seq_len 4096 -> 768)" in ladder[0]
     assert "rung 2" not in ladder[0] and ladder[0].endswith("fits")
     assert estimate(apply_rung(r, r.oom_ladder[0]), gpu_mem_gib=8, **ROOMY).fits is True
-    assert rep.first_fitting_rung == 0 and "max_seq_len 4096 -> 768" in rep.first_fitting_rung_desc
+    assert rep.first_fitting_rung == 1 and "max_seq_len 4096 -> 768" in rep.first_fitting_rung_desc
 
 
 def test_ladder_accumulates_rungs():
@@ -261,7 +261,7 @@ def test_ladder_accumulates_rungs():
     rep = estimate(r, gpu_mem_gib=8, **ROOMY)
     ladder = next(s for s in rep.suggestions if "OOM ladder" in s)
     assert "rung 1 (max_seq_len 4096 -> 3072) + rung 2 (max_seq_len 3072 -> 512)" in ladder
-    assert rep.first_fitting_rung == 1
+    assert rep.first_fitting_rung == 2
 
 
 def test_no_rung_fits_says_so():

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from supervisor import ladder
 from supervisor.recipe import (
     RecipeError,
     apply_rung,
-    describe_rung,
     load_recipe,
     parse_override,
-    rung_changes_adapter_shape,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,9 +159,9 @@ def test_ladder_rungs() -> None:
     r = load_recipe(ROOT / "recipes/70b.toml")
     one = apply_rung(r, r.oom_ladder[0])
     assert one.train.max_seq_len == 768 and one.train.effective_batch == r.train.effective_batch
-    assert not rung_changes_adapter_shape(r.oom_ladder[0])
-    assert rung_changes_adapter_shape(r.oom_ladder[1])
-    assert describe_rung(r, r.oom_ladder[0]) == "max_seq_len 1024 -> 768"
+    assert not ladder.changes_adapter_shape(r.oom_ladder[0])
+    assert ladder.changes_adapter_shape(r.oom_ladder[1])
+    assert ladder.describe(r, 1) == "max_seq_len 1024 -> 768"
     # A batch rung keeps the effective batch by growing grad_accum.
     r8 = load_recipe(ROOT / "recipes/8b.toml")
     half = apply_rung(r8, {"train.per_device_batch": r8.train.per_device_batch // 2})

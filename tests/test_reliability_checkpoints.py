@@ -55,7 +55,7 @@ def test_c3_incomplete_checkpoint_reason_is_an_event(tmp_path: Path) -> None:
 
     recorded: list[tuple[str, str, str]] = []
     sup = SimpleNamespace(
-        state={"restarts": 2}, store=SimpleNamespace(run_id="r1"),
+        state={"restarts_since_progress": 2}, store=SimpleNamespace(run_id="r1"),
         record=lambda kind, message, level="info", **kw: recorded.append((kind, message, level)),
         set_state=lambda new=None, **f: sup.state.update(f),
     )
@@ -64,10 +64,10 @@ def test_c3_incomplete_checkpoint_reason_is_an_event(tmp_path: Path) -> None:
     (bad / "trainer_state.json").write_text(json.dumps({"global_step": 39}))
     runner.on_trainer_event({"event": "checkpoint", "step": 40, "path": str(bad)})
     assert recorded == [("checkpoint_incomplete", "checkpoint-40: global_step 39 != 40", "warning")]
-    assert sup.state["restarts"] == 2 and "last_checkpoint" not in sup.state
+    assert sup.state["restarts_since_progress"] == 2 and "last_checkpoint" not in sup.state
     good = make_ckpt(tmp_path, 50)
     runner.on_trainer_event({"event": "checkpoint", "step": 50, "path": str(good)})
-    assert recorded[-1][0] == "checkpoint_saved" and sup.state["restarts"] == 0
+    assert recorded[-1][0] == "checkpoint_saved" and sup.state["restarts_since_progress"] == 0
 
 
 # ------------------------------------------------------------------------------ C5

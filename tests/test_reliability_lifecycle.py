@@ -51,7 +51,7 @@ def test_a3_crash_after_progress_resets_the_restart_budget(qlw_home: Path, tmp_p
     assert len(runs) == 6  # 5 crashes + the attempt that completes
     assert [r["resume"].rsplit("-", 1)[-1] for r in runs[1:]] == ["5", "10", "15", "20", "25"]
     st = read_state(qlw_home, run_id)
-    assert st["state"] == "completed" and st["restarts"] == 0
+    assert st["state"] == "completed" and st["restarts_since_progress"] == 0 and st["restarts"] == 5
     assert "failed" not in kinds(qlw_home, run_id)
 
 

@@ -49,7 +49,7 @@ def test_b1_oom_ladder_keeps_the_effective_batch_and_resumes(qlw_home: Path, tmp
     assert (second["per_device_batch"], second["grad_accum"]) == (1, 8)
     assert first["resume"] is None and second["resume"].endswith("checkpoint-20")
     st = read_state(qlw_home, run_id)
-    assert st["state"] == "completed" and st["rung"] == 0
+    assert st["state"] == "completed" and st["rung"] == 1
     assert "per_device_batch 2 -> 1" in st["rung_desc"]
     evs = events(qlw_home, run_id)
     relaunch = [e for e in evs if e["kind"] == "relaunch"]

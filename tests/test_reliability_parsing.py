@@ -190,14 +190,13 @@ def test_e4_metrics_line_cut_mid_write(tmp_path: Path) -> None:
 
 
 def test_e5_bad_values_are_skipped_or_blanked(tmp_path: Path) -> None:
-    from supervisor.daemon.core import _to_step
     from supervisor.records import Step
     from supervisor.store import RunStore, continuous
 
-    assert _to_step({"step": "garbage"}, 1) is None
-    assert _to_step({}, 1) is None and _to_step({"step": None}, 1) is None
-    s = _to_step({"step": 5, "loss": "NaN", "grad_norm": "Infinity", "lr": "fast", "epoch": 1e400,
-                  "tokens": float("nan"), "max_steps": "1e400", "t": "yesterday"}, 2)
+    assert Step.from_trainer({"step": "garbage"}, 1) is None
+    assert Step.from_trainer({}, 1) is None and Step.from_trainer({"step": None}, 1) is None
+    s = Step.from_trainer({"step": 5, "loss": "NaN", "grad_norm": "Infinity", "lr": "fast", "epoch": 1e400,
+                           "tokens": float("nan"), "max_steps": "1e400", "t": "yesterday"}, 2)
     assert s.step == 5 and math.isnan(s.loss) and math.isinf(s.grad_norm) and s.lr is None
     assert s.tokens is None and s.max_steps is None and s.t > 1e9
     store = RunStore(tmp_path)

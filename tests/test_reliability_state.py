@@ -322,7 +322,7 @@ def test_d5_stop_grace_and_backoff_use_the_monotonic_clock(monkeypatch, tmp_path
         runner._relaunch_now = fake_relaunch  # type: ignore[method-assign]
         state.update(state="training", exited=True)
         monkeypatch.setattr(procgroup, "group_alive", lambda pgid: False)
-        await runner.execute([Relaunch(guard="t", reason="crash", rung_index=None, resume_from=None,
+        await runner.execute([Relaunch(guard="t", reason="crash", rung=None, resume_from=None,
                                        delay_s=20, fresh_output=False, message="m")])
         for jump in (3600, -7200):
             clock.jump_wall(jump)

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from supervisor.numbers import ema_debiased as ema
 from supervisor.report.data import (
     ReportError,
-    ema,
     generate_report,
     load_run,
     recipe_diffs,
@@ -50,7 +50,7 @@ def test_full_report(full: dict[str, Any]) -> None:
     assert text.count("data:image/png;base64,") == len(TIMELINE_PNGS)
     for needle in ("completed", "Time lost to relaunches", "Time throttled", "thermal 20 min",
                    "attempt 2: train.max_seq_len 4096 -&gt; 768", "checkpoint-200", "cuda_oom",
-                   "thermally throttled", "relaunching at rung 0", "Tokens trained"):
+                   "thermally throttled", "relaunching at rung 1", "Tokens trained"):
         assert needle in text, needle
     assert "no GPU telemetry" not in text
 

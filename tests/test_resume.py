@@ -66,22 +66,22 @@ def test_tiny_recipe_stop_then_resume_is_one_run(qlw_home: Path, tmp_path: Path)
 
 
 def test_resume_from_a_named_checkpoint_keeps_the_rung_and_takes_set(qlw_home: Path, tmp_path: Path) -> None:
-    """OOM -> rung 0 (768); stop; `resume --from checkpoint-10 --set train.grad_accum=2`: the
+    """OOM -> rung 1 (768); stop; `resume --from checkpoint-10 --set train.grad_accum=2`: the
     rung is kept, the --set applies (effective batch changes: the user asked), rows kept."""
     rec = tmp_path / "record.jsonl"
     recipe = fake_recipe(tmp_path, ["--steps", "40", "--save-every", "5", "--step-time", "0.1",
                                     "--oom-at", "8", "--oom-above-seq", "768", "--record", str(rec)])
     run_id = start(recipe, "--set", "train.save_total_limit=20")  # checkpoint-10 stays, however late the stop
-    wait_for(lambda: read_state(qlw_home, run_id).get("rung") == 0, timeout=30, what="rung 0")
+    wait_for(lambda: read_state(qlw_home, run_id).get("rung") == 1, timeout=30, what="rung 1")
     st = _stop_after_checkpoint(qlw_home, run_id, 15)
-    assert st["rung"] == 0
+    assert st["rung"] == 1
     res = qlw("resume", run_id, "--from", "checkpoint-10", "--set", "train.grad_accum=2", "--detach")
     assert res.returncode == 0, res.stderr
     assert wait_end(run_id, timeout=60) == 0
     third = launches(rec)[-1]
     assert third["resume"].endswith("/checkpoint-10") and third["max_seq_len"] == 768
     assert third["grad_accum"] == 2 and third["attempt"] == "3"
-    assert read_state(qlw_home, run_id)["rung"] == 0
+    assert read_state(qlw_home, run_id)["rung"] == 1
     rows = _steps(qlw_home, run_id)
     assert min(s for a, s in rows if a == 3) == 11 and max(s for a, s in rows if a == 2) >= 15
     assert any(e["kind"] == "resume" for e in events(qlw_home, run_id))

@@ -44,7 +44,7 @@ def test_plain_hf_trainer_script_oom_ladder_retention_stop_resume(qlw_home: Path
     wait_for(lambda: read_state(qlw_home, run_id).get("attempt") == 2, timeout=120, what="the relaunch")
     seen = wait_for(lambda: (lambda d: d if (d.get("step") or 0) >= 6 and d.get("last_loss") else None)(status(run_id)),
                     timeout=90, what="steps and loss in status --json")
-    assert seen["state"] == "training" and seen["max_steps"] == 24 and seen["rung"] == 0
+    assert seen["state"] == "training" and seen["max_steps"] == 24 and seen["rung"] == 1
     assert 3.0 < seen["last_loss"] < 6.0  # the Trainer's printed loss (log(128) ~ 4.85)
     assert seen["resume_from"].endswith("checkpoint-4")
     evs = events(qlw_home, run_id)
@@ -64,7 +64,7 @@ def test_plain_hf_trainer_script_oom_ladder_retention_stop_resume(qlw_home: Path
     assert res.returncode == 0, res.stderr
     assert wait_end(run_id, timeout=120) == 0, qlw("logs", run_id).stdout
     st = read_state(qlw_home, run_id)
-    assert st["state"] == "completed" and st["attempt"] == 3 and st["step"] == 24 and st["rung"] == 0
+    assert st["state"] == "completed" and st["attempt"] == 3 and st["step"] == 24 and st["rung"] == 1
     import sqlite3
 
     db = sqlite3.connect(qlw_home / "runs" / run_id / "db.sqlite")
@@ -212,11 +212,12 @@ def test_run_refuses_bad_input_with_one_line(qlw_home: Path, tmp_path: Path) -> 
 
 
 def test_log_lines_give_steps_loss_and_total() -> None:
-    from supervisor.daemon.core import _to_step
     from supervisor.daemon.logprogress import LogProgress, parse_bar, parse_dict
 
     got = parse_dict("{'loss': '10.78', 'grad_norm': '0.2812', 'learning_rate': '1e-04', 'epoch': '0.1'}")
-    step = _to_step({"step": 3, **got}, attempt=1)  # the one translator every source goes through
+    from supervisor.records import Step
+
+    step = Step.from_trainer({"step": 3, **got}, attempt=1)  # the one translator every source goes through
     assert (step.loss, step.grad_norm, step.lr, step.epoch, step.tokens) == (10.78, 0.2812, 1e-4, 0.1, None)
     assert parse_dict("{'loss': 1.5, 'learning_rate': 2e-05, 'epoch': 0.5}")["loss"] == 1.5  # transformers 4
     assert parse_dict("{'train_runtime': '0.1', 'train_loss': '4.84', 'epoch': '0.5'}") is None

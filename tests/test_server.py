@@ -669,7 +669,8 @@ def test_runtime_dir_and_tmp_fallback(monkeypatch: pytest.MonkeyPatch, home: Pat
     runtime = home.parent / "xdg"
     runtime.mkdir(mode=0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    assert paths.socket_dir() == runtime / "qlora-watch"
+    # not $XDG_RUNTIME_DIR: pam_systemd removes it at logout under a live supervisor (#14)
+    assert paths.socket_dir() == Path(f"/tmp/qlora-watch-{os.geteuid()}")
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(home.parent / "missing"))
     assert paths.socket_dir() == Path(f"/tmp/qlora-watch-{os.geteuid()}")
     monkeypatch.setenv("XDG_RUNTIME_DIR", "relative/dir")

@@ -190,7 +190,7 @@ FIELDS = [
     ("nvmlDeviceGetCurrentClocksEventReasons", ["throttle_mask"]),
     ("nvmlDeviceGetFieldValues", ["mem_temp_c", "throttle_counters"]),
     ("nvmlDeviceGetPcieThroughput", ["pcie_tx_kbs", "pcie_rx_kbs"]),
-    ("nvmlDeviceGetComputeRunningProcesses", ["proc_mem_mib"]),
+    ("nvmlDeviceGetComputeRunningProcesses", ["proc_mem_mib", "others_mem_mib"]),
 ]
 
 

@@ -49,7 +49,7 @@ def test_real_trainer_oom_walks_down_the_ladder(qlw_home: Path, tmp_path: Path) 
     run_id = res.stdout.strip().splitlines()[-1]
     assert qlw("wait", run_id, "--timeout", "500").returncode == 0, qlw("logs", run_id).stdout
     st = read_state(qlw_home, run_id)
-    assert st["state"] == "completed" and st["attempt"] == 2 and st["rung"] == 0
+    assert st["state"] == "completed" and st["attempt"] == 2 and st["rung"] == 1
     assert st["resume_from"].endswith("checkpoint-20")
     recipe2 = json.loads((qlw_home / "runs" / run_id / "attempts" / "2" / "recipe.json").read_text())
     assert recipe2["train"]["max_seq_len"] == 768

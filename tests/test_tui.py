@@ -525,7 +525,7 @@ def test_formatting() -> None:
 def test_fixtures_are_deterministic() -> None:
     assert build(Plan(scenario="throttling")) == build(Plan(scenario="throttling"))
     rec = recorded("oom_relaunch")
-    assert rec["state"]["attempt"] == 2 and rec["state"]["rung"] == 0
+    assert rec["state"]["attempt"] == 2 and rec["state"]["rung"] == 1
     assert rec["state"]["rung_desc"] == "max_seq_len 1024 -> 768 after OOM"
     nogpu = recorded("no_gpu")["samples"][-1]
     assert nogpu["gpus"] == [] and nogpu["nvml"] == "unavailable: NVML library not found"
@@ -597,15 +597,15 @@ def test_serve_starts_and_stops() -> None:
         port = s.getsockname()[1]
     code = f"from supervisor.tui.serve import serve; serve(['true'], {port})"
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
+        url = proc.stdout.readline().split(" at ")[-1].strip()  # the URL with its token, printed once
         deadline, page = time.monotonic() + 30, ""
         while time.monotonic() < deadline and not page:
             try:
-                page = (
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
-                )
+                page = urllib.request.urlopen(url, timeout=2).read().decode()
             except OSError:
                 time.sleep(0.2)
         assert "qlora-watch" in page

@@ -105,12 +105,14 @@ def cmd_start(args: argparse.Namespace) -> int:
     if os.geteuid() == 0:  # rented GPU boxes often only offer root; say it, don't refuse
         print("qlora-watch: note: running as root; the run's files and socket are root-only (0600)",
               file=sys.stderr)
+    from supervisor import ladder
+
     report = estimate(recipe)
     start_rung = None
     if not report.fits:
         if args.auto_fit and report.first_fitting_rung is not None:
             start_rung = report.first_fitting_rung
-            print(f"qlora-watch: --auto-fit: starting at ladder rung {start_rung + 1} "
+            print(f"qlora-watch: --auto-fit: starting at ladder {ladder.label(start_rung)} "
                   f"({report.first_fitting_rung_desc})")
         elif not args.force:
             print(render_table(report))
@@ -132,6 +134,11 @@ def _create_and_launch(args: argparse.Namespace, recipe: Any, recipe_path: str |
     except runs.StartError as e:
         print(f"qlora-watch: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from supervisor.control import logind
+
+    state = logind.check()  # does logout end the run? (KillUserProcesses without linger)
+    if note := state.note(scoped=logind.scope_argv([], state)[1]):
+        print(f"qlora-watch: {note}", file=sys.stderr)
     return _launched(store, args, "started")
 
 
@@ -174,6 +181,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from supervisor.control.resume import ResumeError, resume_run
 
     store = _find(args.run)
+    from supervisor.slurm.runs import is_slurm
+
+    if is_slurm(store):  # a new job of the same script; it resumes the run on its node
+        from supervisor.slurm.runs import resubmit
+
+        return resubmit(store, from_ckpt=args.from_ckpt, overrides=args.set)
     try:
         plan = resume_run(store, from_ckpt=args.from_ckpt, overrides=args.set)
     except ResumeError as e:
@@ -181,6 +194,28 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     print(plan.describe(), file=sys.stderr)
     return _launched(store, args, "resumed", spawn=False)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """`qlora-watch submit RECIPE`: the run as a Slurm batch job (supervisor/slurm/, docs/slurm.md)."""
+    recipe = _load(args.recipe, args.set)
+    from supervisor.catalog import resolve
+    from supervisor.slurm.runs import submit
+    from supervisor.slurm.script import SubmitOptions
+
+    if not recipe.foreign and not Path(recipe.data.path).is_file():
+        print(f"qlora-watch: {args.recipe}: data.path {recipe.data.path} does not exist "
+              "(set it with --set data.path=/path/to/train.jsonl)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    opts = SubmitOptions(partition=args.partition, gpus=args.gpus, time=args.time,
+                         sbatch_args=list(args.sbatch_arg or []), job_name=args.job_name)
+    return submit(resolve(args.recipe), recipe, opts, dry_run=args.dry_run)
+
+
+def cmd_slurm_job(args: argparse.Namespace) -> int:
+    from supervisor.slurm.job import main as job_main
+
+    return job_main(args.run_dir)
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -226,25 +261,34 @@ def cmd_supervise(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from supervisor import ladder
     from supervisor.control import runs
 
-    rows = [runs.summary(s) for s in runs.all_runs()]
+    stores = runs.all_runs()
+    rows = [runs.summary(s) for s in stores]
+    from supervisor.slurm.runs import annotate
+
+    note = annotate(stores, rows)  # Slurm runs: job id, PENDING (reason) / RUNNING on NODE
     if args.json:
         print(json.dumps(rows, indent=1, default=str))
         return 0
     if not rows:
         print("no runs yet: start one with `qlora-watch start RECIPE`")
         return 0
+    job_col = any("job" in r for r in rows)
     print(f"{'RUN':<22} {'RECIPE':<18} {'STATE':<10} {'STEP':>11} {'LOSS':>8} {'RUNG':<7} "
-          f"{'CHECKPOINT':<16} {'WALL':>9}  STARTED")
+          f"{'CHECKPOINT':<16} {'WALL':>9}  " + (f"{'STARTED':<16}  SLURM JOB" if job_col else "STARTED"))
     for r in rows:
         step = f"{r.get('step') or 0}/{r.get('max_steps') or '?'}"
         loss = r.get("last_loss")
         loss_s = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
         ckpt = Path(r["last_checkpoint"]).name if r.get("last_checkpoint") else "-"
         print(f"{r['run_id']:<22} {str(r.get('recipe'))[:18]:<18} {r.get('state') or '?':<10} "
-              f"{step:>11} {loss_s:>8} {runs.rung_label(r.get('rung')):<7} {ckpt[:16]:<16} "
-              f"{runs.fmt_duration(r.get('wall_s')):>9}  {r.get('started')}")
+              f"{step:>11} {loss_s:>8} {ladder.label(r.get('rung')):<7} {ckpt[:16]:<16} "
+              f"{runs.fmt_duration(r.get('wall_s')):>9}  "
+              + (f"{str(r.get('started')):<16}  {r.get('job', '')}" if job_col else f"{r.get('started')}"))
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 
@@ -254,10 +298,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = _find(args.run)
     runs.ensure_supervisor(store)
     data = runs.status(store)
+    from supervisor.slurm.runs import is_slurm, read_meta, status_line
+
+    slurm_run = is_slurm(store)
+    if slurm_run:
+        data["slurm_job"] = read_meta(store)
     if args.json:
         print(json.dumps(data, indent=1, default=str))
     else:
         print(runs.render_status(data))
+        if slurm_run:
+            print(status_line(store))
     return 0
 
 
@@ -272,6 +323,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from supervisor.control import runs
 
     store = _find(args.run)
+    from supervisor.slurm.runs import is_slurm
+
+    if is_slurm(store):  # graceful stop on its node, then scancel
+        from supervisor.slurm.runs import stop as slurm_stop
+
+        return slurm_stop(store, now=args.now)
     return runs.stop(store, now=args.now)
 
 
@@ -286,7 +343,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     if args.ssh:
         from supervisor.control.remote import attach_over_ssh
 
-        return attach_over_ssh(args.ssh, args.run)
+        return attach_over_ssh(args.ssh, args.run, args.remote_cmd)
     from supervisor.control import runs
 
     if args.run is None:
@@ -299,6 +356,19 @@ def cmd_attach(args: argparse.Namespace) -> int:
                 return 0
             args.run = picked
     store = _find(args.run)
+    from supervisor.slurm.runs import is_slurm
+
+    if is_slurm(store):  # find the job's node: here, or over ssh like --ssh NODE
+        from supervisor import paths
+        from supervisor.control.remote import attach_over_ssh
+        from supervisor.slurm.runs import attach_target
+
+        how, where = attach_target(store)
+        if how == "wait":
+            print(f"qlora-watch: {where}", file=sys.stderr)
+            return 1
+        if how == "ssh":
+            return attach_over_ssh(str(where), store.run_id, home=paths.state_home())
     return _attach(store, args)
 
 
@@ -363,6 +433,12 @@ def cmd_rm(args: argparse.Namespace) -> int:
     from supervisor.control.merge import RemoveError, describe_removal, remove_run
 
     store = _find(args.run)
+    from supervisor.slurm.runs import is_slurm, job_id, job_in_queue
+
+    if is_slurm(store) and job_in_queue(store):  # its next job start would find no run folder
+        print(f"refused: run {store.run_id}'s Slurm job {job_id(store)} is still in the queue; "
+              f"`qlora-watch stop {store.run_id}` first")
+        return 1
     text = describe_removal(store.path, args.checkpoints)
     print(text)
     if text.startswith("refused"):
@@ -460,6 +536,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="start and return; no dashboard")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
 
+    p = add("submit", cmd_submit, "submit a run as a Slurm batch job (requeued jobs resume it); "
+            "prints RUN_ID JOB_ID")
+    p.add_argument("recipe")
+    sets(p)
+    p.add_argument("--partition", metavar="P", help="the Slurm partition")
+    p.add_argument("--gpus", type=int, metavar="N", help="GPUs per node (default: the recipe's "
+                   "hardware.gpus; 0: none)")
+    p.add_argument("--time", metavar="T", help="the time limit, e.g. 24:00:00 (USR1 comes "
+                   "stop_grace_s + 60 s before it: checkpoint, requeue)")
+    p.add_argument("--sbatch-arg", action="append", metavar="OPT", default=[],
+                   help="one more sbatch option, e.g. --sbatch-arg=--account=proj (repeat)")
+    p.add_argument("--job-name", metavar="NAME", help="the job name (default: qlw-RUN_ID)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script; create and submit nothing")
+
     p = add("resume", cmd_resume, "continue a stopped, failed or lost run: a new attempt in the same run")
     p.add_argument("run", nargs="?", help="run id or unique prefix (default: latest)")
     p.add_argument("--from", dest="from_ckpt", metavar="checkpoint-N",
@@ -512,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("attach", cmd_attach, "open the dashboard on a run (d detaches, the run goes on)")
     p.add_argument("run", nargs="?")
     p.add_argument("--ssh", metavar="USER@HOST", help="attach to a run on a remote box over ssh")
+    p.add_argument("--remote-cmd", metavar="PATH", default=None,
+                   help="qlora-watch on the remote box, when ssh's PATH lacks it "
+                        "(default: $QLORA_WATCH_REMOTE_CMD, else qlora-watch)")
 
     p = add("serve", cmd_serve, "serve the dashboard to a browser on 127.0.0.1")
     p.add_argument("run", nargs="?")
@@ -553,6 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?")
     p.set_defaults(fn=cmd_socket)
 
+    p = sub.add_parser("_slurm_job", help=argparse.SUPPRESS)
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_slurm_job)
+
     p = sub.add_parser("_tui", help=argparse.SUPPRESS)
     p.add_argument("--socket", required=True)
     p.set_defaults(fn=cmd_tui_client)
@@ -586,4 +683,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:  # noqa: BLE001 - errors in words, never a traceback (errors.py)
+        from supervisor.cli.errors import explain
+
+        msg = explain(e)
+        if msg is None:
+            raise
+        print(f"qlora-watch: {msg}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 

@@ -8,21 +8,29 @@ import difflib
 from typing import Any
 
 HOME = "QLORA_WATCH_HOME   where runs live (default: ~/.local/state/qlora-watch)"
-RUNTIME = "XDG_RUNTIME_DIR    the control sockets' folder (with QLORA_WATCH_HOME set: its sock/)"
-SSH = "QLORA_WATCH_SSH    the ssh client for --ssh (default: ssh on PATH; ~/.ssh/config applies)"
+RUNTIME = "(no variable)      control sockets: /tmp/qlora-watch-$UID/ (with QLORA_WATCH_HOME set: its sock/)"
+PREEMPT = ("QLW_ON_SIGTERM     preempt: SIGTERM to the supervisor saves and ends the run PREEMPTED "
+           "(the default under Slurm); detach: the trainer goes on. SIGUSR1 always preempts")
+SSH = ("QLORA_WATCH_SSH    the ssh client for --ssh (default: ssh on PATH; ~/.ssh/config applies); "
+       "QLORA_WATCH_REMOTE_CMD: qlora-watch's path on the remote box (--remote-cmd)")
 TRAINER = ("HF_TOKEN, HF_HOME, CUDA_VISIBLE_DEVICES, PYTORCH_CUDA_ALLOC_CONF, WANDB_*, MLFLOW_*: "
            "passed to the trainer")
 
 EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
     # command: (examples, environment variables read)
     "start": (["qlora-watch start tiny", "qlora-watch start recipes/8b.toml --set data.path=train.jsonl",
-               "qlora-watch start my-8b.toml --auto-fit --detach"], [HOME, RUNTIME, TRAINER]),
+               "qlora-watch start my-8b.toml --auto-fit --detach"], [HOME, RUNTIME, PREEMPT, TRAINER]),
     "run": (["qlora-watch run --output-dir out -- python train.py",
              "qlora-watch run --output-dir out --set train.max_seq_len=2048 -- python train.py --len {max_seq_len}",
              "qlora-watch run --output-dir out --stop-signal SIGINT -- axolotl train qlora.yml"],
             [HOME, RUNTIME, TRAINER]),
     "resume": (["qlora-watch resume", "qlora-watch resume amber --from checkpoint-200",
                 "qlora-watch resume amber --set train.learning_rate=1e-4"], [HOME, RUNTIME, TRAINER]),
+    "submit": (["qlora-watch submit 8b --set data.path=train.jsonl --partition gpu --time 24:00:00",
+                "qlora-watch submit tiny --gpus 0 --dry-run",
+                "qlora-watch submit my-8b.toml --sbatch-arg=--account=proj --sbatch-arg=--qos=low"],
+               [HOME + " (on the shared filesystem: the job's node reads it)",
+                "SLURM_CONF and the usual SBATCH_* variables: read by sbatch itself"]),
     "preflight": (["qlora-watch preflight 70b --gpu-mem 24"], [HOME]),
     "validate": (["qlora-watch validate my-8b.toml --set train.max_seq_len=768"], []),
     "recipes": (["qlora-watch recipes", "qlora-watch recipes cp 8b my-8b.toml",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.store import read_json
+from supervisor.units import size
 
 OVERHEAD = 1.2  # bf16 weights + ~20 %: the adapter, save_pretrained's shard buffers, allocator slack
 
@@ -245,7 +246,7 @@ def describe_removal(run_dir: Path, with_checkpoints: bool) -> str:
     if with_checkpoints:
         out, targets, notes = _ckpt_targets(run_dir)
         for p in targets:
-            lines.append(f"delete {p} ({dir_size(p) / 1e9:,.2f} GB)")
+            lines.append(f"delete {p} ({size(dir_size(p))})")
         lines += notes
         if out is not None:
             lines.append(f"keep everything else in {out} (tensorboard logs, your files)")

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from supervisor import paths
+from supervisor import ladder, numbers, paths
 from supervisor.recipe import Recipe, recipe_to_json
 from supervisor.redact import redact_argv
 from supervisor.states import TERMINAL_VALUES, RunState
@@ -54,6 +54,9 @@ def create(recipe_path: str | None, recipe: Recipe, report: Any, start_rung: int
     if recipe.foreign and recipe.trainer.command:
         info["command"] = redact_argv(recipe.trainer.command)
     store = create_run(runs_root, info, run_id=run_id)
+    from supervisor import runenv
+
+    runenv.capture(store.path)  # every launch of this run gets this environment (runenv.py)
     if recipe_path:
         atomic_write(store.path / "recipe.toml", raw.decode("utf-8"))  # 0600
     atomic_write(store.path / "recipe.json", recipe_to_json(recipe))  # 0600, like every run file
@@ -86,10 +89,22 @@ def start_failure(store: RunStore, settle_s: float = 1.5) -> str | None:
 
 def spawn_supervisor(store: RunStore) -> subprocess.Popen:
     """The detached supervisor: new session, no terminal, stdin from /dev/null."""
+    from supervisor.control.logind import scope_argv
+
+    # logind's KillUserProcesses without linger: a scope of its own outlives the login session
+    argv, _ = scope_argv([sys.executable, "-m", "supervisor", "_supervise", str(store.path)])
+    from supervisor import logrotate
+    from supervisor.recipe import recipe_from_json
+
+    try:  # an earlier supervisor's output, past the size limit: to supervisor.out.1 first
+        cfg = recipe_from_json((store.path / "recipe.json").read_text()).supervisor
+        logrotate.rotate(store.path / "supervisor.out", cfg.log_max_bytes, cfg.log_backups)
+    except (OSError, ValueError):
+        pass
     out = os.fdopen(os.open(store.path / "supervisor.out", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "_supervise", str(store.path)],
+            argv,
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, cwd=store.info().get("cwd") or os.getcwd(),
         )
@@ -132,8 +147,9 @@ def is_live(store: RunStore) -> bool:
 
 
 def ensure_supervisor(store: RunStore) -> bool:
-    """Restart a supervisor for a live run whose supervisor died; it re-adopts the trainer."""
-    if not is_live(store) or supervisor_running(store):
+    """Restart a supervisor for a live run whose supervisor died; it re-adopts the trainer.
+    Never for a Slurm run: its supervisor runs only inside its job (slurm_job.py)."""
+    if not is_live(store) or supervisor_running(store) or (store.path / "slurm.json").exists():
         return False
     spawn_supervisor(store)
     deadline = time.monotonic() + 10
@@ -177,17 +193,14 @@ def status(store: RunStore) -> dict[str, Any]:
     ]
     store.close()
     return {**{k: v for k, v in st.items() if k != "wrapper"}, "run_id": store.run_id,
+            "rung_label": ladder.label(st.get("rung")),
             "run": store.info(), "supervisor_running": supervisor_running(store),
             "events": events}
 
 
 def fmt_duration(s: float | None) -> str:
-    if s is None or s != s or s < 0:
-        return "-"
-    s = int(s)
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    """numbers.fmt_duration (the dashboard's), with the CLI's "-" when there is none."""
+    return numbers.fmt_duration(s, na="-")
 
 
 def _clean(text: Any) -> str:
@@ -205,11 +218,6 @@ def _num(v: Any, digits: int) -> str:
     return f"{v:,.{digits}f}"
 
 
-def rung_label(rung: Any) -> str:
-    """'base' before any ladder change, else 'rung N' (rung 1 is the first change)."""
-    return "base" if rung is None else f"rung {rung + 1}"
-
-
 def render_status(d: dict[str, Any]) -> str:
     rung = d.get("rung")
     ended = d.get("state") in TERMINAL_VALUES
@@ -217,7 +225,7 @@ def render_status(d: dict[str, Any]) -> str:
     lines = [
         f"run       {d['run_id']}  ({d['run'].get('recipe')}, {d['run'].get('model')})",
         f"state     {d.get('state')}" + (f"  ({_clean(d.get('message'))})" if d.get("message") else ""),
-        f"attempt   {d.get('attempt') or 1}  ladder {rung_label(rung)}"
+        f"attempt   {d.get('attempt') or 1}  ladder {ladder.label(rung)}"
         + (f"  [{d.get('rung_desc')}]" if d.get("rung_desc") else ""),
         f"step      {_num(step, 0)}/{_num(total, 0)}",
         f"loss      {_num(d.get('last_loss'), 3)}",
@@ -225,6 +233,10 @@ def render_status(d: dict[str, Any]) -> str:
     ]
     if not ended:  # an ended run has no time left
         lines.append(f"ETA       {fmt_duration(d.get('eta_s'))}")
+        from supervisor.download import describe
+
+        if dl := describe(d.get("download")):
+            lines.append(f"download  {dl}")
     if d.get("last_checkpoint"):
         lines.append(f"checkpoint {_clean(d['last_checkpoint'])}")
     lines += [
@@ -267,13 +279,18 @@ def request(store: RunStore, cmd: str, **kw: Any) -> dict[str, Any]:
     return sock_request(paths.socket_path(store.run_id), cmd, **kw)
 
 
+STOP_REPLY_S = 30.0
+
+
 def stop(store: RunStore, now: bool) -> int:
     if not is_live(store):
         print(f"run {store.run_id} is already {store.read_state().get('state')}")
         return 0
     ensure_supervisor(store)
     try:
-        request(store, "stop_now" if now else "stop")
+        # A supervisor that was just (re)started answers once it has re-adopted the trainer: on a
+        # loaded box that takes seconds, so a stop waits longer than a status query does.
+        request(store, "stop_now" if now else "stop", timeout=STOP_REPLY_S)
     except Exception as e:  # noqa: BLE001
         print(f"qlora-watch: cannot reach the supervisor of {store.run_id}: {e}", file=sys.stderr)
         return 1
@@ -289,12 +306,30 @@ def remaining(deadline: float | None) -> float:
     return float("inf") if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+_REQUEUABLE = frozenset({RunState.PREEMPTED.value, RunState.LOST.value})
+
+
+def _requeue_pending(store: RunStore) -> bool:
+    """A Slurm run, preempted or lost, whose job is still in the queue (its next start resumes it)."""
+    if not (store.path / "slurm.json").exists():
+        return False
+    from supervisor.slurm.runs import job_in_queue
+
+    return job_in_queue(store)
+
+
 def wait(store: RunStore, timeout: float | None) -> int:
     """Exit 0 when completed, 1 for another terminal state, 124 on timeout."""
     deadline = None if timeout is None else time.monotonic() + timeout
     checked = 0.0
+    requeue_checked = (0.0, False)
     while True:
         st = store.read_state().get("state")
+        if st in _REQUEUABLE:  # a Slurm run whose job is queued again goes on (asked each 1 s)
+            if time.monotonic() - requeue_checked[0] > 1:
+                requeue_checked = (time.monotonic(), _requeue_pending(store))
+            if requeue_checked[1]:
+                st = None
         if st in TERMINAL_VALUES:
             # Its supervisor still flushes the trackers (W&B, MLflow) and closes the store: a
             # script that goes on to `wandb sync` or `report` must see it all. Bounded.
@@ -319,7 +354,7 @@ def client_for(store: RunStore) -> Any:
         from supervisor.control.client import AsyncRunClient
 
         return AsyncRunClient(paths.socket_path(store.run_id))
-    from supervisor.control.offline import StoreClient
+    from supervisor.control.client import StoreClient
 
     return StoreClient(store.path)
 

@@ -18,14 +18,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor import procgroup
+from supervisor import logrotate, procgroup
 from supervisor import protocol as proto
 from supervisor.daemon.attempts import AttemptRunner
 from supervisor.daemon.followers import JsonlFollower, LogFollower
 from supervisor.daemon.logprogress import LogProgress
+from supervisor.daemon.preempt import Preemption, sigterm_preempts
+from supervisor.download import DownloadTracker
 from supervisor.preflight.emulation import card_total_mib
 from supervisor.recipe import Recipe, recipe_from_json
-from supervisor.records import Event, Sample, Step, step_from_dict, to_dict
+from supervisor.records import Event, EventKind, Sample, Step, to_dict
 from supervisor.sinks import notify
 from supervisor.sinks.trackers import from_recipe as trackers_for
 from supervisor.states import RunState
@@ -41,6 +43,7 @@ HISTORY_STEPS = 2_500
 LOG_RING = 500
 STEP_SOURCES = ("events", "log", "history")
 DISCOVER_EVERY_S = 2.0  # scans of a foreign trainer's output folder for new checkpoints
+REBIND_EVERY_S = 1.0  # how soon a removed socket (or its folder) is bound again
 
 
 class AlreadySupervised(Exception):
@@ -71,6 +74,11 @@ class Supervisor:
         self.sampler = sampler
         if self.recipe.hardware.emulate_vram_gib is not None and hasattr(sampler, "emulate"):
             sampler.emulate(card_total_mib(self.recipe.hardware.emulate_vram_gib))
+        if hasattr(sampler, "set_visible"):  # only the run's GPUs drive its guards
+            from supervisor.runenv import for_run
+
+            env = {**for_run(store.path), **self.recipe.env}  # what the trainer gets
+            sampler.set_visible(env.get("CUDA_VISIBLE_DEVICES"))
         self.socket_path = socket_path
         self.state: dict[str, Any] = store.read_state() or {}
         self.server: Any = None
@@ -80,6 +88,8 @@ class Supervisor:
         # train.report_to: TensorBoard (telemetry beside the trainer's logs), W&B, MLflow
         self.tb = trackers_for(self.recipe, store.run_id, self.run_info["output_dir"], store.path)
         self.attempts = AttemptRunner(self)
+        self.preemption = Preemption(self)
+        self.download = DownloadTracker(self)  # a slow model download is progress (download.py)
         self.notifier = notify.from_recipe(self.recipe, store.run_id)
         self._stop_event = asyncio.Event()
         self._last_sample_mono = 0.0
@@ -92,6 +102,8 @@ class Supervisor:
         self.step_source: str | None = None
         self.log_progress = LogProgress()
         self._last_discover_mono = 0.0
+        self._last_bind_check = 0.0
+        self._last_out_check = 0.0
         self.log_follower = LogFollower(store.log_path)
         self.log_follower.offset = _size(store.log_path)
         self.log_follower.ino = _ino(store.log_path)
@@ -101,7 +113,7 @@ class Supervisor:
         if new is not None:
             if new.terminal and self.state.get("state") != new.value:
                 msg = fields.get("message") or self.state.get("message") or ""
-                self.notifier.maybe_send(Event(t=time.time(), kind="state", message=f"run {new.value}: {msg}"),
+                self.notifier.maybe_send(Event(t=time.time(), kind=EventKind.STATE_CHANGED, message=f"run {new.value}: {msg}"),
                                          state_after=new.value)
             fields["state"] = new.value
         self.state.update(fields)
@@ -165,8 +177,12 @@ class Supervisor:
         procgroup.become_subreaper()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # a closed terminal is not a stop
+        from supervisor.runenv import for_run
+
+        preempt_on_term = sigterm_preempts({**for_run(self.store.path), **os.environ})
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal)
+            loop.add_signal_handler(sig, self._on_signal, sig.name, sig == signal.SIGTERM and preempt_on_term)
+        self.preemption.install(loop)  # SIGUSR1: Slurm's warning ahead of the end
         await self._start_server()
         await asyncio.to_thread(self.tb.start)  # trackers open before the first launch
         try:
@@ -179,6 +195,7 @@ class Supervisor:
                     await asyncio.wait_for(self._stop_event.wait(), TICK_S)
             await self.tick()  # last events and log lines
         finally:
+            self.preemption.settle(loop, preempt_on_term)  # a late SIGTERM must not make exit 0 a -15
             with contextlib.suppress(Exception):  # the idle warm standby dies with us
                 await asyncio.to_thread(self.attempts.standby.discard)
             self.broadcast(proto.bye(f"run {self.state.get('state')}"))
@@ -192,8 +209,12 @@ class Supervisor:
             os.close(lock_fd)
         return 0
 
-    def _on_signal(self) -> None:
-        """SIGTERM/SIGINT: save state and leave; the trainer goes on (re-adopted later)."""
+    def _on_signal(self, name: str = "SIGTERM", preempt: bool = False) -> None:
+        """SIGTERM/SIGINT: save state and leave; the trainer goes on (re-adopted later). Under
+        Slurm or as a container's pid 1, SIGTERM is a preemption instead (preempt.py)."""
+        if preempt or self.preemption.active:
+            self.preemption.on_signal(name)
+            return
         self._signals += 1
         if self._signals > 1:
             os._exit(0)  # fast path on the second signal
@@ -213,9 +234,20 @@ class Supervisor:
         self._follow_events()
         self._follow_log()
         await self._maybe_sample()
+        await self.download.tick()
         if time.monotonic() - self._last_discover_mono >= DISCOVER_EVERY_S:
             self._last_discover_mono = time.monotonic()
             self.attempts.discover_checkpoints()
+        if time.monotonic() - self._last_out_check >= logrotate.CHECK_EVERY_S:
+            self._last_out_check = time.monotonic()
+            cfg = self.recipe.supervisor
+            try:  # our own stdout/stderr file: copy and truncate, we cannot reopen it
+                logrotate.copy_truncate(self.store.path / "supervisor.out", cfg.log_max_bytes, cfg.log_backups)
+            except OSError as e:
+                log.warning("supervisor.out not rotated: %s", e)
+        if self.server is not None and time.monotonic() - self._last_bind_check >= REBIND_EVERY_S:
+            self._last_bind_check = time.monotonic()
+            await self.server.ensure_bound()  # removed at logout: bound again (issue #14)
         self.attempts.run_guards()
 
     def _follow_events(self) -> None:
@@ -244,7 +276,7 @@ class Supervisor:
             return
         self.step_source = source
         attempt = self.state.get("attempt") or 1
-        new_steps = [s for s in (_to_step(o, attempt) for o in objs) if s is not None]
+        new_steps = [s for s in (Step.from_trainer(o, attempt) for o in objs) if s is not None]
         if new_steps:
             try:
                 self.store.add_steps(new_steps, lineage=self.state.get("lineage") or 1)
@@ -297,34 +329,6 @@ class Supervisor:
         self.broadcast(proto.sample(to_dict(sample)))
 
 
-def _to_step(obj: dict[str, Any], attempt: int) -> Step | None:
-    """A step record from the trainer; garbage values become None, never exceptions."""
-    try:
-        step = int(obj["step"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    d = {"t": _num(obj.get("t")) or time.time(), "step": step, "attempt": attempt}
-    for k in ("loss", "grad_norm", "lr", "epoch", "tokens_per_s", "step_time_s"):
-        d[k] = _num(obj.get(k))
-    for k in ("tokens", "max_steps"):
-        v = _num(obj.get(k))
-        d[k] = int(v) if v is not None and v == v and abs(v) < 1e18 else None
-    return step_from_dict(d)
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return None
-    return None
-
-
 def _size(p: Path) -> int:
     try:
         return p.stat().st_size
@@ -343,10 +347,16 @@ def run_supervisor(run_dir: Path, *, socket_path: Path | None, with_telemetry: b
     """Entry point of the detached supervisor process (`qlora-watch _supervise`)."""
     os.umask(0o077)
     store = RunStore(run_dir)
-    logging.basicConfig(
-        filename=str(run_dir / "supervisor.log"), level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-    )
+    from supervisor import logrotate
+
+    try:
+        cfg = recipe_from_json((run_dir / "recipe.json").read_text()).supervisor
+        max_bytes, backups = cfg.log_max_bytes, cfg.log_backups
+    except (OSError, ValueError):
+        max_bytes, backups = 50 * 1024 * 1024, 3
+    # rotated like the trainer log (they grew without bound)
+    logging.basicConfig(level=logging.INFO,
+                        handlers=[logrotate.log_handler(run_dir / "supervisor.log", max_bytes, backups)])
     sampler = None
     if with_telemetry:
         try:

@@ -144,6 +144,34 @@ class ControlServer:
         self._server = await asyncio.start_unix_server(self._on_connect, sock=sock, backlog=512)
         log.info("control socket listening on %s", self.path)
 
+    def bound(self) -> bool:
+        """Whether our socket file is still at its path (not removed, not replaced)."""
+        if self._bound is None:
+            return False
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._bound
+
+    async def ensure_bound(self) -> bool:
+        """Bind again when the socket or its folder was removed (pam_systemd at logout, a tmp
+        cleaner, a user's rm): connected clients keep their connections. False when it cannot
+        (another live server took the path, an unsafe folder): logged, tried again later."""
+        if self._server is None or self.bound():
+            return True
+        try:
+            sock = bind_private_socket(self.path)
+        except (OSError, RuntimeError) as exc:  # AlreadyRunning, UnsafeDirError, a full /tmp
+            log.warning("control socket %s is gone and cannot be bound again: %s", self.path, exc)
+            return False
+        self._server.close()  # the old listening socket only; connections stay
+        st = os.lstat(self.path)
+        self._bound = (st.st_dev, st.st_ino)
+        self._server = await asyncio.start_unix_server(self._on_connect, sock=sock, backlog=512)
+        log.warning("control socket %s had vanished: bound again", self.path)
+        return True
+
     async def close(self, reason: str = "server shutting down") -> None:
         """Flush every client's queue and a bye, stop listening, remove our socket file."""
         if self._server is not None:

@@ -7,7 +7,7 @@ process that has paid it already:
     python -m supervisor.wrapper --exit-file ATTEMPTS/N+1/exit.json ... -- \\
         python -m supervisor.daemon.standby --dir STANDBY_DIR --parent PID:START --backend hf
 
-It is started exactly like a trainer (launcher.spawn: its own session and process group, under
+It is started exactly like a trainer (procgroup.spawn: its own session and process group, under
 the exit-file wrapper, output into the run's rotated log), so once it is handed an attempt it *is*
 that attempt's trainer and everything the supervisor does with a trainer holds: stop and
 SIGTERM-save, the exit file, re-adoption by pid + start time + command line after a supervisor
@@ -362,12 +362,14 @@ class StandbyManager:
     def _say_once(self, key: str, message: str) -> None:
         if key not in self.said:
             self.said.add(key)
-            self.record("standby", message)
+            from supervisor.records import EventKind
+
+            self.record(EventKind.STANDBY_NOTED, message)
 
     def start(self, *, attempt: int, folder: Path, env: dict[str, str], cwd: Path, backend: str, recipe: Any,
               exit_file: Path, log_path: Path, log_max_bytes: int, log_backups: int) -> None:
         """Spawn the standby for `attempt` (sync, milliseconds: the imports run in the child)."""
-        from supervisor import procgroup as launcher
+        from supervisor import procgroup
 
         if self.current is not None:
             return
@@ -378,13 +380,13 @@ class StandbyManager:
         pin_one_gpu(recipe, env)  # as the trainer will: should an import initialise CUDA, the same GPU
         for name in ("go.json", "taken.json", "ready.json", "refused.json"):
             (folder / name).unlink(missing_ok=True)
-        me = launcher.identity_of(os.getpid())
+        me = procgroup.identity_of(os.getpid())
         parent = f"{os.getpid()}:{me.create_time}" if me else str(os.getpid())
         argv = [sys.executable, "-m", "supervisor.daemon.standby", "--dir", str(folder),
                 "--parent", parent, "--backend", backend]
         env = {**env, "QLW_STANDBY": "1"}
         try:
-            proc = launcher.spawn(argv, env=env, cwd=cwd, exit_file=exit_file, log_path=log_path,
+            proc = procgroup.spawn(argv, env=env, cwd=cwd, exit_file=exit_file, log_path=log_path,
                                   log_max_bytes=log_max_bytes, log_backups=log_backups)
         except OSError as e:
             self._say_once("spawn", f"warm standby not started: {e}")
@@ -419,14 +421,14 @@ class StandbyManager:
 
     def discard(self) -> None:
         """Kill the idle standby's group (it holds no GPU memory and no run state)."""
-        from supervisor import procgroup as launcher
+        from supervisor import procgroup
 
         cur, self.current = self.current, None
         if cur is None:
             return
         pgid = cur["proc"].pid
-        launcher.signal_group(pgid, 9)
-        launcher.wait_gone(pgid, 5.0)
+        procgroup.signal_group(pgid, 9)
+        procgroup.wait_gone(pgid, 5.0)
         try:
             cur["proc"].wait(timeout=0.1)
         except Exception:  # noqa: BLE001 - reaped already by reap_children

@@ -33,14 +33,17 @@ def _limit(window: Window, cfg: StallGuard) -> tuple[float, float, dict[str, flo
         if not marks:
             return None
         return max(marks), limit, {"median_step_interval_s": med, "last_step_t": times[-1] if times else None}
+    dl = window.download_progress_t  # bytes arriving in the HF cache: loading makes progress
     if phase in LOADING_PHASES:
         since = window.phase_since
-        return (since, cfg.loading_s, {}) if since is not None else None
+        if since is None:
+            return None
+        return max(since, dl or since), cfg.loading_s, {"download_progress_t": dl}
     if phase == "saving":
         return (window.phase_since, cfg.saving_s, {}) if window.phase_since is not None else None
     if phase is None and window.attempt_started_t is not None:
         # Launched but no phase event yet: the trainer is importing / loading.
-        return window.attempt_started_t, cfg.loading_s, {}
+        return max(window.attempt_started_t, dl or 0.0), cfg.loading_s, {"download_progress_t": dl}
     return None
 
 
@@ -67,7 +70,7 @@ def check(window: Window, cfg: StallGuard, crash: CrashGuard | None = None) -> l
     delay = backoff_delay(window.restarts_since_progress, crash) if crash else 0.0
     ev["resume_from"] = ckpt.name if ckpt else None
     where = f"from {ckpt.name}" if ckpt else "from scratch (no complete checkpoint)"
-    actions.append(Relaunch(guard=GUARD, reason="stall", rung_index=window.rung_index,
+    actions.append(Relaunch(guard=GUARD, reason="stall", rung=window.rung,
                             resume_from=ckpt.target if ckpt else None, delay_s=delay,
                             fresh_output=False, evidence=ev,
                             message=f"stalled: {what}; relaunching {where}"))

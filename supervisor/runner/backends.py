@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,11 @@ def load_base(backend: Backend, recipe: Recipe, path: str, attn: str) -> tuple[A
     return load_hf(recipe, path, attn)
 
 
+def _is_oom(e: BaseException) -> bool:
+    """A CUDA OOM while loading: the OOM ladder's business, never a reason to change backend."""
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+
+
 def load_model_and_tokenizer(backend: Backend, recipe: Recipe, path: str, attn: str,
                              writer: Any = None, device: str = "cuda") -> tuple[Any, Any]:
     """(model, tokenizer) from the chosen backend; Unsloth's model comes with its LoRA already.
@@ -261,6 +267,37 @@ def load_model_and_tokenizer(backend: Backend, recipe: Recipe, path: str, attn: 
         if writer is not None:
             writer.emit("timing", phase="adapter", s=round(time.perf_counter() - t0, 3))
     return model, tokenizer
+
+
+def load_with_fallback(backend: Backend, recipe: Recipe, path: str, attn: str | Callable[[], str],
+                       writer: Any = None, device: str = "cuda") -> tuple[Backend, Any, Any]:
+    """(backend, model, tokenizer), through the weight cache (load_model_and_tokenizer). Under
+    model.backend = "auto", Unsloth failing to load the model (FastLanguageModel.from_pretrained or
+    get_peft_model raising: an architecture variant or a transformers it does not handle) falls back
+    to the HF path; the returned backend's reason says so. An explicit "unsloth", a CUDA OOM and
+    BaseExceptions (SIGTERM's stop) propagate. `attn` may be a function: the HF path's attention,
+    resolved only when the HF path loads (Unsloth picks its own)."""
+    def load(b: Backend) -> tuple[Backend, Any, Any]:
+        a = "sdpa" if b.name == "unsloth" else (attn() if callable(attn) else attn)
+        return b, *load_model_and_tokenizer(b, recipe, path, a, writer=writer, device=device)
+
+    if backend.name != "unsloth" or recipe.model.backend != "auto":
+        return load(backend)
+    try:
+        return load(backend)
+    except Exception as e:
+        if _is_oom(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        why = f"Unsloth failed to load the model: {type(e).__name__}: {first}"
+    import gc
+
+    gc.collect()  # whatever Unsloth had put on the GPU before it failed
+    if _cuda_available():
+        import torch
+
+        torch.cuda.empty_cache()
+    return load(Backend("hf", f'model.backend = "auto": HF path, because {why}'))
 
 
 def sft_overrides(backend: Backend, recipe: Recipe) -> dict[str, Any]:

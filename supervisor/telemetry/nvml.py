@@ -131,6 +131,7 @@ class _Device:
     margin: tuple[float | None, float | None] = (None, None)  # (margin, core temp) when read
     mem_temp: float | None = None
     counters: dict[str, int] = field(default_factory=dict)
+    mig_uuids: tuple[str, ...] = ()  # MIG instances, for CUDA_VISIBLE_DEVICES=MIG-…
 
 
 def _text(v: Any) -> str | None:
@@ -239,7 +240,27 @@ class Nvml:
             "slowdown_c": _num(query(thr, h, THRESHOLD_SLOWDOWN)),
             "shutdown_c": _num(query(thr, h, THRESHOLD_SHUTDOWN)),
         }
+        d.mig_uuids = self._mig_uuids(h)
         return d
+
+    def _mig_uuids(self, h: Any) -> tuple[str, ...]:
+        """The UUIDs of this GPU's MIG instances (none when MIG is off or unsupported)."""
+        mode = query(self._fn("nvmlDeviceGetMigMode"), h)
+        if not mode or not (mode[0] if isinstance(mode, (tuple, list)) else mode):
+            return ()
+        out = []
+        for i in range(query(self._fn("nvmlDeviceGetMaxMigDeviceCount"), h, default=0) or 0):
+            mh = query(self._fn("nvmlDeviceGetMigDeviceHandleByIndex"), h, i)
+            u = _text(query(self._fn("nvmlDeviceGetUUID"), mh)) if mh is not None else None
+            if u:
+                out.append(u)
+        return tuple(out)
+
+    def nvml_devices(self) -> list[Any]:
+        """The opened GPUs as visible.Device (index, UUID, MIG UUIDs)."""
+        from supervisor.telemetry.visible import Device
+
+        return [Device(d.index, d.static.get("uuid"), d.mig_uuids) for d in self._devices]
 
     def close(self) -> None:
         """Release NVML; a later `open()` starts over."""
@@ -332,7 +353,10 @@ class Nvml:
         if margin is not None and at_temp is not None and g.temp_c is not None:
             margin -= g.temp_c - at_temp  # every degree warmer is a degree less margin
         g.margin_c = margin
-        g.proc_mem_mib = self._proc_mem(d, pids) if pids else None
+        procs = self._processes(d) if pids else None  # while a trainer runs: one call for both
+        g.proc_mem_mib = _held_mib(procs, pids)
+        if procs is not None:  # another job or user on the same card: its memory, told apart
+            g.others_mem_mib = sum(p.usedGpuMemory or 0 for p in procs if p.pid not in pids) / MIB
 
     def _emulate(self, d: _Device, g: GpuSample, hidden: set[int], total_mib: float) -> None:
         ballast = _held_mib(self._processes(d), hidden) if hidden else 0.0

@@ -54,6 +54,11 @@ class Sampler:
         self._opened_at: float | None = None
         self._logged: set[str] = set()
         self.emulated_total_mib: float | None = None  # hardware.emulate_vram_gib's card, in MiB
+        self.visible: str | None = None  # the trainer's CUDA_VISIBLE_DEVICES (None: unset, all)
+
+    def set_visible(self, cvd: str | None) -> None:
+        """The run's GPUs: those in the trainer's CUDA_VISIBLE_DEVICES (visible.py)."""
+        self.visible = cvd
 
     def emulate(self, total_mib: float | None) -> None:
         """Report the trainer's GPU as a card of `total_mib`, the ballast helper's memory hidden."""
@@ -88,10 +93,22 @@ class Sampler:
                 gpus = self.nvml.sample_gpus(pids - hidden, hidden, self.emulated_total_mib)
             else:
                 gpus = self.nvml.sample_gpus(pids)
+            self._mark_run_gpus(gpus)
             return gpus, "lost" if any(g.lost for g in gpus) else "ok"
         except Exception as e:  # noqa: BLE001 - Nvml never raises; this is a bug net
             self._log_once("gpu", "GPU sampling failed: %r", e)
             return [], f"unavailable: {type(e).__name__}"
+
+    def _mark_run_gpus(self, gpus: list[GpuSample]) -> None:
+        if self.visible is None or not hasattr(self.nvml, "nvml_devices"):
+            return
+        from supervisor.telemetry.visible import resolve
+
+        mine = resolve(self.visible, self.nvml.nvml_devices())
+        if mine is None:
+            return
+        for g in gpus:
+            g.this_run = g.index in mine
 
     def _ensure_open(self) -> str:
         status = self.nvml.status
@@ -190,6 +207,9 @@ class ThreadedSampler:
 
     def emulate(self, total_mib: float | None) -> None:
         self.sampler.emulate(total_mib)
+
+    def set_visible(self, cvd: str | None) -> None:
+        self.sampler.set_visible(cvd)
 
     @property
     def tree_pids(self) -> list[int]:

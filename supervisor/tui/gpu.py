@@ -14,6 +14,7 @@ from supervisor.sanitize import sanitize
 
 from .fmt import NA, bar, finite, fmt_gib, fmt_num, level_style, throttle_words
 from .model import RunModel
+from .panel import SAMPLES, Panel
 from .spark import PinnedSparkline
 
 SPARK_WINDOW = 600  # samples of history behind each sparkline: 10 minutes at 1 Hz
@@ -129,7 +130,12 @@ class GpuCard(Widget):
         if not self._ready:
             return
         name = sanitize(str(g.get("name") or "GPU"))
-        self.border_title = f"GPU {self.index} · {name}" + ("  LOST" if g.get("lost") else "")
+        title = f"GPU {self.index} · {name}" + ("  LOST" if g.get("lost") else "")
+        if g.get("this_run") is False:  # outside CUDA_VISIBLE_DEVICES: shown, never guarded
+            title += "  · not this run's"
+        elif (finite(g.get("others_mem_mib")) or 0) >= 1:  # another job on the run's card
+            title += f"  · others hold {fmt_gib(g.get('others_mem_mib'))}"
+        self.border_title = title
         util = finite(g.get("util_pct"))
         used, total = finite(g.get("mem_used_mib")), finite(g.get("mem_total_mib"))
         vfrac = used / total if used is not None and total else None
@@ -152,8 +158,10 @@ class GpuCard(Widget):
         self.query_one(".throttle", Static).update(throttle(g))
 
 
-class GpuPanel(VerticalScroll):
+class GpuPanel(VerticalScroll, Panel):
     """All GPUs of the latest sample, or why there are none."""
+
+    WATCHES = frozenset({SAMPLES})
 
     def __init__(self, model: RunModel, **kw: Any) -> None:
         super().__init__(**kw)

@@ -11,6 +11,7 @@ from textual.widgets import Static
 
 from .fmt import NA, finite, fmt_gib, fmt_num
 from .model import RunModel
+from .panel import SAMPLES, STATE, Panel
 from .spark import PinnedSparkline
 
 SPARK_WINDOW = 3600  # an hour of 1 Hz samples: slow leaks show, the last spike too
@@ -100,8 +101,10 @@ def cpu_line(h: dict[str, Any], compact: bool) -> Text:
     return t
 
 
-class HostPanel(Vertical):
+class HostPanel(Vertical, Panel):
     """The host's headroom for this run, with RAM and RSS history when there is room."""
+
+    WATCHES = frozenset({SAMPLES, STATE})  # the state holds what the run needs (RAM, next checkpoint)
 
     def __init__(self, model: RunModel, **kw: Any) -> None:
         super().__init__(**kw)

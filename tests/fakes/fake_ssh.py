@@ -69,9 +69,15 @@ def main(argv: list[str]) -> int:
     if spec:
         local, remote = spec.split(":", 1)
         return forward(local, remote)
+    env = dict(os.environ)
+    if cmd and cmd[0] == "env":  # `env QLORA_WATCH_HOME=... qlora-watch ...` (a Slurm run's store)
+        cmd = cmd[1:]
+        while cmd and "=" in cmd[0]:
+            k, v = cmd.pop(0).split("=", 1)
+            env[k] = v
     if cmd and cmd[0] == "qlora-watch":
         cmd = [sys.executable, "-m", "supervisor", *cmd[1:]]
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env=env)
 
 
 if __name__ == "__main__":

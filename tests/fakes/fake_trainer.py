@@ -123,6 +123,10 @@ def main() -> int:
     ap.add_argument("--print-oom-text", action="store_true", help="print OOM text as data, exit 0")
     ap.add_argument("--record", default=None)
     ap.add_argument("--load-time", type=float, default=0.0)
+    ap.add_argument("--download", default=None, metavar="DIR",
+                    help="while loading, write a blob into DIR slowly, as the Hub client does")
+    ap.add_argument("--download-bytes", type=int, default=1 << 20)
+    ap.add_argument("--download-rate", type=float, default=256 * 1024.0, help="bytes per second")
     ap.add_argument("--sigterm-save", action="store_true",
                     help="on SIGTERM finish the step, save, exit 0 (the default; for the plan's name)")
     ap.add_argument("--crash-after", type=int, default=None,
@@ -226,6 +230,18 @@ def main() -> int:
 
     emit(events, {"event": "phase", "phase": "loading_model"})
     time.sleep(args.load_time)
+    if args.download:  # blobs/<sha>.incomplete grows, then is renamed (huggingface_hub's way)
+        blobs = Path(args.download) / "blobs"
+        blobs.mkdir(parents=True, exist_ok=True)
+        part = blobs / "0123abcd.incomplete"
+        chunk, done = max(1, int(args.download_rate / 10)), 0
+        with open(part, "ab") as f:
+            while done < args.download_bytes:
+                f.write(b"\0" * min(chunk, args.download_bytes - done))
+                f.flush()
+                done += chunk
+                time.sleep(0.1)
+        part.rename(blobs / "0123abcd")
     start = 0
     if resume:
         start = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]

@@ -335,6 +335,9 @@ class FakeNVML:
     def pids_on_gpus(self) -> set[int] | None:
         return self.wrapper.pids_on_gpus()
 
+    def nvml_devices(self) -> list[Any]:
+        return self.wrapper.nvml_devices()
+
     def gpu_memory_held_by(self, pids: Iterable[int]) -> float | None:
         return self.wrapper.gpu_memory_held_by(pids)
 

@@ -8,6 +8,8 @@ It runs exactly what `qlora-watch _supervise RUN_DIR` runs, after patching a few
 - "nvml": {...}  a FakeNVML instead of the real NVML (FakeNVML reads live /proc):
     "hold_mib": M      report M MiB in use, owned by the trainer's PID (as an H200 did after
                        SIGKILL), while any process of this run (env QLW_RUN_ID) is alive
+    "devices": [{...}, ...]  several GPUs, each FakeDevice fields ("util_pct", "temp_c",
+                       "processes": {"pid": MiB}); default one idle H200
     "foreign_mib": M   a foreign process ("foreign_pid", default the test) holds M MiB
     "lose_after_s": S  GPU_IS_LOST from S seconds after start, on every call
     "hang_after_s": S  every NVML call hangs from S seconds after start
@@ -50,7 +52,12 @@ class RunNVML(FakeNVML):
     """FakeNVML whose held memory follows the live processes of one run."""
 
     def __init__(self, run_dir: Path, cfg: dict) -> None:
-        super().__init__(1)
+        from tests.fakes.nvml import FakeDevice
+
+        devs = cfg.get("devices")  # [{FakeDevice field: value}, ...]: several GPUs
+        super().__init__([FakeDevice(uuid=f"GPU-fake-{i}", **{
+            **d, "processes": {int(k): float(v) for k, v in (d.get("processes") or {}).items()}})
+            for i, d in enumerate(devs)] if devs else 1)
         self.run_dir = run_dir
         self.run_id = run_dir.name
         self.hold_mib = float(cfg.get("hold_mib") or 0)
