@@ -108,7 +108,7 @@ class Calibration:
     allocator_slack_expandable: float = 0.05
     # A need within this share of the card either way is "tight", not "fits" / "does not fit":
     # twice the worst full-depth error (1.4 %), as 11 runs on two shapes are a small sample
-    # (tests/test_estimator_calibration.py keeps every full-depth row inside it)
+    # (tests/unit/test_estimator_calibration.py keeps every full-depth row inside it)
     estimate_error: float = 0.03
     # --- host
     host_framework_gib: float = 3.0  # python + torch + CUDA libs + transformers, resident
@@ -570,7 +570,9 @@ def detect_gpu(lib: Any = None) -> tuple[float | None, str]:
     """(total bytes of device 0, description) from NVML; (None, why) without a usable GPU."""
     try:
         if lib is None:
-            import pynvml as lib  # noqa: N813
+            from supervisor.telemetry.nvml import nvml_library
+
+            lib = nvml_library()
         lib.nvmlInit()
     except Exception as e:  # NVMLError_LibraryNotFound without a driver; ImportError; OSError
         return None, f"no GPU detected ({type(e).__name__}: {e})"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.recipe import Recipe, recipe_from_json
+from supervisor.runner.settings import pin_one_gpu
 
 FLASH = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 TRAINER_TRACKERS = ("tensorboard", "trackio")  # train.report_to entries that transformers logs
@@ -479,16 +480,6 @@ def run(ctx: Context, pinned_gpu: str | None = None) -> int:
     writer.phase("finished")
     writer.close()
     return 0
-
-
-def pin_one_gpu(recipe: Recipe, env: Any = os.environ) -> str | None:
-    """hardware.gpus = 1 on a machine with several GPUs: make one visible, before torch looks.
-    transformers' Trainer refuses a single process that sees several GPUs (it would need
-    nn.DataParallel): found on a 2 x H200 host. CUDA_VISIBLE_DEVICES set by the user wins."""
-    if recipe.hardware.gpus != 1 or "CUDA_VISIBLE_DEVICES" in env or "LOCAL_RANK" in env:
-        return None
-    env["CUDA_VISIBLE_DEVICES"] = "0"
-    return "0"
 
 
 def main(argv: list[str] | None = None) -> int:
