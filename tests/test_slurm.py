@@ -121,6 +121,15 @@ def _submit(cluster, tmp_path: Path, recipe: str, *extra: str) -> tuple[str, str
     return rid, jid
 
 
+def _start_now(cluster, jid: str) -> None:
+    """Slurm holds a requeued job ~2 min (BeginTime); a test need not wait for that. But not
+    in the second its last run ended: slurmd refuses that start ("Job credential revoked")."""
+    wait_for(lambda: (cluster.squeue() or [""])[0].startswith(f"{jid} PENDING"), timeout=30, interval=0.2,
+             what=f"job {jid} pending again")
+    time.sleep(2.0)
+    cluster.cmd("scontrol", "update", f"jobid={jid}", "StartTime=now")
+
+
 def _events(home: Path, rid: str) -> list[tuple[str, str]]:
     from supervisor.store import RunStore
 
@@ -181,8 +190,7 @@ def test_submit_pending_running_attach_requeue_resumes_from_checkpoint(
     wait_for(lambda: _ls(cluster, rid)["slurm"]["state"] == "PENDING", timeout=40, interval=0.3,
              what="requeued job pending")
     assert _ls(cluster, rid)["state"] == "requeued" and "PENDING (BeginTime)" in _ls_line(cluster, rid)
-    # Slurm holds a requeued job ~2 min (BeginTime); a test need not wait for that
-    cluster.cmd("scontrol", "update", f"jobid={jid}", "StartTime=now")
+    _start_now(cluster, jid)
     wait_for(lambda: read_state(qlw_home, rid).get("state") == "completed", timeout=150, interval=0.5,
              what="the resumed run to complete")
     st = read_state(qlw_home, rid)
@@ -251,7 +259,7 @@ def test_usr1_time_limit_warning_preempts_requeues_and_resumes(cluster, qlw_home
     saved = read_state(qlw_home, rid)["last_checkpoint"]
     wait_for(lambda: (cluster.squeue() or [""])[0].startswith(f"{jid} PENDING"), timeout=30, interval=0.3,
              what="the job requeued by its own step")
-    cluster.cmd("scontrol", "update", f"jobid={jid}", "StartTime=now")
+    _start_now(cluster, jid)
     wait_for(lambda: read_state(qlw_home, rid).get("state") == "completed", timeout=60, interval=0.3,
              what="the resumed run to complete")
     st = read_state(qlw_home, rid)
@@ -310,7 +318,7 @@ def test_a_job_killed_outright_is_resumed_by_the_next_start(cluster, qlw_home: P
     wait_for(lambda: not cluster.squeue(), timeout=30, interval=0.3, what="the killed job to end")
     assert read_state(qlw_home, rid)["state"] not in ("preempted", "completed")
     cluster.cmd("scontrol", "requeue", jid)  # what a node failure does with --requeue
-    cluster.cmd("scontrol", "update", f"jobid={jid}", "StartTime=now")
+    _start_now(cluster, jid)
     wait_for(lambda: read_state(qlw_home, rid).get("state") == "completed", timeout=60, interval=0.3,
              what="the resumed run to complete")
     st = read_state(qlw_home, rid)
