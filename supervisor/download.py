@@ -22,12 +22,10 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
+from supervisor.records import EventKind
 from supervisor.units import size
-
-if TYPE_CHECKING:
-    from supervisor.daemon.core import Supervisor
 
 log = logging.getLogger("qlora-watch.download")
 
@@ -140,7 +138,7 @@ class _Watch:
 class DownloadTracker:
     """The supervisor's part: measure the cache while the trainer loads, record progress."""
 
-    def __init__(self, sup: "Supervisor"):
+    def __init__(self, sup: Any):  # the daemon's Supervisor (not imported: the dashboard imports describe)
         self.sup = sup
         self.watch: _Watch | None = None
         self._last_poll = 0.0
@@ -170,7 +168,7 @@ class DownloadTracker:
         w.checked_total = True
         msg = disk_shortfall(w.repo, w.total, present)
         if msg:
-            self.sup.record("download_disk", msg, level="warning")
+            self.sup.record(EventKind.DOWNLOAD_DISK_LOW, msg, level="warning")
 
     async def tick(self) -> None:
         from supervisor.states import RunState
@@ -186,7 +184,7 @@ class DownloadTracker:
                 got = await asyncio.to_thread(lambda: sum(folder_bytes(p) for p in w.paths))
                 got = max(int(d.get("bytes") or 0), got - w.start_bytes)
                 self.sup.set_state(download={**d, "bytes": got, "active": False, "eta_s": None})
-                self.sup.record("download", f"model download done: {size(got)}")
+                self.sup.record(EventKind.DOWNLOAD_SEEN, f"model download done: {size(got)}")
             self.watch = None
             return
         self._last_poll = time.monotonic()
@@ -214,7 +212,7 @@ class DownloadTracker:
                  "rate_bps": round(w.rate, 1), "eta_s": eta, "progress_t": now,
                  "path": str(w.paths[0])}
             if not prev.get("active"):
-                self.sup.record("download", f"the trainer is downloading the model into {w.paths[0]}")
+                self.sup.record(EventKind.DOWNLOAD_SEEN, f"the trainer is downloading the model into {w.paths[0]}")
             w.last_bytes, w.last_t = now_bytes, now
             self.sup.set_state(download=d)
         elif prev.get("active") and now - float(prev.get("progress_t") or now) > ACTIVE_S:

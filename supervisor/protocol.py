@@ -16,6 +16,8 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from supervisor.numbers import wire
+
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
 MAX_FRAME_SERVER_TO_CLIENT = 4 * 1024 * 1024  # every frame, snapshot chunks included
@@ -56,9 +58,7 @@ def _finite(obj: Any, depth: int = 0) -> Any:
     if depth > 200:
         raise ProtocolError("message nested too deeply (or circular)")
     if isinstance(obj, float):
-        if math.isfinite(obj):
-            return obj
-        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+        return wire(obj)
     if isinstance(obj, dict):
         return {k: _finite(v, depth + 1) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

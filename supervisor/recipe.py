@@ -61,13 +61,18 @@ class ModelSection(_Strict):
         None, description="built-in shape for preflight when no local config.json, e.g. llama-3.1-8b"
     )
     attn_implementation: Literal[
-        "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"
-    ] = "sdpa"
+        "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "varlen"
+    ] = Field("sdpa", description="varlen: padding-free batches on PyTorch's own varlen flash kernel "
+                                  "(HF path; no flash-attn needed)")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     trust_remote_code: bool = False
     tiny: TinyModel | None = None
     backend: Literal["hf", "unsloth", "auto"] = Field(
         "hf", description="auto: Unsloth where it imports and supports the model, else transformers + peft"
+    )
+    weight_cache: Literal["run", "shared", "off"] = Field(
+        "run", description="quantised-weight cache for relaunches: the run's own (removed with it), "
+        "shared between runs (`qlora-watch cache ls/rm`), or off",
     )
 
 
@@ -295,6 +300,9 @@ class SupervisorSection(_Strict):
     stop_grace_s: float = Field(120.0, gt=0.0, description="SIGTERM -> SIGKILL grace for a save")
     log_max_bytes: int = Field(50 * 1024 * 1024, ge=4096)
     log_backups: int = Field(3, ge=0, le=100)
+    warm_standby: bool = Field(
+        True, description="keep one trainer process with its imports done (no CUDA) for the next attempt",
+    )
 
 
 class NotifySection(_Strict):
@@ -646,31 +654,6 @@ def apply_sets(recipe: Recipe, items: list[str], source: str = "--set") -> Recip
         given |= {".".join(k) for k in keys if k[0] in ("train", "lora")}
         data["trainer"]["given"] = sorted(given)
     return validate(data, source)
-
-
-def rung_changes_adapter_shape(rung: Rung) -> bool:
-    """Rank or target changes make old checkpoints unloadable (size mismatch)."""
-    keys = set(_flatten(rung))
-    return bool(keys & {"lora.r", "lora.target_modules"})
-
-
-def describe_rung(recipe: Recipe, rung: Rung) -> str:
-    """'max_seq_len 1024 -> 768' for the header and events."""
-    parts = []
-    data = recipe.model_dump(mode="python")
-    for key, value in _flatten(rung).items():
-        cur: Any = data
-        for p in key.split("."):
-            cur = cur.get(p) if isinstance(cur, dict) else None
-        short = key.split(".")[-1]
-        parts.append(f"{short} {_fmt(cur)} -> {_fmt(value)}")
-    return ", ".join(parts)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, list):
-        return ",".join(str(x) for x in v)
-    return str(v)
 
 
 def recipe_to_json(recipe: Recipe) -> str:

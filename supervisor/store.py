@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import math
 import os
 import secrets
 import sqlite3
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from supervisor.numbers import num, wire
 from supervisor.records import Event, Sample, Step, to_dict
 
 STEPS_TABLE = """CREATE TABLE IF NOT EXISTS steps (
@@ -57,6 +57,20 @@ NOUNS = (
     "newt orca otter owl panda pine puffin quail raven reef robin sable salmon tapir tern "
     "tiger walrus wren yak zebra"
 ).split()
+
+
+# state.json and run.json carry this key: their rung ("rung", "start_rung") is numbered as
+# supervisor/ladder.py says (rung 1: the first ladder change). Files written before it held the
+# 0-based index of oom_ladder; readers get them renumbered.
+RUNG_NUMBERING = "rung_numbering"
+
+
+def _rungs_from_one(data: dict[str, Any], key: str) -> dict[str, Any]:
+    rung = data.get(key)
+    if data.get(RUNG_NUMBERING) != 1 and isinstance(rung, int) and not isinstance(rung, bool):
+        data = {**data, key: rung + 1}
+    data.setdefault(RUNG_NUMBERING, 1)
+    return data
 
 
 class RunNotFound(Exception):
@@ -104,15 +118,8 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def _finite(x: Any) -> float | str | None:
     """SQLite turns NaN into NULL; store non-finite values as text ('NaN', 'Infinity')."""
-    if x is None:
-        return None
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    if math.isfinite(f):
-        return f
-    return "NaN" if math.isnan(f) else ("Infinity" if f > 0 else "-Infinity")
+    f = num(x)
+    return None if f is None else wire(f)
 
 
 def _unfinite(x: Any) -> Any:
@@ -141,7 +148,7 @@ class RunStore:
         return self.path / "attempts" / str(n)
 
     def info(self) -> dict[str, Any]:
-        return read_json(self.path / "run.json") or {"run_id": self.run_id}
+        return _rungs_from_one(read_json(self.path / "run.json") or {"run_id": self.run_id}, "start_rung")
 
     def read_state(self) -> dict[str, Any]:
         """The state file; a corrupt one is moved aside and reported, never trusted."""
@@ -160,12 +167,13 @@ class RunStore:
             # Replace it, or the next reader finds no state file and takes the run for new.
             self.write_state(lost)
             return lost
-        return data
+        return _rungs_from_one(data, "rung")
 
     def write_state(self, state: dict[str, Any]) -> bool:
         """Atomically replace state.json. On ENOSPC/EIO keep the old file and report it."""
         state = dict(state)
         state["updated_at"] = time.time()
+        state[RUNG_NUMBERING] = 1
         try:
             atomic_write(self.state_path, json.dumps(state, indent=1, default=str, allow_nan=True))
         except OSError as e:
@@ -350,7 +358,7 @@ def create_run(runs_dir: Path, info: dict[str, Any], run_id: str | None = None) 
     path = runs_dir / run_id
     path.mkdir(mode=0o700)
     (path / "attempts").mkdir(mode=0o700)
-    info = {**info, "run_id": run_id, "created_at": time.time()}
+    info = {**info, "run_id": run_id, "created_at": time.time(), RUNG_NUMBERING: 1}
     atomic_write(path / "run.json", json.dumps(info, indent=1))
     return RunStore(path)
 

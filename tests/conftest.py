@@ -1,22 +1,23 @@
-"""Shared fixtures: an isolated state home per test, and a guard against leftover processes."""
+"""Shared fixtures: an isolated state home per test, a guard against leftover processes, the
+source tree and wheel for the install tests. Helpers are in tests/support/, not here."""
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
 
 import psutil
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-FAKE = ROOT / "tests" / "fakes" / "fake_trainer.py"
+# Re-exported for test files written against the old layout (other branches); new code imports
+# them from tests.support (tests/unit/test_boundaries.py fails on imports from here).
+from tests.support import FAKE, ROOT, fake_recipe, qlw, read_state, wait_for  # noqa: F401
 
 
 def _procs_with_home(home: Path) -> list[psutil.Process]:
@@ -89,6 +90,20 @@ def shared_home(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture
+def home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """QLORA_WATCH_HOME under a short folder uid 65534 can traverse (pytest's tmp_path sits
+    under a 0700 dir; a socket path must fit sun_path); unlike shared_home, not created."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="qlw-", dir="/tmp"))
+    base.chmod(0o711)
+    monkeypatch.setenv("QLORA_WATCH_HOME", str(base / "h"))
+    yield base / "h"
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
 def proc_guard(qlw_home: Path):
     """qlw_home, and also: no child of the test process (and none of their session/group
     leaders' descendants) started during the test may outlive it (TorchElastic's
@@ -128,72 +143,30 @@ def proc_guard(qlw_home: Path):
     assert not names, f"processes left behind: {names}"
 
 
-def qlw(*args: str, timeout: float = 120, check: bool = False, **kw: Any) -> subprocess.CompletedProcess:
-    """Run the real CLI as a subprocess."""
-    res = subprocess.run([sys.executable, "-m", "supervisor", *args], capture_output=True,
-                         text=True, timeout=timeout, cwd=kw.pop("cwd", ROOT), **kw)
-    if check and res.returncode != 0:
-        raise AssertionError(f"qlora-watch {' '.join(args)} -> {res.returncode}\n{res.stdout}\n{res.stderr}")
-    return res
+# ------------------------------------------------------------------------------ install tests
 
 
-def fake_recipe(tmp_path: Path, fake_args: list[str], extra: str = "", name: str = "fake",
-                ladder: str | None = None) -> Path:
-    """A recipe whose trainer is the scripted fake trainer, with tiny timing constants."""
-    data = tmp_path / "data.jsonl"
-    data.write_text(json.dumps({"text": "hello"}) + "\n")
-    cmd = json.dumps([sys.executable, str(FAKE), *fake_args])
-    ladder = ladder if ladder is not None else (
-        'oom_ladder = [{ "train.max_seq_len" = 768 }, { "lora.r" = 8 }, '
-        '{ "lora.target_modules" = ["q_proj", "v_proj"] }]'
-    )
-    text = textwrap.dedent(f"""
-        name = "{name}"
-        {ladder}
-        [model]
-        name = "fake-model"
-        [model.tiny]
-        hidden_size = 32
-        num_layers = 1
-        num_heads = 2
-        num_kv_heads = 1
-        intermediate_size = 64
-        [data]
-        path = "{data}"
-        [train]
-        output_dir = "{tmp_path / 'out'}"
-        max_seq_len = 1024
-        per_device_batch = 2
-        grad_accum = 4
-        save_total_limit = 3
-        [trainer]
-        command = {cmd}
-        [supervisor]
-        sample_interval_s = 0.2
-        stop_grace_s = 5
-        [guards.crash]
-        backoff_base_s = 0.05
-        backoff_max_s = 0.2
-        max_restarts = 3
-        [guards.oom]
-        release_timeout_s = 10
-    """)
-    p = tmp_path / f"{name}.toml"
-    p.write_text(text + "\n" + textwrap.dedent(extra))
-    return p
+def copy_tree(dest: Path) -> Path:
+    """The files a build reads, copied (a build must not write into the checkout)."""
+    src = dest / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "supervisor", src / "supervisor", ignore=ignore)
+    shutil.copytree(ROOT / "recipes", src / "recipes", ignore=ignore)
+    return src
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 30, interval: float = 0.05, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what or pred}")
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_tree(tmp_path_factory.mktemp("tree"))
 
 
-def read_state(home: Path, run_id: str) -> dict[str, Any]:
-    from supervisor.store import read_json
-
-    return read_json(home / "runs" / run_id / "state.json") or {}
+@pytest.fixture(scope="module")
+def wheel(tree: Path) -> Path:
+    """A wheel of this tree."""
+    dist = tree.parent / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(dist), str(tree)], check=True, capture_output=True, timeout=120)
+    return next(dist.glob("qlora_watch-*.whl"))

@@ -105,12 +105,14 @@ def cmd_start(args: argparse.Namespace) -> int:
     if os.geteuid() == 0:  # rented GPU boxes often only offer root; say it, don't refuse
         print("qlora-watch: note: running as root; the run's files and socket are root-only (0600)",
               file=sys.stderr)
+    from supervisor import ladder
+
     report = estimate(recipe)
     start_rung = None
     if not report.fits:
         if args.auto_fit and report.first_fitting_rung is not None:
             start_rung = report.first_fitting_rung
-            print(f"qlora-watch: --auto-fit: starting at ladder rung {start_rung + 1} "
+            print(f"qlora-watch: --auto-fit: starting at ladder {ladder.label(start_rung)} "
                   f"({report.first_fitting_rung_desc})")
         elif not args.force:
             print(render_table(report))
@@ -259,6 +261,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from supervisor import ladder
     from supervisor.control import runs
 
     stores = runs.all_runs()
@@ -281,7 +284,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         loss_s = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
         ckpt = Path(r["last_checkpoint"]).name if r.get("last_checkpoint") else "-"
         print(f"{r['run_id']:<22} {str(r.get('recipe'))[:18]:<18} {r.get('state') or '?':<10} "
-              f"{step:>11} {loss_s:>8} {runs.rung_label(r.get('rung')):<7} {ckpt[:16]:<16} "
+              f"{step:>11} {loss_s:>8} {ladder.label(r.get('rung')):<7} {ckpt[:16]:<16} "
               f"{runs.fmt_duration(r.get('wall_s')):>9}  "
               + (f"{str(r.get('started')):<16}  {r.get('job', '')}" if job_col else f"{r.get('started')}"))
     if note:
@@ -340,7 +343,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     if args.ssh:
         from supervisor.control.remote import attach_over_ssh
 
-        return attach_over_ssh(args.ssh, args.run)
+        return attach_over_ssh(args.ssh, args.run, args.remote_cmd)
     from supervisor.control import runs
 
     if args.run is None:
@@ -599,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("attach", cmd_attach, "open the dashboard on a run (d detaches, the run goes on)")
     p.add_argument("run", nargs="?")
     p.add_argument("--ssh", metavar="USER@HOST", help="attach to a run on a remote box over ssh")
+    p.add_argument("--remote-cmd", metavar="PATH", default=None,
+                   help="qlora-watch on the remote box, when ssh's PATH lacks it "
+                        "(default: $QLORA_WATCH_REMOTE_CMD, else qlora-watch)")
 
     p = add("serve", cmd_serve, "serve the dashboard to a browser on 127.0.0.1")
     p.add_argument("run", nargs="?")
@@ -614,6 +620,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", action="store_true",
                    help="also delete checkpoint-N, adapter and attempt-N in its output folder")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask")
+
+    from supervisor.cli.cache import add_parser as add_cache
+
+    add_cache(add)
 
     p = add("merge", cmd_merge, "merge the LoRA adapter into the bf16 base model, on the CPU")
     p.add_argument("run", help="run id, or an adapter/output folder path")

@@ -11,7 +11,8 @@ HOME = "QLORA_WATCH_HOME   where runs live (default: ~/.local/state/qlora-watch)
 RUNTIME = "(no variable)      control sockets: /tmp/qlora-watch-$UID/ (with QLORA_WATCH_HOME set: its sock/)"
 PREEMPT = ("QLW_ON_SIGTERM     preempt: SIGTERM to the supervisor saves and ends the run PREEMPTED "
            "(the default under Slurm); detach: the trainer goes on. SIGUSR1 always preempts")
-SSH = "QLORA_WATCH_SSH    the ssh client for --ssh (default: ssh on PATH; ~/.ssh/config applies)"
+SSH = ("QLORA_WATCH_SSH    the ssh client for --ssh (default: ssh on PATH; ~/.ssh/config applies); "
+       "QLORA_WATCH_REMOTE_CMD: qlora-watch's path on the remote box (--remote-cmd)")
 TRAINER = ("HF_TOKEN, HF_HOME, CUDA_VISIBLE_DEVICES, PYTORCH_CUDA_ALLOC_CONF, WANDB_*, MLFLOW_*: "
            "passed to the trainer")
 
@@ -46,6 +47,8 @@ EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
               [HOME, RUNTIME]),
     "report": (["qlora-watch report", "qlora-watch report amber --compare falcon --out /tmp/r"], [HOME]),
     "rm": (["qlora-watch rm amber", "qlora-watch rm amber --checkpoints --yes"], [HOME]),
+    "cache": (["qlora-watch cache ls", "qlora-watch cache rm 3e2c7c42 --yes", "qlora-watch cache rm --all"],
+              [HOME]),
     "merge": (["qlora-watch merge amber --out merged/", "qlora-watch merge runs/x --checkpoint 200 --out m/"],
               [HOME, "HF_TOKEN, HF_HOME: to fetch the base model"]),
     "completion": (["qlora-watch completion bash > ~/.local/share/bash-completion/completions/qlora-watch",

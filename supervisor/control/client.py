@@ -1,4 +1,7 @@
-"""Clients of the control socket: an async one for the dashboard, a blocking one for the CLI."""
+"""Clients of a run: what the dashboard needs (`RunClient`), the socket client of a live run
+(`AsyncRunClient`), the store-backed client of a finished one (`StoreClient`), and a blocking
+one-command client for the CLI (`request`). The dashboard imports this module, never the core:
+StoreClient opens the run store only when it is built."""
 
 from __future__ import annotations
 
@@ -9,12 +12,17 @@ import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from supervisor import protocol as proto
 from supervisor.protocol import CommandError, ProtocolError
 
-__all__ = ["AsyncRunClient", "CommandError", "ProtocolError", "ServerClosed", "request"]
+if TYPE_CHECKING:
+    from supervisor.store import RunStore
+
+__all__ = ["AsyncRunClient", "CommandError", "ProtocolError", "RunClient", "ServerClosed", "StoreClient",
+           "request"]
 
 _READ_SIZE = 256 * 1024
 _END = object()  # end-of-stream marker in the live queue
@@ -60,6 +68,55 @@ async def _connect(path: str, timeout: float) -> socket.socket:
     except BaseException:
         sock.close()
         raise
+
+
+class RunClient(Protocol):
+    """What the dashboard needs from a client of a run (AsyncRunClient, StoreClient, tests'
+    ReplayClient)."""
+
+    async def connect(self, history: bool = True) -> dict[str, Any]: ...
+
+    def messages(self) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def send_command(self, cmd: str, **args: Any) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
+class StoreClient:
+    """A read-only client over a finished run's store: no supervisor and no socket, and
+    attaching still shows its history."""
+
+    def __init__(self, run_dir: Path):
+        from supervisor.store import (
+            RunStore,  # here, not at import: the dashboard imports this module
+        )
+
+        self.store: RunStore = RunStore(Path(run_dir))
+
+    async def connect(self, history: bool = True) -> dict[str, Any]:
+        from supervisor.records import to_dict
+
+        s = self.store
+        return {
+            "run": s.info(), "state": s.read_state(),
+            "samples": s.samples() if history else [], "steps": s.steps() if history else [],
+            "events": [to_dict(e) for e in s.events()], "log": s.log_tail(500),
+        }
+
+    async def messages(self) -> AsyncIterator[dict[str, Any]]:
+        return
+        yield  # an empty async generator: a finished run sends nothing live
+
+    async def send_command(self, cmd: str, **args: Any) -> dict[str, Any]:
+        if cmd == "ack":
+            return {"acked": self.store.ack_events(args.get("event_ids"))}
+        if cmd in ("ping", "status"):
+            return {"state": self.store.read_state()}
+        raise RuntimeError(f"run {self.store.run_id} has ended: {cmd!r} is not possible")
+
+    async def close(self) -> None:
+        self.store.close()
 
 
 class AsyncRunClient:

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 from supervisor.checkpoints import folders as checkpoints
 from supervisor.checkpoints.plan import step_of
+from supervisor.guards.relaunch import restarts_after
 from supervisor.recipe import Recipe, RecipeError, apply_sets, recipe_from_json, recipe_to_json
 from supervisor.states import RESUMABLE, RunState
 from supervisor.store import RunStore, atomic_write
@@ -49,11 +50,11 @@ class ResumePlan:
 
 
 def effective(base: Recipe, rung: int | None, overrides: list[str]) -> Recipe:
-    """What an attempt runs: the base recipe, the ladder's rungs 0..rung, then every resume's
-    --set (last, so that a --set wins over the rung it was given at)."""
-    from supervisor.guards.relaunch import effective_recipe
+    """What an attempt runs: the base recipe at its ladder rung (ladder.effective), then every
+    resume's --set (last, so that a --set wins over the rung it was given at)."""
+    from supervisor import ladder
 
-    return apply_sets(effective_recipe(base, rung), overrides)
+    return apply_sets(ladder.effective(base, rung), overrides)
 
 
 def _shape(r: Recipe) -> tuple[Any, ...]:
@@ -155,11 +156,12 @@ def request_resume(store: RunStore, from_ckpt: str | None = None,
               resume_request={"from": plan.from_path, "fresh": plan.fresh, "overrides": plan.overrides,
                               "requested_at": time.time(), "after": st.get("state")},
               overrides=list(st.get("overrides") or []) + plan.overrides,
-              restarts_since_progress=0, stop_state=None, ended_at=None, next_launch_in_s=None)
+              restarts_since_progress=restarts_after(st.get("restarts_since_progress") or 0, "resume"),
+              stop_state=None, ended_at=None, next_launch_in_s=None)
     store.write_state(st)
-    from supervisor.records import Event
+    from supervisor.records import Event, EventKind
 
-    store.add_event(Event(t=time.time(), kind="resume", level="info", message=plan.describe(),
+    store.add_event(Event(t=time.time(), kind=EventKind.RESUME_REQUESTED, level="info", message=plan.describe(),
                           attempt=st.get("attempt"),
                           evidence={"from": plan.from_path, "fresh": plan.fresh, "overrides": plan.overrides}))
     store.close()

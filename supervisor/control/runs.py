@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from supervisor import paths
+from supervisor import ladder, numbers, paths
 from supervisor.recipe import Recipe, recipe_to_json
 from supervisor.redact import redact_argv
 from supervisor.states import TERMINAL_VALUES, RunState
@@ -193,17 +193,14 @@ def status(store: RunStore) -> dict[str, Any]:
     ]
     store.close()
     return {**{k: v for k, v in st.items() if k != "wrapper"}, "run_id": store.run_id,
+            "rung_label": ladder.label(st.get("rung")),
             "run": store.info(), "supervisor_running": supervisor_running(store),
             "events": events}
 
 
 def fmt_duration(s: float | None) -> str:
-    if s is None or s != s or s < 0:
-        return "-"
-    s = int(s)
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    """numbers.fmt_duration (the dashboard's), with the CLI's "-" when there is none."""
+    return numbers.fmt_duration(s, na="-")
 
 
 def _clean(text: Any) -> str:
@@ -221,11 +218,6 @@ def _num(v: Any, digits: int) -> str:
     return f"{v:,.{digits}f}"
 
 
-def rung_label(rung: Any) -> str:
-    """'base' before any ladder change, else 'rung N' (rung 1 is the first change)."""
-    return "base" if rung is None else f"rung {rung + 1}"
-
-
 def render_status(d: dict[str, Any]) -> str:
     rung = d.get("rung")
     ended = d.get("state") in TERMINAL_VALUES
@@ -233,7 +225,7 @@ def render_status(d: dict[str, Any]) -> str:
     lines = [
         f"run       {d['run_id']}  ({d['run'].get('recipe')}, {d['run'].get('model')})",
         f"state     {d.get('state')}" + (f"  ({_clean(d.get('message'))})" if d.get("message") else ""),
-        f"attempt   {d.get('attempt') or 1}  ladder {rung_label(rung)}"
+        f"attempt   {d.get('attempt') or 1}  ladder {ladder.label(rung)}"
         + (f"  [{d.get('rung_desc')}]" if d.get("rung_desc") else ""),
         f"step      {_num(step, 0)}/{_num(total, 0)}",
         f"loss      {_num(d.get('last_loss'), 3)}",
@@ -362,7 +354,7 @@ def client_for(store: RunStore) -> Any:
         from supervisor.control.client import AsyncRunClient
 
         return AsyncRunClient(paths.socket_path(store.run_id))
-    from supervisor.control.offline import StoreClient
+    from supervisor.control.client import StoreClient
 
     return StoreClient(store.path)
 

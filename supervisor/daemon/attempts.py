@@ -19,18 +19,21 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from supervisor import guards as guardlib
-from supervisor import procgroup, runenv
+from supervisor import ladder, procgroup, runenv
 from supervisor.checkpoints import folders as checkpoints
 from supervisor.checkpoints.plan import newest_complete_of, prune_plan
 from supervisor.daemon import foreign, handoff
 from supervisor.daemon.followers import JsonlFollower
-from supervisor.recipe import Recipe, describe_rung, recipe_to_json
-from supervisor.records import Step
+from supervisor.daemon.standby import StandbyManager
+from supervisor.guards.relaunch import restarts_after
+from supervisor.recipe import Recipe, recipe_to_json
+from supervisor.records import EventKind, Step
 from supervisor.redact import redact_argv
 from supervisor.sinks import trackers
 from supervisor.states import RunState
 from supervisor.store import read_json
 from supervisor.telemetry.host import oom_kills
+from supervisor.wrapper import TAIL_LINES
 
 if TYPE_CHECKING:
     from supervisor.daemon.core import Supervisor
@@ -45,6 +48,25 @@ PHASE_STATES = {
     "training": RunState.TRAINING,
     "saving": RunState.SAVING,
 }
+
+
+def weight_cache_dir(recipe: Recipe, run_path: Path) -> Path | None:
+    """Where the trainer keeps its quantised-weight cache (runner/qcache.py): the run's own
+    folder (removed with the run), the shared one, or None (off, or not our trainer)."""
+    if recipe.model is None or recipe.trainer.command and not _runs_builtin(recipe.trainer.command):
+        return None
+    mode = recipe.model.weight_cache
+    if mode == "off":
+        return None
+    if mode == "shared":
+        from supervisor.runner.qcache import shared_root
+
+        return shared_root()
+    return run_path / "qcache"
+
+
+def _runs_builtin(command: list[str]) -> bool:
+    return "supervisor.runner.train" in command
 
 
 class AttemptRunner:
@@ -64,6 +86,8 @@ class AttemptRunner:
         self.last_guard_mono = 0.0
         self.tree_pids: set[int] = set()  # the trainer's processes, for the GPU release check
         self._reach: tuple[str | None] | None = None  # ladder_reach(), read once
+        self.standby = StandbyManager(self.sup.record)  # the warm interpreter for the next attempt
+        self.last_launch: dict[str, Any] | None = None  # env/cwd/argv of the latest launch
 
     # -- helpers ------------------------------------------------------------------------
     @property
@@ -101,8 +125,8 @@ class AttemptRunner:
         return self._reach[0]
 
     def effective_recipe(self, rung: int | None) -> Recipe:
-        """The base recipe with ladder rungs 0..rung applied cumulatively, then the --set of
-        every `qlora-watch resume` (resume.effective)."""
+        """The base recipe at `rung` (ladder.effective), then the --set of every
+        `qlora-watch resume` (resume.effective)."""
         from supervisor.control.resume import effective
 
         return effective(self.recipe, rung, list(self.st.get("overrides") or []))
@@ -144,11 +168,11 @@ class AttemptRunner:
         exit_file = self.attempt_dir() / "exit.json"
         self._follow_attempt(attempt, offset=st.get("events_offset", 0))
         if wrapper and procgroup.verify(wrapper):
-            self.sup.record("adopted", f"adopted trainer group {wrapper['pid']} (attempt {attempt}); "
+            self.sup.record(EventKind.ADOPTED, f"adopted trainer group {wrapper['pid']} (attempt {attempt}); "
                             "pid, start time, boot id and command line verified")
             return
         if exit_file.exists():
-            self.sup.record("adopted", f"attempt {attempt} ended while no supervisor was running")
+            self.sup.record(EventKind.ADOPTED, f"attempt {attempt} ended while no supervisor was running")
             await self.handle_exit(read_json(exit_file) or {})
             return
         if not wrapper:
@@ -160,7 +184,7 @@ class AttemptRunner:
         newest = checkpoints.newest_complete(self.output_dir(), run_id=self.sup.store.run_id)
         hint = (f"; continue from {newest.path.name} with `qlora-watch resume {self.sup.store.run_id}`"
                 if newest else "")
-        self.sup.record("lost", f"trainer pid {wrapper.get('pid')} cannot be verified (gone or "
+        self.sup.record(EventKind.TRAINER_LOST, f"trainer pid {wrapper.get('pid')} cannot be verified (gone or "
                         f"reused); it was not signalled{hint}", level="error")
         self.sup.set_state(RunState.LOST, message=f"trainer lost{hint}", exited=True)
 
@@ -195,7 +219,7 @@ class AttemptRunner:
         if not stopped:
             return
         adopted = checkpoints.adopt_checkpoints(self.output_dir(), self.sup.store.run_id)
-        self.sup.record("stray", f"stopped trainer group(s) {stopped} that a previous supervisor "
+        self.sup.record(EventKind.STRAYS_STOPPED, f"stopped trainer group(s) {stopped} that a previous supervisor "
                         "started but never recorded (two trainers must not share a run)"
                         + (f"; adopted {', '.join(adopted)}" if adopted else ""), level="warning")
 
@@ -207,10 +231,10 @@ class AttemptRunner:
         results = checkpoints.finish_pending_deletes(out, self.sup.store.path / "deletions.log")
         for r in results:
             if r.ok:
-                self.sup.record("checkpoint_pruned", f"finished the interrupted delete of {r.name}",
+                self.sup.record(EventKind.CHECKPOINT_PRUNED, f"finished the interrupted delete of {r.name}",
                                 evidence={"bytes": r.size_bytes})
             else:
-                self.sup.record("prune_failed", f"could not finish deleting {r.name}: {r.error}",
+                self.sup.record(EventKind.PRUNE_FAILED, f"could not finish deleting {r.name}: {r.error}",
                                 level="warning")
 
     def _prelaunch_checks(self) -> list[Any]:
@@ -239,7 +263,7 @@ class AttemptRunner:
             checkpoints.claim_output_dir(out, self.sup.store.run_id)
             out_st = os.stat(out)
         except Exception as e:  # noqa: BLE001 - a bad output folder is a config error
-            self._fail(f"output folder {out}: {e}", kind="config_error")
+            self._fail(f"output folder {out}: {e}", kind=EventKind.CONFIG_REJECTED)
             return
         env = runenv.for_run(self.sup.store.path)  # captured at start, not this supervisor's own
         env.update(recipe.env)
@@ -252,33 +276,40 @@ class AttemptRunner:
         env.pop("QLW_RESUME", None)
         if resume:
             env["QLW_RESUME"] = resume
+        cache_dir = weight_cache_dir(recipe, self.sup.store.path)
+        env.pop("QLW_QCACHE_DIR", None)
+        if cache_dir is not None:
+            env["QLW_QCACHE_DIR"] = str(cache_dir)
         cwd = Path(self.sup.run_info.get("cwd") or os.getcwd())
         try:  # the ladder's settings, three ways: QLW_* env, {placeholders}, an axolotl copy
             ho = handoff.prepare(recipe, procgroup.trainer_argv(recipe),
-                                 rungs=self.recipe.oom_ladder[: rung + 1] if rung is not None else [],
+                                 rungs=ladder.changes(self.recipe, rung),
                                  resume=resume, attempt=attempt, rung=rung, output_dir=out,
                                  cwd=cwd, attempt_dir=adir)
         except (handoff.HandoffError, OSError) as e:
-            self._fail(f"cannot launch the command: {e}", kind="config_error")
+            self._fail(f"cannot launch the command: {e}", kind=EventKind.CONFIG_REJECTED)
             return
         argv = ho.argv
         env.update(ho.env)
         for copy in ho.rewritten:
-            self.sup.record("config_rewritten", f"attempt {attempt} runs with {copy} (the ladder's "
+            self.sup.record(EventKind.CONFIG_REWRITTEN, f"attempt {attempt} runs with {copy} (the ladder's "
                             "settings, resume_from_checkpoint and output_dir written in)")
         self._follow_attempt(attempt)
         self.sup.new_attempt()
         self.child_rc = None
         oom_kills_before = oom_kills()  # the kernel's count: a SIGKILL exit is checked against it
+        warm = await self.standby.take(attempt=attempt, env=env, cwd=cwd, argv=argv, recipe=recipe)
+        self.last_launch = {"env": env, "cwd": cwd, "argv": argv, "recipe": recipe, "attempt": attempt,
+                            "warm": warm is not None}
         try:
-            self.proc = procgroup.spawn(
+            self.proc = warm or procgroup.spawn(
                 argv, env=env, cwd=cwd,
                 exit_file=adir / "exit.json", log_path=self.sup.store.log_path,
                 log_max_bytes=recipe.supervisor.log_max_bytes,
                 log_backups=recipe.supervisor.log_backups,
             )
         except OSError as e:
-            self._fail(f"cannot start the trainer wrapper: {e}", kind="config_error")
+            self._fail(f"cannot start the trainer wrapper: {e}", kind=EventKind.CONFIG_REJECTED)
             return
         self.sup.download.on_launch(env, recipe.model.name if recipe.model else None)
         ident = await asyncio.to_thread(procgroup.identity_after_exec, self.proc.pid, list(self.proc.args))
@@ -297,13 +328,43 @@ class AttemptRunner:
                        "grad_accum": recipe.train.grad_accum},
         )
         what = f" from {Path(resume).name}" if resume else ""
-        self.sup.record("launch", f"attempt {attempt} started{what} (pid {self.proc.pid})",
+        how = ", warm standby: imports already done" if warm else ""
+        self.sup.record(EventKind.LAUNCHED, f"attempt {attempt} started{what} (pid {self.proc.pid}{how})",
                         evidence={"argv": redact_argv(argv)[:3], "resume": resume, "rung": rung,
-                                  "output_dir": str(out)})
+                                  "rung_label": ladder.label(rung),
+                                  "output_dir": str(out), "warm_standby": bool(warm)})
+
+    def prepare_standby(self) -> None:
+        """A warm standby for the next attempt, once this one trains (its imports then compete
+        with nothing but training). Never for a user's command; replaced after each use."""
+        last = self.last_launch
+        if last is None or self.standby.current is not None or self.sup.run_state.terminal:
+            return
+        recipe = last["recipe"]
+        if StandbyManager.off_reason(recipe, last["argv"]) is not None:
+            return
+        from supervisor.runner.backends import planned_backend
+
+        nxt = last["attempt"] + 1
+        adir = self.sup.store.attempt_dir(nxt)
+        try:
+            adir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError:
+            return
+        env = {k: v for k, v in last["env"].items() if not k.startswith("QLW_")}
+        backend = planned_backend(recipe) if recipe.model is not None else "hf"
+        self.standby.start(attempt=nxt, folder=self.sup.store.path / "standby" / str(nxt), env=env,
+                           cwd=last["cwd"], backend=backend, recipe=recipe, exit_file=adir / "exit.json",
+                           log_path=self.sup.store.log_path,
+                           log_max_bytes=recipe.supervisor.log_max_bytes,
+                           log_backups=recipe.supervisor.log_backups)
 
     # -- polling ----------------------------------------------------------------------
     async def poll(self) -> None:
         statuses = procgroup.reap_children()
+        self.standby.forget_if_reaped(statuses)
+        if self.standby.current is not None and self.sup.run_state.terminal:
+            await asyncio.to_thread(self.standby.discard)
         w = self.st.get("wrapper") or {}
         tree = getattr(self.sup.sampler, "tree_pids", None)
         if tree and self.trainer_alive():
@@ -320,7 +381,7 @@ class AttemptRunner:
             self.stop_deadline = None
             if w and procgroup.signal_group(w["pid"], signal.SIGKILL):
                 self.stop_killed = True
-                self.sup.record("stop", f"trainer did not exit within {self.recipe.supervisor.stop_grace_s:.0f} s "
+                self.sup.record(EventKind.STOP_SENT, f"trainer did not exit within {self.recipe.supervisor.stop_grace_s:.0f} s "
                                 f"of {self.recipe.trainer.stop_signal}: killed the process group",
                                 level="warning")
         if self.next_launch_mono is not None and time.monotonic() >= self.next_launch_mono:
@@ -338,7 +399,7 @@ class AttemptRunner:
         # No exit file: the wrapper itself was killed (SIGKILL to the group).
         rc = self.child_rc
         return {"returncode": rc, "signal": -rc if rc is not None and rc < 0 else None,
-                "tail": self.sup.log_ring[-50:], "no_exit_file": True}
+                "tail": self.sup.log_ring[-TAIL_LINES:], "no_exit_file": True}  # as the wrapper keeps
 
     async def handle_exit(self, info: dict[str, Any]) -> None:
         w = self.st.get("wrapper") or {}
@@ -347,7 +408,7 @@ class AttemptRunner:
         pgid = w.get("pid")
         if pgid:  # leftover workers hold GPU memory: kill the group and subreaped escapers
             procgroup.signal_group(pgid, signal.SIGKILL)
-        procgroup.kill_orphans(self.sup.tb.helper_pids())  # not the trackers' own (wandb's service)
+        procgroup.kill_orphans(self.sup.tb.helper_pids() | self.standby.pids())  # not the trackers' (wandb's service), not the standby
         self.sup.set_state(exited=True, exit_code=rc, exit_signal=sig, ended_at=time.time())
         self.sup._follow_events()  # the last events before exit (checkpoint, finished)
         self.sup._follow_log()
@@ -360,7 +421,7 @@ class AttemptRunner:
             gpu_lost=any(g.lost for s in self.sup.recent_samples[-3:] for g in s.gpus),
             spawn_error=info.get("spawn_error"), stop_requested=self.stop_reason is not None,
         )
-        self.sup.record("trainer_exited", f"attempt {self.st.get('attempt')} exited: {cls.describe()}",
+        self.sup.record(EventKind.TRAINER_EXITED, f"attempt {self.st.get('attempt')} exited: {cls.describe()}",
                         level="info" if cls.kind in ("completed", "stopped") else "error",
                         evidence={"returncode": rc, "signal": sig, "class": cls.kind,
                                   "last_lines": tail[-5:]})
@@ -395,7 +456,12 @@ class AttemptRunner:
             else:
                 self.sup.set_state(**fields)
             if phase not in ("saving", "training") or not self.st.get("step"):
-                self.sup.record("phase", f"trainer phase: {phase}")  # not every save's toggles
+                self.sup.record(EventKind.PHASE_CHANGED, f"trainer phase: {phase}")  # not every save's toggles
+            # The next attempt's standby: beside the load of a cold attempt (an OOM can come at
+            # its first step), after the first step of a warm one (nothing competes with its load).
+            warm = bool((self.last_launch or {}).get("warm"))
+            if phase == ("training" if warm else "loading_model"):
+                self.prepare_standby()
         elif kind == "checkpoint":
             path = Path(str(obj.get("path", "")))
             info = checkpoints.checkpoint_status(path)
@@ -403,29 +469,33 @@ class AttemptRunner:
                 try:
                     checkpoints.mark_checkpoint(path, self.sup.store.run_id)
                 except OSError as e:  # ENOSPC: a full disk must not take the supervisor down
-                    self.sup.record("checkpoint_unmarked", f"{path.name} is complete but could not be "
+                    self.sup.record(EventKind.CHECKPOINT_UNMARKED, f"{path.name} is complete but could not be "
                                     f"marked as this run's ({e.strerror or e}); it will not be "
                                     "resumed from automatically", level="warning")
                     return
                 self._accepted(info)
             else:
-                self.sup.record("checkpoint_incomplete", f"{path.name}: {info.reason}", level="warning")
+                self.sup.record(EventKind.CHECKPOINT_INCOMPLETE, f"{path.name}: {info.reason}", level="warning")
         elif kind == "finished":
             self.sup.set_state(adapter_path=obj.get("adapter_path"), phase="finished")
-            self.sup.record("finished", f"adapter saved to {obj.get('adapter_path')}")
+            self.sup.record(EventKind.TRAINING_FINISHED, f"adapter saved to {obj.get('adapter_path')}")
         elif kind == "notice":
-            self.sup.record("notice", str(obj.get("message", ""))[:2000])
+            self.sup.record(EventKind.TRAINER_NOTED, str(obj.get("message", ""))[:2000])
+            if isinstance(obj.get("cache_bytes"), int):  # the weight cache: shown in the dashboard
+                self.sup.set_state(weight_cache={"bytes": obj["cache_bytes"], "key": obj.get("cache_key"),
+                                                 "dir": obj.get("cache_dir")})
         elif kind == "settings":  # effective_settings() was called: the ladder reaches it
             self.sup.set_state(settings_read=True)
 
     def _accepted(self, info: Any) -> None:
         """A complete checkpoint of this run: progress (it resets the crash budget)."""
         self.sup.set_state(last_checkpoint=str(info.path), last_checkpoint_step=info.step,
-                           last_checkpoint_bytes=info.size_bytes, restarts_since_progress=0,
+                           last_checkpoint_bytes=info.size_bytes,
+                           restarts_since_progress=restarts_after(self.st.get("restarts_since_progress") or 0, "progress"),
                            last_progress_t=time.time())
         from supervisor.units import size
 
-        self.sup.record("checkpoint_saved", f"{info.name} saved ({size(info.size_bytes)})",
+        self.sup.record(EventKind.CHECKPOINT_SAVED, f"{info.name} saved ({size(info.size_bytes)})",
                         evidence={"step": info.step, "bytes": info.size_bytes})
 
     def discover_checkpoints(self) -> None:
@@ -441,7 +511,7 @@ class AttemptRunner:
         for info in no_adapter[-1:]:
             if "no_adapter" not in self.fired:  # said once, not every scan
                 self.fired.add("no_adapter")
-                self.sup.record("checkpoint_no_adapter", foreign.no_adapter_message(info),
+                self.sup.record(EventKind.CHECKPOINT_WITHOUT_ADAPTER, foreign.no_adapter_message(info),
                                 level="warning")
 
     def _training_seen(self) -> None:
@@ -503,16 +573,16 @@ class AttemptRunner:
         if now:
             procgroup.signal_group(pgid, signal.SIGKILL)
             self.stop_killed = self.stop_now = True
-            self.sup.record("stop", f"{reason}: killed the process group (--now)", level="warning")
+            self.sup.record(EventKind.STOP_SENT, f"{reason}: killed the process group (--now)", level="warning")
             return
         name = self.recipe.trainer.stop_signal  # SIGINT for scripts that save on KeyboardInterrupt
         procgroup.signal_group(pgid, getattr(signal, name))
         procgroup.signal_group(pgid, signal.SIGCONT)  # a stopped trainer must see the signal
         self.stop_deadline = time.monotonic() + self.recipe.supervisor.stop_grace_s
-        self.sup.record("stop", f"{reason}: {name} sent; the trainer saves a checkpoint "
+        self.sup.record(EventKind.STOP_SENT, f"{reason}: {name} sent; the trainer saves a checkpoint "
                         f"(grace {self.recipe.supervisor.stop_grace_s:.0f} s)")
 
-    def _fail(self, message: str, kind: str = "failed", state: RunState = RunState.FAILED) -> None:
+    def _fail(self, message: str, kind: str = EventKind.RUN_FAILED, state: RunState = RunState.FAILED) -> None:
         self.sup.record(kind, message, level="error")
         self.sup.set_state(state, message=message, exited=True)
 
@@ -556,14 +626,14 @@ class AttemptRunner:
                                           expect=tuple(ident) if ident else None)
         for r in results:
             if r.ok:
-                self.sup.record("checkpoint_pruned", f"deleted {r.name} ({reason})",
+                self.sup.record(EventKind.CHECKPOINT_PRUNED, f"deleted {r.name} ({reason})",
                                 evidence={"bytes": r.size_bytes})
             else:
                 key = f"prune_failed:{r.name}:{r.error}"
                 if key in self.fired:  # retried every guard tick; announced once
                     continue
                 self.fired.add(key)
-                self.sup.record("prune_failed", f"could not delete {r.name}: {r.error}", level="warning")
+                self.sup.record(EventKind.PRUNE_FAILED, f"could not delete {r.name}: {r.error}", level="warning")
 
     async def execute(self, actions: list[Any]) -> None:
         try:
@@ -579,13 +649,13 @@ class AttemptRunner:
             if key in self.fired:
                 return
             self.fired.add(key)
-            self.sup.record("guard", a.message, level="warning", guard=a.guard, evidence=a.evidence)
+            self.sup.record(EventKind.GUARD_FIRED, a.message, level="warning", guard=a.guard, evidence=a.evidence)
         elif kind == "PruneCheckpoints":
             self._delete(list(a.names), a.reason)
         elif kind == "CaptureStacks":
             await self._capture_stacks(a)
         elif kind == "StopRun":
-            self.sup.record("guard", a.message, level="error", guard=a.guard, evidence=a.evidence)
+            self.sup.record(EventKind.GUARD_FIRED, a.message, level="error", guard=a.guard, evidence=a.evidence)
             await self.request_stop(now=not a.graceful, reason=a.message, state=a.state)
         elif kind == "Fail":
             self._fail(a.message)
@@ -595,13 +665,14 @@ class AttemptRunner:
                 procgroup.signal_group(w["pid"], signal.SIGKILL)
                 await asyncio.to_thread(procgroup.wait_gone, w["pid"], 10.0)
                 self.sup.set_state(exited=True)
-            self.sup.record("relaunch", a.message, level="warning", guard=a.guard, evidence=a.evidence)
+            self.sup.record(EventKind.RELAUNCH_SCHEDULED, a.message, level="warning", guard=a.guard, evidence=a.evidence)
             # restarts: every relaunch of the run (what `status --json` and the report count);
-            # restarts_since_progress: the crash budget, reset by each new complete checkpoint,
-            # not spent by a ladder rung change
-            since = (self.st.get("restarts_since_progress") or 0) + (0 if a.rung_index != self.st.get("rung") else 1)
+            # restarts_since_progress: the crash budget (guards.relaunch.restarts_after)
             self.sup.set_state(RunState.BACKOFF, next_launch_in_s=a.delay_s,
-                               restarts=(self.st.get("restarts") or 0) + 1, restarts_since_progress=since)
+                               restarts=(self.st.get("restarts") or 0) + 1,
+                               restarts_since_progress=restarts_after(
+                                   self.st.get("restarts_since_progress") or 0, "relaunch",
+                                   rung_before=self.st.get("rung"), rung_after=a.rung))
             self.pending = a
             self.next_launch_mono = time.monotonic() + max(0.0, a.delay_s)
 
@@ -616,12 +687,13 @@ class AttemptRunner:
                    and (newest is None or i.step > newest.step)]
         if partial:
             checkpoints.quarantine(self.output_dir(), partial)
-            self.sup.record("checkpoint_quarantined", f"set aside incomplete {', '.join(partial)}",
+            self.sup.record(EventKind.CHECKPOINT_QUARANTINED, f"set aside incomplete {', '.join(partial)}",
                             level="warning")
-        rung = a.rung_index
+        rung = a.rung
         if rung != self.st.get("rung") and rung is not None:
-            desc = describe_rung(self.effective_recipe(rung - 1 if rung > 0 else None),
-                                 self.recipe.oom_ladder[rung])
+            # what this rung changes, from the rung below as this run had it (its --set included)
+            desc = ladder.describe_change(self.effective_recipe(ladder.previous(rung)),
+                                          ladder.change(self.recipe, rung))
             self.sup.set_state(rung_desc=f"{desc} after OOM")
         await self.launch(resume=a.resume_from, rung=rung, fresh=a.fresh_output)
 
@@ -649,7 +721,7 @@ class AttemptRunner:
                 return True
             await asyncio.sleep(0.2)
         if mib is None:
-            self.sup.record("gpu_release", "could not confirm that the GPU memory was released "
+            self.sup.record(EventKind.GPU_RELEASE_UNCONFIRMED, "could not confirm that the GPU memory was released "
                             "(NVML did not answer); relaunching anyway", level="warning")
             return True
         self._fail(f"GPU memory still held ({mib:.0f} MiB) by the old trainer's processes "
@@ -663,7 +735,7 @@ class AttemptRunner:
         pyspy = shutil.which("py-spy")
         pid_file = read_json(self.attempt_dir() / "trainer.pid.json")
         if not pyspy or not pid_file:
-            self.sup.record("stacks", "py-spy not installed: no stack dump", guard=a.guard)
+            self.sup.record(EventKind.STACKS_CAPTURED, "py-spy not installed: no stack dump", guard=a.guard)
             return
         proc = await asyncio.create_subprocess_exec(
             pyspy, "dump", "--pid", str(pid_file["pid"]),
@@ -675,6 +747,6 @@ class AttemptRunner:
             out = b"py-spy timed out"
         path = self.attempt_dir() / "stacks.txt"
         path.write_bytes(out)
-        self.sup.record("stacks", f"trainer stacks saved to {path}", guard=a.guard)
+        self.sup.record(EventKind.STACKS_CAPTURED, f"trainer stacks saved to {path}", guard=a.guard)
 
 

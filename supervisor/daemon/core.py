@@ -27,7 +27,7 @@ from supervisor.daemon.preempt import Preemption, sigterm_preempts
 from supervisor.download import DownloadTracker
 from supervisor.preflight.emulation import card_total_mib
 from supervisor.recipe import Recipe, recipe_from_json
-from supervisor.records import Event, Sample, Step, step_from_dict, to_dict
+from supervisor.records import Event, EventKind, Sample, Step, to_dict
 from supervisor.sinks import notify
 from supervisor.sinks.trackers import from_recipe as trackers_for
 from supervisor.states import RunState
@@ -113,7 +113,7 @@ class Supervisor:
         if new is not None:
             if new.terminal and self.state.get("state") != new.value:
                 msg = fields.get("message") or self.state.get("message") or ""
-                self.notifier.maybe_send(Event(t=time.time(), kind="state", message=f"run {new.value}: {msg}"),
+                self.notifier.maybe_send(Event(t=time.time(), kind=EventKind.STATE_CHANGED, message=f"run {new.value}: {msg}"),
                                          state_after=new.value)
             fields["state"] = new.value
         self.state.update(fields)
@@ -196,6 +196,8 @@ class Supervisor:
             await self.tick()  # last events and log lines
         finally:
             self.preemption.settle(loop, preempt_on_term)  # a late SIGTERM must not make exit 0 a -15
+            with contextlib.suppress(Exception):  # the idle warm standby dies with us
+                await asyncio.to_thread(self.attempts.standby.discard)
             self.broadcast(proto.bye(f"run {self.state.get('state')}"))
             await asyncio.sleep(0.05)
             if self.server is not None:
@@ -274,7 +276,7 @@ class Supervisor:
             return
         self.step_source = source
         attempt = self.state.get("attempt") or 1
-        new_steps = [s for s in (_to_step(o, attempt) for o in objs) if s is not None]
+        new_steps = [s for s in (Step.from_trainer(o, attempt) for o in objs) if s is not None]
         if new_steps:
             try:
                 self.store.add_steps(new_steps, lineage=self.state.get("lineage") or 1)
@@ -325,34 +327,6 @@ class Supervisor:
             log.warning("sample not stored: %s", e)
         self.tb.add_sample(sample, self.state.get("step"))
         self.broadcast(proto.sample(to_dict(sample)))
-
-
-def _to_step(obj: dict[str, Any], attempt: int) -> Step | None:
-    """A step record from the trainer; garbage values become None, never exceptions."""
-    try:
-        step = int(obj["step"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    d = {"t": _num(obj.get("t")) or time.time(), "step": step, "attempt": attempt}
-    for k in ("loss", "grad_norm", "lr", "epoch", "tokens_per_s", "step_time_s"):
-        d[k] = _num(obj.get(k))
-    for k in ("tokens", "max_steps"):
-        v = _num(obj.get(k))
-        d[k] = int(v) if v is not None and v == v and abs(v) < 1e18 else None
-    return step_from_dict(d)
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return None
-    return None
 
 
 def _size(p: Path) -> int:

@@ -80,7 +80,7 @@ def window_from_supervisor(sup: Any) -> Window:
         samples=samples,
         steps=steps,
         attempt=int(st.get("attempt") or 1),
-        rung_index=st.get("rung"),
+        rung=st.get("rung"),
         restarts_since_progress=int(st.get("restarts_since_progress") or 0),
         last_checkpoint_step=st.get("last_checkpoint_step"),
         last_progress_t=_float(st.get("last_progress_t")),

@@ -84,7 +84,7 @@ def settings(recipe: Recipe, keys: set[str], resume: str | None, attempt: int,
     """name -> text for every placeholder this attempt can fill."""
     out = {name: _text(value_of(recipe, key)) for name, key in SETTINGS.items() if key in keys}
     out.update(resume_from=resume or "", attempt=str(attempt),
-               rung="0" if rung is None else str(rung + 1), output_dir=str(output_dir))
+               rung="0" if rung is None else str(rung), output_dir=str(output_dir))  # ladder.py numbering
     return out
 
 

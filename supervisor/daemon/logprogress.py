@@ -23,7 +23,7 @@ PENDING_S = 2.0  # a dict with no bar line after it is taken at the last bar ste
 
 def parse_dict(line: str) -> dict[str, Any] | None:
     """A HF log dict's values under our names ({'lr': '1e-04', ...}), or None for any other line.
-    Values stay as printed: core._to_step turns them into numbers, as for every step source."""
+    Values stay as printed: Step.from_trainer turns them into numbers, as for every step source."""
     m = _DICT.match(line)
     if not m:
         return None

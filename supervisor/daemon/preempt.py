@@ -19,6 +19,7 @@ import os
 import signal
 from typing import TYPE_CHECKING, Mapping
 
+from supervisor.records import EventKind
 from supervisor.states import RunState
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class Preemption:
         self.signals.append(name)
         loop = asyncio.get_running_loop()
         if len(self.signals) > 1:  # USR1 then TERM, as Slurm sends them: still saving
-            self.sup.record("preempt", f"{name} received while the preemption save runs; waiting for "
+            self.sup.record(EventKind.PREEMPTION_RECEIVED, f"{name} received while the preemption save runs; waiting for "
                             "the checkpoint", level="warning")
             return
         loop.create_task(self.begin(name))
@@ -82,7 +83,7 @@ class Preemption:
         sup = self.sup
         if sup.run_state.terminal:
             return
-        sup.record("preempt", f"{name}: the machine is being taken away (preemption); saving "
+        sup.record(EventKind.PREEMPTION_RECEIVED, f"{name}: the machine is being taken away (preemption); saving "
                    "a checkpoint, then the run is PREEMPTED", level="warning")
         reason = f"preempted ({name})"  # handle_exit adds the checkpoint and `qlora-watch resume`
         att = sup.attempts

@@ -24,16 +24,15 @@ from supervisor.guards.host_ram import prelaunch_host_ram
 from supervisor.guards.relaunch import (
     backoff_delay,
     decide_relaunch,
-    effective_recipe,
-    restarts_after_exit,
+    restarts_after,
     resume_target,
 )
 from supervisor.recipe import Guards
 
 __all__ = [
     "Action", "CaptureStacks", "ExitClass", "Fail", "PruneCheckpoints", "Relaunch", "StopRun",
-    "Warn", "Window", "backoff_delay", "classify_exit", "decide_relaunch", "effective_recipe",
-    "prelaunch_host_ram", "restarts_after_exit", "resume_target", "run_guards",
+    "Warn", "Window", "backoff_delay", "classify_exit", "decide_relaunch",
+    "prelaunch_host_ram", "restarts_after", "resume_target", "run_guards",
 ]
 
 

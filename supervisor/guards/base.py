@@ -9,7 +9,7 @@ each tick, runs `guards.run_guards`, and carries out the actions:
 - StopRun: stop the trainer and end in `state`. graceful=True: SIGTERM, let the callback
   save, SIGKILL after the grace. graceful=False: stop without a save (a diverged model's
   weights are not worth a checkpoint).
-- Relaunch: stop the trainer (if alive), wait `delay_s`, start attempt+1 at `rung_index`
+- Relaunch: stop the trainer (if alive), wait `delay_s`, start attempt+1 at `rung`
   from `resume_from` (a checkpoint path, or None: from scratch); fresh_output=True: in a
   new output folder, keeping the old one's checkpoints.
 - PruneCheckpoints: `checkpoints.safe_delete(output_dir, names, audit_log, reason)`.
@@ -19,12 +19,12 @@ each tick, runs `guards.run_guards`, and carries out the actions:
 
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Union
 
 from supervisor.checkpoints.plan import CheckpointInfo, as_infos
+from supervisor.numbers import is_finite
 from supervisor.records import Sample, Step
 from supervisor.states import RunState
 
@@ -45,7 +45,7 @@ class Window:
     samples: list[Sample] = field(default_factory=list)  # recent, e.g. the last 10 minutes
     steps: list[Step] = field(default_factory=list)  # recent logged steps (any attempt)
     attempt: int = 1
-    rung_index: int | None = None  # None: the recipe as written; k: oom_ladder[0..k] applied
+    rung: int | None = None  # None: the recipe as written; n: oom_ladder[0..n-1] applied (ladder.py)
     restarts_since_progress: int = 0  # relaunches since the last new complete checkpoint
     last_checkpoint_step: int | None = None
     last_progress_t: float | None = None
@@ -105,7 +105,7 @@ class StopRun:
 class Relaunch:
     guard: str
     reason: str  # cuda_oom | crash | host_oom_kill | stall
-    rung_index: int | None  # None: keep the current rung
+    rung: int | None  # the rung to launch at (ladder.py numbering; None: as written)
     resume_from: str | None
     delay_s: float
     fresh_output: bool
@@ -149,17 +149,13 @@ def warn(window: Window, guard: str, key: str, message: str, evidence: dict[str,
     return [Warn(guard=guard, message=message, evidence=evidence, key=key)]
 
 
-def finite(x: float | None) -> bool:
-    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
-
-
 def median(xs: Iterable[float]) -> float | None:
-    vals = [x for x in xs if finite(x)]
+    vals = [x for x in xs if is_finite(x)]
     return statistics.median(vals) if vals else None
 
 
 def mean(xs: Iterable[float | None]) -> float | None:
-    vals = [x for x in xs if finite(x)]
+    vals = [x for x in xs if is_finite(x)]
     return sum(vals) / len(vals) if vals else None  # type: ignore[arg-type]
 
 

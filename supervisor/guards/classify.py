@@ -20,7 +20,7 @@ CONFIG_ERROR = "config_error"
 GPU_LOST = "gpu_lost"
 CRASH = "crash"
 RETRYABLE = frozenset({CUDA_OOM, HOST_OOM_KILL, CRASH})
-TAIL_LINES = 50  # stderr lines kept for the FAILED message
+KEEP_LINES = 50  # stderr lines an ExitClass keeps for the FAILED message (the whole tail is read)
 
 _TB_HEAD = "Traceback (most recent call last):"
 _OOM = re.compile(r"torch\.(cuda\.)?OutOfMemoryError|CUDA out of memory|CUBLAS_STATUS_ALLOC_FAILED")
@@ -80,14 +80,6 @@ def _signame(n: int) -> str:
         return f"signal {n}"
 
 
-def final_traceback(lines: list[str]) -> list[str]:
-    """Lines from the last 'Traceback (most recent call last):' to the end ([] if none)."""
-    for i in range(len(lines) - 1, -1, -1):
-        if _TB_HEAD in lines[i]:
-            return [_TB_HEAD, *lines[i + 1:]]
-    return []
-
-
 def _tracebacks(lines: list[str]) -> list[list[str]]:
     """Every traceback in lines, oldest first, each up to the next header (or the end)."""
     # `in`, not startswith: a tqdm bar has no newline, so the header often ends its line
@@ -129,7 +121,7 @@ def cause_traceback(lines: list[str], failed: bool = True) -> list[str]:
         m = _RANK.match(line)
         if m:
             by_rank.setdefault(m.group("rank"), []).append(line[m.end():])
-    ranks = [r for r in map(final_traceback, by_rank.values()) if r]
+    ranks = [found[-1] for found in map(_tracebacks, by_rank.values()) if found]
     if ranks:
         return next((r for r in ranks if _OOM.search("\n".join(r))), ranks[0])
     return next((t for t in reversed(tbs) if not _is_launcher(t)), tb)
@@ -164,13 +156,15 @@ def classify_exit(
     stop_requested: bool = False,
     spawn_error: str | None = None,
 ) -> ExitClass:
-    """Classify a trainer exit; see the module docstring for which text counts."""
-    tail = [line.rstrip("\r\n") for line in stderr_tail][-TAIL_LINES:]
+    """Classify a trainer exit; see the module docstring for which text counts. `stderr_tail`
+    is read whole: the wrapper keeps its last wrapper.TAIL_LINES lines, enough for a deep
+    traceback's header."""
+    tail = [line.rstrip("\r\n") for line in stderr_tail]
     sig = _signal_of(returncode, signal)
 
     def out(kind: str, summary: str, **kw: object) -> ExitClass:
         return ExitClass(kind=kind, summary=summary, returncode=returncode, signal=sig,
-                         stderr_tail=tail, **kw)  # type: ignore[arg-type]
+                         stderr_tail=tail[-KEEP_LINES:], **kw)  # type: ignore[arg-type]
 
     if gpu_lost:
         return out(GPU_LOST, "GPU lost (fell off the bus): reboot required")

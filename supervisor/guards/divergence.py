@@ -13,7 +13,8 @@ from collections import deque
 from typing import Any
 
 from supervisor.checkpoints.plan import newest_complete_of
-from supervisor.guards.base import Action, StopRun, Window, finite, median
+from supervisor.guards.base import Action, StopRun, Window, median
+from supervisor.numbers import is_finite
 from supervisor.recipe import DivergenceGuard
 from supervisor.records import Step
 from supervisor.states import RunState
@@ -72,7 +73,7 @@ def check(window: Window, cfg: DivergenceGuard) -> list[Action]:
 
     recent: deque[float] = deque(maxlen=cfg.spike_window)  # previous finite losses, newest last
     for s in steps:
-        if not finite(s.loss):
+        if not is_finite(s.loss):
             continue
         if len(recent) == cfg.spike_window:  # else not enough history to call anything a spike
             med = median(recent)

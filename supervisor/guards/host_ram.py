@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from supervisor.guards.base import GIB, Action, Warn, Window, finite, gib, warn
+from supervisor.guards.base import GIB, Action, Warn, Window, gib, warn
+from supervisor.numbers import is_finite
 from supervisor.recipe import HostRamGuard
 from supervisor.records import HostSample
 
@@ -14,9 +15,9 @@ GUARD = "host_ram"
 def headroom_mib(h: HostSample) -> tuple[float | None, str]:
     """Available MiB: MemAvailable or the cgroup's limit - used, whichever is smaller."""
     candidates: list[tuple[float, str]] = []
-    if finite(h.mem_available_mib):
+    if is_finite(h.mem_available_mib):
         candidates.append((float(h.mem_available_mib), "MemAvailable"))  # type: ignore[arg-type]
-    if finite(h.cgroup_limit_mib) and finite(h.cgroup_used_mib):
+    if is_finite(h.cgroup_limit_mib) and is_finite(h.cgroup_used_mib):
         candidates.append((float(h.cgroup_limit_mib - h.cgroup_used_mib), "cgroup memory.max - memory.current"))  # type: ignore[operator]
     if not candidates:
         return None, ""
@@ -36,9 +37,9 @@ def check(window: Window, cfg: HostRamGuard) -> list[Action]:
                               "swap_used_mib": h.swap_used_mib}
     if avail is not None and avail < floor_mib:
         who = ""
-        if finite(h.trainer_rss_mib):
+        if is_finite(h.trainer_rss_mib):
             who = f"; the trainer holds {h.trainer_rss_mib / 1024:,.1f} GB"  # type: ignore[operator]
-            if finite(h.trainer_uvm_mib) and h.trainer_uvm_mib:
+            if is_finite(h.trainer_uvm_mib) and h.trainer_uvm_mib:
                 who += f" ({h.trainer_uvm_mib / 1024:,.1f} GB paged optimiser state)"  # type: ignore[operator]
         msg = (f"host RAM low: {avail / 1024:,.1f} GB available ({source}), "
                f"warn under {cfg.min_available_gib:g} GB{who}; the kernel may kill the trainer")
@@ -47,7 +48,7 @@ def check(window: Window, cfg: HostRamGuard) -> list[Action]:
                          "mem_available_mib": h.mem_available_mib, "cgroup_limit_mib": h.cgroup_limit_mib,
                          "cgroup_used_mib": h.cgroup_used_mib, **extras})
 
-    swaps = [(st, hs.swap_used_mib) for st, hs in hosts if finite(hs.swap_used_mib)]
+    swaps = [(st, hs.swap_used_mib) for st, hs in hosts if is_finite(hs.swap_used_mib)]
     if len(swaps) >= 2:
         low = min(v for _, v in swaps)  # growth from the window's lowest point, not its first
         low_t = next(st for st, v in swaps if v == low)

@@ -1,26 +1,21 @@
 """What to do after the trainer exited: next OOM rung, back-off relaunch, or fail.
 
-Rungs (the core's convention): rung None is the recipe as written; rung k applies
-oom_ladder[0..k] in order (cumulative: rung 1 of the default ladder is seq 768 *and* r 8).
-Relaunch.rung_index is always the absolute rung to launch at. apply_rung keeps the
-effective batch. A rung that changes adapter shapes (rank, target modules) cannot resume
-from the old checkpoints, so that attempt starts fresh in a new output folder and the old
-checkpoints are kept.
+Rungs are numbered as supervisor/ladder.py says (rung None: the recipe as written; rung 1:
+the first change). Relaunch.rung is always the absolute rung to launch at. A rung that
+changes adapter shapes (rank, target modules) cannot resume from the old checkpoints, so
+that attempt starts fresh in a new output folder and the old checkpoints are kept.
 
-Restart budget (RELIABILITY_PLAN design 7): `restarts_since_progress` counts relaunches
-since the last progress, where progress = a complete checkpoint newer than the one the
-attempt started from. The core keeps it:
-  - at each exit: `restarts = restarts_after_exit(restarts, step_at_launch, newest_step_now)`
-    (resets to 0 after progress), then builds the Window and calls decide_relaunch;
-  - when it carries out a Relaunch (crash, stall or OOM): restarts += 1.
+Restart budget (RELIABILITY_PLAN design 7), defined once in `restarts_after`: the state's
+`restarts` counts relaunches since the last progress (a new complete checkpoint of the run).
 A crash relaunch waits min(backoff_base_s * 2**restarts, backoff_max_s); once restarts
 reaches max_restarts the run FAILS with the last stderr lines.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+from supervisor import ladder
 from supervisor.checkpoints.plan import CheckpointInfo, newest_complete_of
 from supervisor.guards.base import Action, Fail, Relaunch, Window
 from supervisor.guards.classify import (
@@ -34,17 +29,11 @@ from supervisor.guards.classify import (
     STOPPED,
     ExitClass,
 )
-from supervisor.recipe import (
-    CrashGuard,
-    Guards,
-    Recipe,
-    apply_rung,
-    describe_rung,
-    rung_changes_adapter_shape,
-)
+from supervisor.recipe import CrashGuard, Guards, Recipe
 
 GUARD = "relaunch"
 FAIL_TAIL = 20  # stderr lines quoted in a FAILED message
+AS_WRITTEN = "the recipe as written"  # rung None, inside a sentence
 
 
 def backoff_delay(restarts_since_progress: int, cfg: CrashGuard) -> float:
@@ -53,32 +42,23 @@ def backoff_delay(restarts_since_progress: int, cfg: CrashGuard) -> float:
     return float(min(cfg.backoff_base_s * (2 ** n), cfg.backoff_max_s))
 
 
-def restarts_after_exit(restarts_since_progress: int, step_at_launch: int | None,
-                        newest_complete_step: int | None) -> int:
-    """0 when a complete checkpoint newer than the attempt's start exists, else unchanged."""
-    if newest_complete_step is not None and (step_at_launch is None or newest_complete_step > step_at_launch):
+def restarts_after(restarts: int, event: Literal["progress", "relaunch", "resume"], *,
+                   rung_before: int | None = None, rung_after: int | None = None) -> int:
+    """The restart budget's one definition: relaunches since the last progress.
+
+    - "progress" (a new complete checkpoint of this run): 0;
+    - "resume" (a person asked for the next attempt, `qlora-watch resume`): 0;
+    - "relaunch" at the same rung (a crash, a stall, an OOM relaunched unchanged): +1;
+    - "relaunch" at another rung: unchanged (the ladder is bounded by its own length).
+    """
+    if event in ("progress", "resume"):
         return 0
-    return restarts_since_progress
+    return restarts + (1 if rung_after == rung_before else 0)
 
 
 def resume_target(window: Window) -> CheckpointInfo | None:
     """The newest complete checkpoint of this run in the current output folder."""
     return newest_complete_of(window.infos(), run_id=window.run_id)
-
-
-def effective_recipe(recipe: Recipe, rung_index: int | None) -> Recipe:
-    """The recipe with oom_ladder[0..rung_index] applied in order (None: as written)."""
-    out = recipe
-    if rung_index is None:
-        return out
-    for rung in recipe.oom_ladder[: rung_index + 1]:
-        out = apply_rung(out, rung)
-    return out
-
-
-def rung_label(rung_index: int | None) -> str:
-    # a user reads "rung 1" for the first ladder change (oom_ladder[0]), as preflight says it
-    return "the recipe as written" if rung_index is None else f"rung {rung_index + 1}"
 
 
 def _tail(exit_class: ExitClass) -> str:
@@ -90,17 +70,17 @@ def _ev(exit_class: ExitClass, window: Window, **more: Any) -> dict[str, Any]:
     return {"exit_kind": exit_class.kind, "summary": exit_class.summary,
             "returncode": exit_class.returncode, "signal": exit_class.signal,
             "exception": exit_class.exception, "detail": exit_class.detail,
-            "attempt": window.attempt, "rung_index": window.rung_index,
+            "attempt": window.attempt, "rung": window.rung,
             "restarts_since_progress": window.restarts_since_progress, **more}
 
 
 def _oom(exit_class: ExitClass, window: Window, recipe: Recipe, cfg: Guards) -> list[Action]:
-    ladder = recipe.oom_ladder
-    current = window.rung_index
+    ladder_ = recipe.oom_ladder
+    current = window.rung
     if not cfg.oom.enabled:
         return [Fail(GUARD, f"CUDA OOM (OOM ladder disabled): {exit_class.detail or exit_class.summary}",
                      _ev(exit_class, window))]
-    if window.ladder_reach is None and ladder:
+    if window.ladder_reach is None and ladder_:
         if recipe.trainer.oom_relaunch_unchanged:  # the user allowed it: same settings, crash budget
             return _retry(exit_class, window, cfg.crash, note="relaunching unchanged (the command "
                           "reads no ladder setting; oom_relaunch_unchanged is set)")
@@ -111,15 +91,14 @@ def _oom(exit_class: ExitClass, window: Window, recipe: Recipe, cfg: Guards) -> 
                              "Make it read one (docs/trainer-protocol.md), or allow relaunching it "
                              "unchanged with --oom-relaunch-unchanged"),
                      _ev(exit_class, window, ladder_reach=None))]
-    nxt = 0 if current is None else current + 1
-    if nxt >= len(ladder):
-        return [Fail(GUARD, (f"CUDA OOM at minimum settings ({rung_label(current)}): "
+    nxt = ladder.next_rung(recipe, current)
+    if nxt is None:
+        return [Fail(GUARD, (f"CUDA OOM at minimum settings ({ladder.label(current, AS_WRITTEN)}): "
                              f"{exit_class.detail or exit_class.summary}. The recipe cannot fit this "
                              "GPU; see `qlora-watch preflight` for what would fit"),
-                     _ev(exit_class, window, ladder_len=len(ladder)))]
-    rung = ladder[nxt]
-    change = describe_rung(effective_recipe(recipe, current), rung)
-    fresh = rung_changes_adapter_shape(rung)
+                     _ev(exit_class, window, ladder_len=len(ladder_)))]
+    change = ladder.describe(recipe, nxt)
+    fresh = ladder.changes_adapter_shape(ladder.change(recipe, nxt))
     ckpt = None if fresh else resume_target(window)
     if fresh:
         where = "a fresh start in a new output folder (adapter shape changes; old checkpoints kept)"
@@ -127,8 +106,8 @@ def _oom(exit_class: ExitClass, window: Window, recipe: Recipe, cfg: Guards) -> 
         where = f"resuming from {ckpt.name}"
     else:
         where = "from scratch (no complete checkpoint yet)"
-    msg = f"CUDA OOM at {rung_label(current)}; relaunching at {rung_label(nxt)} ({change}), {where}"
-    return [Relaunch(guard=GUARD, reason=CUDA_OOM, rung_index=nxt,
+    msg = f"CUDA OOM at {ladder.label(current, AS_WRITTEN)}; relaunching at {ladder.label(nxt)} ({change}), {where}"
+    return [Relaunch(guard=GUARD, reason=CUDA_OOM, rung=nxt,
                      resume_from=ckpt.target if ckpt else None, delay_s=0.0, fresh_output=fresh,
                      message=msg, evidence=_ev(exit_class, window, next_rung=nxt, change=change,
                                                resume_from=ckpt.name if ckpt else None))]
@@ -148,7 +127,7 @@ def _retry(exit_class: ExitClass, window: Window, cfg: CrashGuard, note: str = "
     where = f"from {ckpt.name}" if ckpt else "from scratch (no complete checkpoint yet)"
     msg = f"{exit_class.summary}; relaunching {where} in {delay:g} s (restart {n + 1} of {cfg.max_restarts})"
     msg += f"; {note}" if note else ""
-    return [Relaunch(guard=GUARD, reason=exit_class.kind, rung_index=window.rung_index,
+    return [Relaunch(guard=GUARD, reason=exit_class.kind, rung=window.rung,
                      resume_from=ckpt.target if ckpt else None, delay_s=delay, fresh_output=False,
                      message=msg, evidence=_ev(exit_class, window, delay_s=delay,
                                                resume_from=ckpt.name if ckpt else None,

@@ -70,7 +70,7 @@ def check(window: Window, cfg: StallGuard, crash: CrashGuard | None = None) -> l
     delay = backoff_delay(window.restarts_since_progress, crash) if crash else 0.0
     ev["resume_from"] = ckpt.name if ckpt else None
     where = f"from {ckpt.name}" if ckpt else "from scratch (no complete checkpoint)"
-    actions.append(Relaunch(guard=GUARD, reason="stall", rung_index=window.rung_index,
+    actions.append(Relaunch(guard=GUARD, reason="stall", rung=window.rung,
                             resume_from=ckpt.target if ckpt else None, delay_s=delay,
                             fresh_output=False, evidence=ev,
                             message=f"stalled: {what}; relaunching {where}"))

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from supervisor.guards.base import Action, Window, finite, mean, num, warn
+from supervisor.guards.base import Action, Window, mean, num, warn
+from supervisor.numbers import is_finite
 from supervisor.recipe import ThermalGuard
 from supervisor.records import GpuSample, Sample
 
@@ -60,7 +61,7 @@ def _speed_evidence(window: Window, start: float) -> tuple[str, dict[str, Any]]:
     steps = window.attempt_steps()
     before = mean(s.tokens_per_s for s in steps if s.t < start)
     during = mean(s.tokens_per_s for s in steps if s.t >= start)
-    if not (finite(before) and finite(during)) or not before:
+    if not (is_finite(before) and is_finite(during)) or not before:
         return "", {}
     drop = 100.0 * (before - during) / before
     ev = {"tokens_per_s_before": round(before, 1), "tokens_per_s_throttled": round(during, 1),
@@ -86,7 +87,7 @@ def check(window: Window, cfg: ThermalGuard) -> list[Action]:
         start, ns = _throttle_start(series)
         speed_msg, speed_ev = _speed_evidence(window, start) if start is not None else ("", {})
 
-        if finite(g.margin_c) and g.margin_c < cfg.margin_c:  # type: ignore[operator]
+        if is_finite(g.margin_c) and g.margin_c < cfg.margin_c:  # type: ignore[operator]
             msg = (f"{name} is {g.margin_c:.0f} C from its slowdown temperature "
                    f"(warn under {cfg.margin_c:.0f} C; now {g.temp_c if g.temp_c is not None else 'n/a'} C)")
             actions += warn(window, GUARD, f"thermal:margin:{g.index}", msg + speed_msg,
@@ -95,14 +96,14 @@ def check(window: Window, cfg: ThermalGuard) -> list[Action]:
         if start is not None:
             reasons = [r for r in g.throttle_reasons if "thermal" in r.lower()]
             clocks = ""
-            if finite(g.sm_clock_mhz) and finite(g.sm_clock_max_mhz):
+            if is_finite(g.sm_clock_mhz) and is_finite(g.sm_clock_max_mhz):
                 clocks = f", SM clock {g.sm_clock_mhz:.0f}/{g.sm_clock_max_mhz:.0f} MHz"
             msg = f"{name} is thermally throttled ({', '.join(reasons) or 'thermal slowdown'}{clocks})"
             ev = {**base_ev, "throttle_mask": g.throttle_mask, "throttle_reasons": reasons,
                   "throttled_since": start, "thermal_throttle_s_in_window": round(ns / 1e9, 3), **speed_ev}
             actions += warn(window, GUARD, f"thermal:throttle:{g.index}", msg + speed_msg, ev)
 
-        if finite(g.hotspot_c) and g.hotspot_c > cfg.hotspot_c:  # type: ignore[operator]
+        if is_finite(g.hotspot_c) and g.hotspot_c > cfg.hotspot_c:  # type: ignore[operator]
             msg = f"{name} hotspot at {g.hotspot_c:.0f} C (warn above {cfg.hotspot_c:.0f} C)"
             actions += warn(window, GUARD, f"thermal:hotspot:{g.index}", msg + speed_msg,
                             {**base_ev, "threshold_hotspot_c": cfg.hotspot_c, **speed_ev})

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from supervisor.guards.base import Action, Window, finite, mean, warn
+from supervisor.guards.base import Action, Window, mean, warn
+from supervisor.numbers import is_finite
 from supervisor.recipe import UtilisationGuard
 
 GUARD = "utilisation"
@@ -45,12 +46,12 @@ def check(window: Window, cfg: UtilisationGuard) -> list[Action]:
     if util is None or util >= cfg.threshold_pct:
         return []
 
-    uvm = [s.host.trainer_uvm_mib for s in samples if finite(s.host.trainer_uvm_mib)]
+    uvm = [s.host.trainer_uvm_mib for s in samples if is_finite(s.host.trainer_uvm_mib)]
     uvm_growth = (uvm[-1] - min(uvm)) if len(uvm) >= 2 else None  # type: ignore[operator]
     pcie = mean(
         ((g.pcie_rx_kbs or 0.0) + (g.pcie_tx_kbs or 0.0))
         for s in samples for g in s.gpus
-        if not g.lost and g.this_run and (finite(g.pcie_rx_kbs) or finite(g.pcie_tx_kbs))
+        if not g.lost and g.this_run and (is_finite(g.pcie_rx_kbs) or is_finite(g.pcie_tx_kbs))
     )
     cpu = mean(s.host.cpu_pct for s in samples)
     expandable = has_expandable_segments(window.env)

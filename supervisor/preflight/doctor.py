@@ -92,8 +92,9 @@ def check_supervisor_package() -> Check:
 
 def _nvml() -> tuple[Any, str | None]:
     try:
-        import pynvml
+        from supervisor.telemetry.nvml import nvml_library
 
+        pynvml = nvml_library()
         pynvml.nvmlInit()
         return pynvml, None
     except Exception as e:  # noqa: BLE001 - no driver, no library, no device

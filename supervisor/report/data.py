@@ -1,7 +1,7 @@
 """After the run: the numbers behind `qlora-watch report` (plots and HTML in report_html.py).
 
-Reads a run folder through RunStore and the per-attempt files (recipe.json, exit.json,
-events.jsonl) into a `RunData`, and sums up what the run cost: wall time, time lost to
+Reads a run folder through RunStore (every attempt's step rows, events, samples) and the
+per-attempt files (recipe.json, exit.json) into a `RunData`, and sums up what the run cost: wall time, time lost to
 relaunches (the gap from an attempt's exit to the next attempt's first step, plus the work
 redone after resuming from an older checkpoint) and to throttling.
 """
@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from supervisor.records import Event
-from supervisor.sinks.tbwriter import finite, throttle_reasons
+from supervisor import ladder
+from supervisor.numbers import ema_debiased, finite
+from supervisor.records import Event, EventKind
+from supervisor.sinks.tbwriter import throttle_reasons
 from supervisor.store import RunStore, continuous, read_json
 
 # Recipe keys shown for every attempt (all keys that differ between attempts are shown too).
@@ -27,7 +29,9 @@ KEY_FIELDS = (
     "train.lr_scheduler", "train.optim", "train.num_epochs", "train.max_steps", "train.save_steps",
     "train.gradient_checkpointing", "train.packing", "hardware.emulate_vram_gib",
 )
-MARKED_KINDS = {"guard", "relaunch", "launch", "failed", "config_error", "lost", "stop", "finished"}
+MARKED_KINDS = {EventKind.GUARD_FIRED, EventKind.RELAUNCH_SCHEDULED, EventKind.LAUNCHED, EventKind.RUN_FAILED,
+                EventKind.CONFIG_REJECTED, EventKind.TRAINER_LOST, EventKind.STOP_SENT,
+                EventKind.TRAINING_FINISHED}
 CKPT_RE = re.compile(r"checkpoint-(\d+)")
 
 
@@ -46,7 +50,8 @@ class Attempt:
     returncode: int | None = None
     exit_class: str | None = None
     resume_step: int | None = None  # the checkpoint it resumed from (None: fresh start)
-    steps: list[tuple[float, int]] = field(default_factory=list)  # (t, step) from events.jsonl
+    rung: str = "base"  # its OOM-ladder rung, as ladder.label says it
+    steps: list[tuple[float, int]] = field(default_factory=list)  # (t, step) of its rows
     rows: list[dict[str, Any]] = field(default_factory=list)  # its step records, none overwritten
 
     @property
@@ -109,46 +114,29 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _trainer_steps(path: Path) -> list[dict[str, Any]]:
-    """The step lines of an attempt's events.jsonl ({"t", "step", "loss", ...}); bad lines skipped."""
-    out = []
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    for line in text.splitlines():
-        try:
-            obj = json.loads(line)
-            if obj.get("event") == "step":
-                out.append({**obj, "t": float(obj["t"]), "step": int(obj["step"])})
-        except (ValueError, TypeError, KeyError, AttributeError):
-            continue
-    return out
-
-
 def load_attempts(store: RunStore, events: list[Event], steps: list[dict[str, Any]]) -> list[Attempt]:
-    """Attempts from attempts/N/ (recipe, exit file, trainer events) and the run's events."""
+    """Attempts from attempts/N/ (recipe, exit file), the run's events and its step rows."""
     root = store.path / "attempts"
     nums = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
     out = []
     for n in nums:
         d = store.attempt_dir(n)
+        # its step rows from the store, which keeps every attempt's (written by Step.from_trainer)
         a = Attempt(n=n, recipe=flatten(read_json(d / "recipe.json") or {}),
-                    rows=_trainer_steps(d / "events.jsonl"))
+                    rows=[s for s in steps if s.get("attempt") == n])
         ex = read_json(d / "exit.json") or {}
         a.launched_t, a.exited_t, a.returncode = ex.get("started_at"), ex.get("ended_at"), ex.get("returncode")
         for e in events:
             if e.attempt != n:  # the core records each event with the attempt current then
                 continue
-            if e.kind == "launch":
+            if e.kind == EventKind.LAUNCHED:
                 a.launched_t = a.launched_t or e.t
                 m = CKPT_RE.search(str((e.evidence or {}).get("resume") or ""))
                 a.resume_step = int(m.group(1)) if m else None
-            elif e.kind == "trainer_exited":
+                a.rung = _launch_rung(e.evidence or {})
+            elif e.kind == EventKind.TRAINER_EXITED:
                 a.exited_t = a.exited_t or e.t
                 a.exit_class = (e.evidence or {}).get("class")
-        if not a.rows:  # no trainer events file: the steps table (every attempt's rows are kept)
-            a.rows = [s for s in steps if s.get("attempt") == n]
         a.rows.sort(key=lambda r: r["t"])
         a.steps = [(r["t"], r["step"]) for r in a.rows]
         out.append(a)
@@ -157,6 +145,15 @@ def load_attempts(store: RunStore, events: list[Event], steps: list[dict[str, An
         out.append(Attempt(n=1, recipe=flatten(read_json(store.path / "recipe.json") or {}), rows=rows,
                            steps=[(r["t"], r["step"]) for r in rows]))
     return out
+
+
+def _launch_rung(evidence: dict[str, Any]) -> str:
+    """The rung label of a launch event; events stored before one numbering have only the
+    0-based index of oom_ladder under "rung"."""
+    if isinstance(evidence.get("rung_label"), str):
+        return evidence["rung_label"]
+    rung = evidence.get("rung")
+    return ladder.label(rung + 1 if isinstance(rung, int) and not isinstance(rung, bool) else None)
 
 
 def load_run(run_dir: Path) -> RunData:
@@ -177,19 +174,6 @@ def load_run(run_dir: Path) -> RunData:
 
 
 # ------------------------------------------------------------------------------ numbers
-
-
-def ema(values: list[float | None], beta: float = 0.9) -> list[float | None]:
-    """Debiased exponential moving average (TensorBoard's smoothing); non-finite values are skipped."""
-    out: list[float | None] = []
-    acc, weight = 0.0, 0.0
-    for v in values:
-        f = finite(v)
-        if f is not None:
-            acc = beta * acc + (1 - beta) * f
-            weight = beta * weight + (1 - beta)
-        out.append(acc / weight if weight else None)
-    return out
 
 
 def throttle_kind(gpu: dict[str, Any]) -> str | None:
@@ -263,7 +247,7 @@ def summarize(run: RunData) -> dict[str, Any]:
     lineage = _last_lineage(run.steps)
     losses = [s["loss"] for s in lineage]
     final = next((f for f in (finite(x) for x in reversed(losses)) if f is not None), None)
-    smooth = [x for x in ema(losses) if x is not None]
+    smooth = [x for x in ema_debiased(losses) if x is not None]
     tokens = [s["tokens"] for s in lineage if isinstance(s.get("tokens"), (int, float))]
     tps = sorted(f for f in (finite(s.get("tokens_per_s")) for s in run.steps) if f is not None)
     dts = sample_intervals(run.samples)
@@ -349,7 +333,7 @@ def marked_events(events: list[Event]) -> list[Event]:
     """Events drawn as vertical lines: guards, launches, relaunches, failures, stops."""
     out = []
     for e in events:
-        if e.kind in MARKED_KINDS or (e.kind == "trainer_exited" and e.level != "info"):
+        if e.kind in MARKED_KINDS or (e.kind == EventKind.TRAINER_EXITED and e.level != "info"):
             out.append(e)
     return out
 

@@ -13,6 +13,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from supervisor.numbers import fmt_duration_words
 from supervisor.report.data import RunData, marked_events, recipe_diffs, recipe_table, summarize
 from supervisor.report.plots import make_plots, plot_compare
 from supervisor.states import TERMINAL_VALUES
@@ -34,19 +35,6 @@ font-weight:600;margin-bottom:4px}img{max-width:100%;border:1px solid #e5e7eb}.n
 font-style:italic;padding:10px;border:1px dashed #d1d5db}.error{color:#b91c1c}.warning{color:#b45309}
 code{font-size:12px}details summary{cursor:pointer;color:#2563eb}
 """
-
-
-def fmt_duration(s: float | None) -> str:
-    """3725 -> '1 h 02 min'; 42 -> '42 s'."""
-    if s is None:
-        return "-"
-    s = max(0.0, float(s))
-    if s < 60:
-        return f"{s:.0f} s"
-    m = int(round(s / 60))
-    if m < 60:
-        return f"{m} min"
-    return f"{m // 60} h {m % 60:02d} min"
 
 
 def fmt_num(v: Any, digits: int = 0, unit: str = "") -> str:
@@ -83,18 +71,18 @@ def summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value text) rows of the summary table."""
     wall = s["wall_s"]
     pct = f" ({100 * s['throttle_s'] / wall:.1f} % of wall time)" if wall and s["throttle_s"] else ""
-    redone = (f" + {fmt_duration(s['relaunch_redone_s'])} of work redone from the last checkpoint"
+    redone = (f" + {fmt_duration_words(s['relaunch_redone_s'])} of work redone from the last checkpoint"
               if s["relaunch_redone_s"] else "")
     steps = f"{s['step']}" + (f" / {s['max_steps']}" if s.get("max_steps") else "") if s["step"] is not None else "-"
     return [
         ("Outcome", f"{s['state']}" + (f": {s['message']}" if s["message"] else "")),
         ("Steps", steps),
-        ("Wall time", fmt_duration(wall)),
+        ("Wall time", fmt_duration_words(wall)),
         ("Attempts", str(s["attempts"])),
-        ("Time lost to relaunches", f"{fmt_duration(s['relaunch_gap_s'])} between exit and the next first step{redone}"
+        ("Time lost to relaunches", f"{fmt_duration_words(s['relaunch_gap_s'])} between exit and the next first step{redone}"
          if s["relaunches"] else "none (no relaunch)"),
-        ("Time throttled", f"{fmt_duration(s['throttle_s'])}{pct}: thermal {fmt_duration(s['throttle_thermal_s'])}, "
-         f"power {fmt_duration(s['throttle_power_s'])}" if s["throttle_s"] else "none seen"),
+        ("Time throttled", f"{fmt_duration_words(s['throttle_s'])}{pct}: thermal {fmt_duration_words(s['throttle_thermal_s'])}, "
+         f"power {fmt_duration_words(s['throttle_power_s'])}" if s["throttle_s"] else "none seen"),
         ("Tokens trained (final adapter)", fmt_num(s["tokens"])),
         ("Final loss", f"{fmt_num(s['final_loss'], 4)} (EMA {fmt_num(s['final_loss_ema'], 4)})"),
         ("NaN/inf losses", str(s["nan_losses"])),
@@ -121,8 +109,8 @@ def attempts_section(run: RunData) -> str:
         span = f"{a.steps[0][1]}-{a.steps[-1][1]}" if a.steps else "-"
         how = a.exit_class or ("-" if a.returncode is None else f"exit {a.returncode}")
         rows.append([str(a.n), fmt_time(a.launched_t), fmt_time(a.exited_t), how, span,
-                     f"checkpoint-{a.resume_step}" if a.resume_step else "fresh start"])
-    out = [_table(["attempt", "launched", "exited", "exit", "steps", "started from"], rows)]
+                     f"checkpoint-{a.resume_step}" if a.resume_step else "fresh start", a.rung])
+    out = [_table(["attempt", "launched", "exited", "exit", "steps", "started from", "ladder"], rows)]
     keys, recipes = recipe_table(run.attempts)
     if keys:
         body = []
@@ -149,7 +137,7 @@ def events_table(run: RunData, only_marked: bool) -> str:
     for e in evs:
         level = f'<span class="{escape(e.level)}">{escape(e.level)}</span>'
         kind = escape(e.kind + (f" ({e.guard})" if e.guard and e.guard != e.kind else ""))
-        rows.append([str(numbers.get(id(e), "")), escape(fmt_time(e.t)), escape(fmt_duration(e.t - run.t0)),
+        rows.append([str(numbers.get(id(e), "")), escape(fmt_time(e.t)), escape(fmt_duration_words(e.t - run.t0)),
                      escape(str(e.attempt or "-")), level, kind, escape(e.message)])
     note = "" if only_marked or len(run.events) <= MAX_EVENT_ROWS else \
         f"<p class='note'>the last {MAX_EVENT_ROWS} of {len(run.events)} events</p>"
@@ -174,8 +162,8 @@ def write_report(run: RunData, out: Path, other: RunData | None = None, generate
         o = dict(summary_rows(summarize(other)))
         parts.append(_table(["", run.run_id, other.run_id], [[k, v, o.get(k, "-")] for k, v in summary_rows(s)]))
     if s["relaunches"]:
-        rows = [[str(r["attempt"]), fmt_duration(r["gap_s"]),
-                 "-" if r["redone_steps"] is None else f"{r['redone_steps']} steps, {fmt_duration(r['redone_s'])}"]
+        rows = [[str(r["attempt"]), fmt_duration_words(r["gap_s"]),
+                 "-" if r["redone_steps"] is None else f"{r['redone_steps']} steps, {fmt_duration_words(r['redone_s'])}"]
                 for r in s["relaunches"]]
         parts.append(_table(["relaunch to attempt", "exit -> first step", "work redone (since its checkpoint)"], rows))
     if other is not None:

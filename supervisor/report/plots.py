@@ -11,10 +11,13 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from supervisor.report.data import RunData, ema, finite, marked_events, throttle_periods
+from supervisor.numbers import ema_debiased, finite
+from supervisor.records import EventKind
+from supervisor.report.data import RunData, marked_events, throttle_periods
 
 MAX_POINTS = 3000  # longer series are averaged in buckets: a day at 1 Hz is 86,400 samples
-EVENT_COLOURS = {"guard": "#d97706", "relaunch": "#dc2626", "launch": "#16a34a", "finished": "#2563eb"}
+EVENT_COLOURS = {EventKind.GUARD_FIRED: "#d97706", EventKind.RELAUNCH_SCHEDULED: "#dc2626",
+                 EventKind.LAUNCHED: "#16a34a", EventKind.TRAINING_FINISHED: "#2563eb"}
 THROTTLE_COLOURS = {"thermal": "#ef4444", "power": "#f59e0b"}
 
 
@@ -128,7 +131,7 @@ def plot_loss(run: RunData, ax: Any, label_prefix: str = "") -> int:
         name = f"{label_prefix}lineage {lineage}" if len({s['lineage'] for s in run.steps}) > 1 else label_prefix.strip(" :")
         style = {"marker": "o", "ms": 4} if len(xs) <= 3 else {}
         line = ax.plot(xs, ys, alpha=0.3, lw=0.8, **style)[0]
-        ax.plot(xs, ema(ys), color=line.get_color(), lw=1.6, label=f"{name} EMA 0.9".strip(), **style)
+        ax.plot(xs, ema_debiased(ys), color=line.get_color(), lw=1.6, label=f"{name} EMA 0.9".strip(), **style)
         bad = [x for x, s in zip(xs, rows, strict=False) if s["loss"] is not None and finite(s["loss"]) is None]
         if bad:
             nans += len(bad)

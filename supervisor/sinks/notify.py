@@ -11,7 +11,7 @@ import queue
 import threading
 from typing import Any
 
-from supervisor.records import Event
+from supervisor.records import Event, EventKind
 from supervisor.redact import redact
 from supervisor.sinks.bgqueue import close_worker
 
@@ -19,16 +19,16 @@ log = logging.getLogger("qlora-watch.notify")
 
 # Which event kinds belong to which [notify] `on` category.
 CATEGORY = {
-    "relaunch": "relaunch",
-    "guard": "warning",
-    "failed": "failed",
-    "config_error": "failed",
-    "lost": "failed",
+    EventKind.RELAUNCH_SCHEDULED: "relaunch",
+    EventKind.GUARD_FIRED: "warning",
+    EventKind.RUN_FAILED: "failed",
+    EventKind.CONFIG_REJECTED: "failed",
+    EventKind.TRAINER_LOST: "failed",
 }
 
 
 def category_of(ev: Event, state_after: str | None = None) -> str | None:
-    if ev.kind == "state" and state_after in ("completed", "failed", "diverged", "stopped"):
+    if ev.kind == EventKind.STATE_CHANGED and state_after in ("completed", "failed", "diverged", "stopped"):
         return "completed" if state_after == "completed" else "failed"
     cat = CATEGORY.get(ev.kind)
     if cat == "warning" and ev.level == "error":

@@ -10,14 +10,14 @@ raises into the caller: the first write error is logged once and the writer turn
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from supervisor.records import Event, GpuSample, Sample
+from supervisor.numbers import finite
+from supervisor.records import Event, EventKind, GpuSample, Sample
 
 log = logging.getLogger("qlora-watch.tbwriter")
 
@@ -48,17 +48,6 @@ def throttle_reasons(g: GpuSample | dict[str, Any]) -> list[str]:
     if not keep and isinstance(mask, int) and mask & THROTTLE_BITS:
         keep.append(f"mask {mask & THROTTLE_BITS:#x}")
     return keep
-
-
-def finite(v: Any) -> float | None:
-    """v as a finite float, else None (NaN, inf, None, bools, garbage)."""
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def sample_scalars(sample: Sample) -> dict[str, float]:
@@ -202,9 +191,9 @@ class TelemetryTB:
             head = f"[{event.level}] {event.kind}" + (f" ({event.guard})" if event.guard else "")
             att = f" attempt {event.attempt}" if event.attempt is not None else ""
             values = [self._text("events/log", f"{head}{att}: {event.message}")]
-            if event.kind == "relaunch":
+            if event.kind == EventKind.RELAUNCH_SCHEDULED:
                 values.append(self._scalar("events/relaunch", 1.0))
-            if event.kind == "guard" and event.guard:
+            if event.kind == EventKind.GUARD_FIRED and event.guard:
                 values.append(self._scalar(f"events/guard/{event.guard}", 1.0))
             if "throttl" in event.message.lower():
                 values.append(self._scalar("events/throttle", 1.0))

@@ -22,10 +22,11 @@ from typing import Any
 import psutil
 
 from supervisor.extras import installed
-from supervisor.records import Event, Sample, Step
+from supervisor.numbers import finite
+from supervisor.records import Event, EventKind, Sample, Step
 from supervisor.redact import redact, redact_argv
 from supervisor.sinks.bgqueue import close_worker
-from supervisor.sinks.tbwriter import TelemetryTB, finite, sample_scalars, system_logdir
+from supervisor.sinks.tbwriter import TelemetryTB, sample_scalars, system_logdir
 from supervisor.store import atomic_write, read_json
 
 log = logging.getLogger("qlora-watch.trackers")
@@ -216,9 +217,9 @@ class TrackerSink:
         line = redact(f"[{event.level}] {event.kind}{att}: {event.message}")  # messages quote the trainer
         self._put(("text", line, self.last_step, event.t))
         marks = {}
-        if event.kind == "relaunch":
+        if event.kind == EventKind.RELAUNCH_SCHEDULED:
             marks["events/relaunch"] = 1.0
-        if event.kind == "guard" and event.guard:
+        if event.kind == EventKind.GUARD_FIRED and event.guard:
             marks[f"events/guard/{event.guard}"] = 1.0
         if marks:
             self._put(("log", marks, self.last_step, event.t))

@@ -42,9 +42,9 @@ def capture_env() -> dict[str, str]:
 
 
 def _event(store: RunStore, message: str, level: str = "info", **evidence: Any) -> None:
-    from supervisor.records import Event
+    from supervisor.records import Event, EventKind
 
-    store.add_event(Event(t=time.time(), kind="slurm", level=level, message=message,
+    store.add_event(Event(t=time.time(), kind=EventKind.SLURM_JOB_SEEN, level=level, message=message,
                           attempt=store.read_state().get("attempt"), evidence=dict(evidence)))
 
 

@@ -28,6 +28,15 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+
+def nvml_library() -> Any:
+    """The pynvml module itself, for one-shot probes (doctor, preflight) that call it directly;
+    ModuleNotFoundError where nvidia-ml-py is not installed. This module is the only supervisor
+    module that imports pynvml (pyproject.toml's import-linter contract)."""
+    if pynvml is None:
+        raise ModuleNotFoundError("No module named 'pynvml'")
+    return pynvml
+
 # NVML ABI constants, defined here so the wrapper works with an older nvidia-ml-py and a fake lib.
 ERROR_INVALID_ARGUMENT = 2
 ERROR_NOT_SUPPORTED = 3

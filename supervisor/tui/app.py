@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import tzinfo
 from pathlib import Path
 from typing import Any
@@ -14,20 +15,32 @@ from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
 from textual.widgets import Footer
+
+from supervisor.control.client import RunClient
 
 from .events import EventsPanel, EventsScreen
 from .gpu import GpuPanel
 from .header import RunHeader
 from .host import HostPanel
 from .logview import PANEL_LINES, LogScreen, LogTail
-from .messages import LiveReceived, SnapshotReceived, StateReceived, StreamEnded
+from .messages import (
+    LiveReceived,
+    Reconnected,
+    Reconnecting,
+    SnapshotReceived,
+    StateReceived,
+    StreamEnded,
+)
 from .model import RunModel
-from .replay import RunClient
+from .panel import CLOCK, ENDED, Panel
 from .screens import ConfirmScreen, HelpScreen, RunsListScreen
 from .training import TrainingPanel
 
 CSS_FILE = Path(__file__).with_name("app.tcss")  # absolute: subclasses elsewhere find it too
+RECONNECT_BASE_S = 0.5  # attach --ssh: back-off between reconnects, doubling to the cap
+RECONNECT_MAX_S = 10.0
 REFRESH_HZ = 4.0  # widgets redraw at most this often, however fast messages arrive
 REFRESH_KEEP = 1000  # redraw timings kept (a list, trimmed back to this once it doubles)
 
@@ -62,9 +75,12 @@ class WatchApp(App[str]):
         now: Callable[[], float] = time.time,
         tz: tzinfo | None = None,
         refresh_hz: float = REFRESH_HZ,
+        reconnect: Callable[[], Awaitable[RunClient]] | None = None,
     ) -> None:
         super().__init__()
         self.client = client
+        # a new client after the link dropped (attach --ssh): back-off, "reconnecting" shown
+        self.reconnect = reconnect
         self.now = now
         self.tz = tz
         self.refresh_hz = refresh_hz
@@ -100,13 +116,40 @@ class WatchApp(App[str]):
 
     @work(exclusive=True, group="follow", exit_on_error=False)
     async def follow(self) -> None:
-        """Connect, post the snapshot, then one message per live message until the stream ends."""
+        """Connect, post the snapshot, then one message per live message until the stream
+        ends; with `reconnect`, a dropped link is retried with back-off ("reconnecting")."""
+        _, reason = await self._follow_once(history=True)
+        tries = 0
+        while reason is not None and self.reconnect is not None and not self._closed:
+            tries += 1
+            delay = min(RECONNECT_MAX_S, RECONNECT_BASE_S * 2 ** (tries - 1))
+            self.post_message(Reconnecting(f"{reason}; reconnecting (try {tries}, {delay:.1f} s)"))
+            await asyncio.sleep(delay)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.client.close(), 2.0)
+            try:
+                self.client = await self.reconnect()
+            except Exception as error:  # noqa: BLE001 - the link is still down: try again
+                reason = f"link down: {error}"
+                continue
+            connected, reason = await self._follow_once(history=False)
+            if connected:
+                tries = 0  # it worked for a while: the next drop starts the back-off over
+        if reason is not None:
+            self.post_message(StreamEnded(reason))
+
+    async def _follow_once(self, history: bool) -> tuple[bool, str | None]:
+        """One connection: (connected, None when it ended with the server's bye, else why)."""
         try:
-            snapshot = await self.client.connect(history=True)
+            snapshot = await self.client.connect(history=history)
         except Exception as error:  # the socket is gone or refused us: say so, do not crash
-            self.post_message(StreamEnded(f"cannot connect: {error}"))
-            return
-        self.post_message(SnapshotReceived(snapshot))
+            return False, f"cannot connect: {error}"
+        if history:
+            self.post_message(SnapshotReceived(snapshot))
+        else:  # a reconnect: the charts keep what they have; the state is new
+            self.post_message(Reconnected())
+            if isinstance(snapshot.get("state"), dict):
+                self.post_message(StateReceived(snapshot["state"]))
         try:
             async for msg in self.client.messages():
                 if msg.get("type") == "state" and isinstance(msg.get("state"), dict):
@@ -114,14 +157,20 @@ class WatchApp(App[str]):
                 else:
                     self.post_message(LiveReceived(msg))
                 if msg.get("type") == "bye":
-                    return
+                    return True, None
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            self.post_message(StreamEnded(f"connection lost: {error}"))
-            return
-        if not self._closed:
-            self.post_message(StreamEnded("stream closed"))
+            return True, f"connection lost: {error}"
+        return True, None if self._closed else "stream closed"
+
+    def on_reconnecting(self, message: Reconnecting) -> None:
+        self.model.reconnecting = message.reason
+        self.model.dirty.add("header")
+
+    def on_reconnected(self, message: Reconnected) -> None:
+        self.model.reconnecting = None
+        self.model.dirty.add("header")
 
     async def on_snapshot_received(self, message: SnapshotReceived) -> None:
         self.model.load_snapshot(message.snapshot)
@@ -141,7 +190,7 @@ class WatchApp(App[str]):
 
     def on_stream_ended(self, message: StreamEnded) -> None:
         self.model.ended = self.model.ended or message.reason
-        self.model.dirty.add("header")
+        self.model.changed.add(ENDED)
 
     def _mark_first_frame(self) -> None:
         if self.first_frame_at is None:
@@ -150,32 +199,24 @@ class WatchApp(App[str]):
     # ------------------------------------------------------------------ drawing
 
     def refresh_panels(self) -> None:
-        """Redraw the panels whose data changed (and the header once a second for uptime)."""
+        """Redraw every panel that watches what changed (the clock: once a second, for uptime).
+
+        The model is plain and the redraw is on this 4 Hz timer, not per-widget reactives: at
+        10 Hz of samples over SSH, coalescing on a timer measured better (panel.py)."""
         start = time.perf_counter()
-        dirty = self.model.take_dirty()
+        changed = self.model.take_changed()
         second = int(self.now())
         if second != self._last_second:
             self._last_second = second
-            dirty.add("header")
-        if not dirty:
+            changed.add(CLOCK)
+        if not changed:
             return
         main = self.screen_stack[0] if self.screen_stack else self.screen
-        if "header" in dirty:
-            main.query_one(RunHeader).refresh()
-        if "gpu" in dirty:
-            main.query_one(GpuPanel).update_from()
-        if "host" in dirty:
-            main.query_one(HostPanel).update_from()
-        if "training" in dirty:
-            main.query_one(TrainingPanel).update_from()
-        if "events" in dirty:
-            main.query_one(EventsPanel).update_from()
-            if isinstance(self.screen, EventsScreen):
-                self.screen.reload()
-        if "log" in dirty:
-            main.query_one("#log-panel", LogTail).update_from()
-            if isinstance(self.screen, LogScreen):
-                self.screen.query_one(LogTail).update_from()
+        screens = [main] if self.screen is main else [main, self.screen]  # and a full view on top
+        for screen in screens:
+            for panel in _panels(screen):
+                if panel.WATCHES & changed:
+                    panel.update_from()
         end = time.perf_counter()
         self.refreshes.append((end, self.model.applied, end - start))
         if len(self.refreshes) > 2 * REFRESH_KEEP:  # amortised: cut once it has doubled
@@ -276,6 +317,11 @@ class WatchApp(App[str]):
         await self._close_client()
 
 
+def _panels(screen: Screen[Any]) -> list[Panel]:
+    """The panels of a screen (the screen itself may be one), in DOM order."""
+    return [n for n in (screen, *screen.walk_children()) if isinstance(n, Panel)]
+
+
 class RunPickerApp(App[str]):
     """Lists runs and returns the chosen run id (None when the user quits)."""
 
@@ -298,9 +344,11 @@ def make_app(
     now: Callable[[], float] = time.time,
     tz: tzinfo | None = None,
     refresh_hz: float = REFRESH_HZ,
+    reconnect: Callable[[], Awaitable[RunClient]] | None = None,
 ) -> WatchApp:
-    """The dashboard for the run behind `client` (AsyncRunClient, or ReplayClient in tests)."""
-    return WatchApp(client, run_id=run_id, now=now, tz=tz, refresh_hz=refresh_hz)
+    """The dashboard for the run behind `client` (AsyncRunClient, or ReplayClient in tests);
+    `reconnect` makes a new client when the link drops (attach --ssh)."""
+    return WatchApp(client, run_id=run_id, now=now, tz=tz, refresh_hz=refresh_hz, reconnect=reconnect)
 
 
 def pick_run(runs: list[dict[str, Any]]) -> RunPickerApp:

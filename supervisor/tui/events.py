@@ -16,6 +16,7 @@ from supervisor.sanitize import sanitize
 
 from .fmt import LEVEL_STYLES, UNSEEN_STYLES, fmt_clock
 from .model import RunModel, is_unseen
+from .panel import EVENTS, Panel
 from .search import SEARCH_BINDINGS, SearchableScreen
 
 LEVEL_TAGS = {"info": "INFO", "warning": "WARN", "error": "ERR"}
@@ -53,8 +54,10 @@ def event_line(ev: dict[str, Any], tz: tzinfo | None) -> Text:
     return t
 
 
-class EventsPanel(Widget):
+class EventsPanel(Widget, Panel):
     """The newest events that fit, newest first."""
+
+    WATCHES = frozenset({EVENTS})
 
     def __init__(self, model: RunModel, tz: tzinfo | None, **kw: Any) -> None:
         super().__init__(**kw)
@@ -79,8 +82,10 @@ class EventsPanel(Widget):
         )
 
 
-class EventsScreen(SearchableScreen):
+class EventsScreen(SearchableScreen, Panel):
     """All events in a table; `a` acknowledges from here too; `/` searches."""
+
+    WATCHES = frozenset({EVENTS})
 
     BINDINGS = [
         Binding("escape,q,e", "app.pop_screen", "back"),
@@ -133,6 +138,9 @@ class EventsScreen(SearchableScreen):
             table.move_cursor(row=self.matches[self.current])
         elif self.model.events:
             table.move_cursor(row=len(self.model.events) - 1)
+
+    def update_from(self) -> None:
+        self.reload()
 
     def search_texts(self) -> list[str]:
         return [event_line(ev, self.tz).plain + f" {ev.get('kind') or ''}" for ev in self.model.events]

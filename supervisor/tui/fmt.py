@@ -8,27 +8,9 @@ from typing import Any
 
 from rich.text import Text
 
-NA = "n/a"
+from supervisor.numbers import NA, finite, fmt_duration, num
 
-
-def num(value: Any) -> float | None:
-    """A float from a wire value: numbers, "NaN"/"Infinity" strings; None when not a number."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)  # accepts "NaN", "Infinity", "-Infinity"
-        except ValueError:
-            return None
-    return None
-
-
-def finite(value: Any) -> float | None:
-    """Like num() but None for NaN and infinities too."""
-    x = num(value)
-    return x if x is not None and math.isfinite(x) else None
+__all__ = ["NA", "finite", "fmt_duration", "num"]  # the one definition each (supervisor/numbers.py)
 
 
 def fmt_num(value: Any, digits: int = 0, unit: str = "") -> str:
@@ -70,21 +52,6 @@ def fmt_gib(mib: Any, digits: int = 1) -> str:
     if abs(gib) >= 1024:
         return f"{gib / 1024:.{digits}f} TiB"
     return f"{gib:.{digits}f} GiB"
-
-
-def fmt_duration(seconds: Any) -> str:
-    """A compact duration: 45s, 12m05s, 3h12m, 2d04h."""
-    x = finite(seconds)
-    if x is None:
-        return NA
-    s = int(max(0.0, x))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def fmt_clock(t: Any, tz: tzinfo | None) -> str:

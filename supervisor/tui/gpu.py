@@ -14,6 +14,7 @@ from supervisor.sanitize import sanitize
 
 from .fmt import NA, bar, finite, fmt_gib, fmt_num, level_style, throttle_words
 from .model import RunModel
+from .panel import SAMPLES, Panel
 from .spark import PinnedSparkline
 
 SPARK_WINDOW = 600  # samples of history behind each sparkline: 10 minutes at 1 Hz
@@ -157,8 +158,10 @@ class GpuCard(Widget):
         self.query_one(".throttle", Static).update(throttle(g))
 
 
-class GpuPanel(VerticalScroll):
+class GpuPanel(VerticalScroll, Panel):
     """All GPUs of the latest sample, or why there are none."""
+
+    WATCHES = frozenset({SAMPLES})
 
     def __init__(self, model: RunModel, **kw: Any) -> None:
         super().__init__(**kw)

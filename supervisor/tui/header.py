@@ -16,6 +16,7 @@ from supervisor.states import TERMINAL_VALUES
 
 from .fmt import NA, STATE_STYLES, bar, finite, fmt_duration, fmt_loss, fmt_num
 from .model import RunModel
+from .panel import CLOCK, ENDED, EVENTS, SAMPLES, STATE, STEPS, Panel
 
 
 def _row(left: Text, right: Text) -> Table:
@@ -26,8 +27,10 @@ def _row(left: Text, right: Text) -> Table:
     return grid
 
 
-class RunHeader(Widget):
+class RunHeader(Widget, Panel):
     """Three lines: identity and state; attempt, rung and uptime; progress."""
+
+    WATCHES = frozenset({SAMPLES, STEPS, EVENTS, STATE, ENDED, CLOCK})  # uptime ticks with the clock
 
     def __init__(
         self, model: RunModel, now: Callable[[], float], tz: tzinfo | None, **kw: object
@@ -37,6 +40,9 @@ class RunHeader(Widget):
         self.now = now
         self.tz = tz
         self._stopped_at: float | None = None  # when the clock stopped: the run ended or the stream did
+
+    def update_from(self) -> None:
+        self.refresh()
 
     def render(self) -> RenderResult:
         m, st = self.model, self.model.state
@@ -51,10 +57,12 @@ class RunHeader(Widget):
         who.append("  ")
         who.append(sanitize(str(m.run.get("model") or NA)), "grey70")
         badge = Text(f" {state.upper()} ", STATE_STYLES.get(state, "bold reverse"))
+        if m.reconnecting:  # not the last frame's TRAINING: the link is down
+            badge = Text(" RECONNECTING ", "bold black on yellow")
 
         how = Text()
         how.append(f"attempt {st.get('attempt') or 1}")
-        rung = st.get("rung")
+        rung = st.get("rung")  # numbered as supervisor/ladder.py says: rung 1 is the first change
         if rung is not None or st.get("rung_desc"):
             how.append("  rung ")
             how.append(str(rung if rung is not None else "?"), "bold")
@@ -62,7 +70,9 @@ class RunHeader(Widget):
                 how.append(f": {sanitize(str(st['rung_desc']))}", "dark_orange")
         if st.get("message"):
             how.append(f"  {sanitize(str(st['message']))}", "grey70")
-        if m.ended:
+        if m.reconnecting:
+            how.append(f"  {sanitize(m.reconnecting)}", "bold yellow")
+        elif m.ended:
             how.append(f"  disconnected: {m.ended}", "bold red")
         unseen = len(m.unseen())
         right2 = Text()

@@ -13,6 +13,7 @@ from textual.strip import Strip
 from textual.widgets import Footer, RichLog, Static
 
 from .model import LOG_KEEP, RunModel
+from .panel import LOG, Panel
 from .search import SEARCH_BINDINGS, SearchableScreen
 
 MATCH_STYLE = Style(reverse=True)
@@ -20,8 +21,10 @@ MATCH_STYLE = Style(reverse=True)
 PANEL_LINES = 500  # the main screen's tail; the full view keeps all the model has
 
 
-class LogTail(RichLog):
+class LogTail(RichLog, Panel):
     """A RichLog that writes only the model's new lines on each refresh."""
+
+    WATCHES = frozenset({LOG})
 
     def __init__(self, model: RunModel, max_lines: int, **kw: Any) -> None:
         super().__init__(max_lines=max_lines, wrap=False, highlight=False, markup=False, **kw)

@@ -37,3 +37,15 @@ class StreamEnded(Message):
     """The connection to the supervisor ended (bye, error or closed)."""
 
     reason: str
+
+
+@dataclass
+class Reconnecting(Message):
+    """The link dropped; the app is reconnecting (attach --ssh)."""
+
+    reason: str
+
+
+@dataclass
+class Reconnected(Message):
+    """The link is back."""

@@ -10,14 +10,15 @@ import math
 from collections import deque
 from typing import Any
 
+from supervisor.numbers import ema_running
 from supervisor.sanitize import sanitize
 
 from .fmt import finite, num
+from .panel import ENDED, EVENTS, LOG, SAMPLES, STATE, STEPS, TOPICS
 
 EMA_ALPHA = 0.05  # smoothing for the loss curve: about a 20-step window
 SAMPLE_KEEP = 3600  # telemetry kept for the sparklines: an hour at 1 Hz (steps are all kept)
 LOG_KEEP = 5000  # log lines kept for the full log view
-PANELS = frozenset({"header", "gpu", "host", "training", "events", "log"})
 WARN_LEVELS = ("warning", "error")
 
 
@@ -34,10 +35,8 @@ def _pct(used: Any, total: Any) -> float:
 
 
 def _ema_next(prev: float, loss: float) -> float:
-    """The loss EMA after `loss`: a non-finite loss leaves it as it was, the first finite one starts it."""
-    if not math.isfinite(loss):
-        return prev
-    return loss if math.isnan(prev) else prev + EMA_ALPHA * (loss - prev)
+    """The loss EMA after `loss` (numbers.ema_running: the dashboard's, not the report's debiased one)."""
+    return ema_running(prev, loss, EMA_ALPHA)
 
 
 def is_unseen(ev: dict[str, Any]) -> bool:
@@ -75,8 +74,9 @@ class RunModel:
         self.log: deque[str] = deque(maxlen=LOG_KEEP)
         self.log_total = 0  # lines ever appended: the log panel writes only what is new
         self.ended: str | None = None  # the server said bye (reason), or the stream broke
+        self.reconnecting: str | None = None  # the link dropped; why, while reconnecting
         self.applied = 0  # live messages applied, for the responsiveness bench
-        self.dirty: set[str] = set(PANELS)
+        self.changed: set[str] = set(TOPICS)  # what changed since take_changed() (panel.py topics)
 
     # ------------------------------------------------------------------ feeding
 
@@ -91,39 +91,39 @@ class RunModel:
         for event in snap.get("events") or []:
             self._add_event(event)
         self._add_log(snap.get("log") or [])
-        self.dirty |= PANELS
+        self.changed |= TOPICS
 
     def apply(self, msg: dict[str, Any]) -> None:
         """Apply one live message from the supervisor."""
         kind = msg.get("type")
         if kind == "sample" and isinstance(msg.get("sample"), dict):
             self._add_sample(msg["sample"])
-            self.dirty |= {"gpu", "host", "header"}
+            self.changed.add(SAMPLES)
         elif kind == "step" and isinstance(msg.get("step"), dict):
             self._add_step(msg["step"], update_state=True)
-            self.dirty |= {"training", "header"}
+            self.changed.add(STEPS)
         elif kind == "event" and isinstance(msg.get("event"), dict):
             self._add_event(msg["event"])
-            self.dirty |= {"events", "header"}
+            self.changed.add(EVENTS)
         elif kind == "log":
             self._add_log(msg.get("lines") or [])
-            self.dirty.add("log")
+            self.changed.add(LOG)
         elif kind == "state" and isinstance(msg.get("state"), dict):
             self.state = dict(msg["state"])
-            self.dirty |= {"header", "host"}
+            self.changed.add(STATE)
         elif kind == "acked":
             # Someone acknowledged (this client or another): clear the highlight everywhere.
             ids = msg.get("event_ids")
             self.mark_acked(list(ids) if isinstance(ids, list) else None)
         elif kind == "bye":
             self.ended = str(msg.get("reason") or "bye")
-            self.dirty.add("header")
+            self.changed.add(ENDED)
         self.applied += 1
 
-    def take_dirty(self) -> set[str]:
-        """The panels changed since the last call."""
-        dirty, self.dirty = self.dirty, set()
-        return dirty
+    def take_changed(self) -> set[str]:
+        """The topics (panel.py) that changed since the last call."""
+        changed, self.changed = self.changed, set()
+        return changed
 
     def _add_sample(self, s: dict[str, Any]) -> None:
         self.last_sample = s
@@ -226,7 +226,7 @@ class RunModel:
         for e in self.events:
             if ids is None or e.get("id") in ids:
                 e["acked"] = True
-        self.dirty |= {"events", "header"}
+        self.changed.add(EVENTS)
 
     @property
     def gpus(self) -> list[dict[str, Any]]:

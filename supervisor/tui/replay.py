@@ -1,4 +1,4 @@
-"""A client that replays a recorded run: the same interface as supervisor.control.client.AsyncRunClient."""
+"""A client that replays a recorded run: a supervisor.control.client.RunClient, as AsyncRunClient is."""
 
 from __future__ import annotations
 
@@ -8,19 +8,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Protocol
-
-
-class RunClient(Protocol):
-    """What the dashboard needs from a client of the supervisor's socket."""
-
-    async def connect(self, history: bool = True) -> dict[str, Any]: ...
-
-    def messages(self) -> AsyncIterator[dict[str, Any]]: ...
-
-    async def send_command(self, cmd: str, **args: Any) -> dict[str, Any]: ...
-
-    async def close(self) -> None: ...
+from typing import Any
 
 
 class ReplayCommandError(Exception):

@@ -14,6 +14,7 @@ from .chart import Series, render_chart
 from .downsample import minmax, stride
 from .fmt import fmt_loss, fmt_num, fmt_sci
 from .model import RunModel
+from .panel import STEPS, Panel
 from .spark import PinnedSparkline
 
 RAW_COLOR = "#5a6e8c"
@@ -69,8 +70,10 @@ def stats_line(m: RunModel, width: int) -> Text:
     return t
 
 
-class TrainingPanel(Vertical):
+class TrainingPanel(Vertical, Panel):
     """Chart on top, the latest numbers, then history sparklines (hidden when short)."""
+
+    WATCHES = frozenset({STEPS})
 
     def __init__(self, model: RunModel, **kw: Any) -> None:
         super().__init__(**kw)

@@ -79,7 +79,7 @@ def _events(plan: Plan, now: float, out_dir: str) -> list[dict[str, Any]]:
                 f"relaunching attempt 2 from checkpoint-400: {RUNG_DESC}",
                 level="warning",
                 attempt=2,
-                rung=0,
+                rung=1,
                 resume=f"{out_dir}/checkpoint-400",
             ),
         ]
@@ -197,7 +197,7 @@ def build(plan: Plan) -> dict[str, Any]:
         "run_id": run_id,
         "state": state_name,
         "attempt": attempt,
-        "rung": 0 if attempt == 2 else None,
+        "rung": 1 if attempt == 2 else None,  # rung 1: the first ladder change
         "rung_desc": RUNG_DESC if attempt == 2 else None,
         "started_at": T0,
         "updated_at": now,
