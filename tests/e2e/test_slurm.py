@@ -238,7 +238,7 @@ def test_stop_and_attach_from_another_host_go_through_ssh_to_the_node(
     monkeypatch.setattr(commands, "is_local", lambda node: False)  # we are "the login node"
     store = RunStore(qlw_home / "runs" / rid)
     assert slurm_runs.attach_target(store) == ("ssh", cluster.host)
-    sock = remote_socket(str(ROOT / "tests" / "fakes" / "fake_ssh.py"), cluster.host, rid, qlw_home)
+    sock = remote_socket(str(ROOT / "tests" / "fakes" / "fake_ssh.py"), cluster.host, rid, home=qlw_home)
     assert sock.endswith(f"{rid}.sock")
     assert slurm_runs.stop(store, now=False) == 0
     assert cluster.squeue() == [] and read_state(qlw_home, rid)["state"] == "stopped"
