@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -251,11 +252,18 @@ def test_stop_and_attach_from_another_host_go_through_ssh_to_the_node(
 @pytest.mark.timeout(120)
 def test_a_job_killed_outright_is_resumed_by_the_next_start(cluster, qlw_home: Path, tmp_path: Path) -> None:
     """SIGKILL (a node lost, an OOM-killed step): nothing records PREEMPTED; the next start
-    marks the run LOST with the reason and resumes it from its newest complete checkpoint."""
+    marks the run LOST with the reason, adopts the checkpoint completed while nobody recorded
+    it, and resumes from it."""
+    from supervisor.checkpoints.folders import checkpoint_status
+
     recipe = fake_recipe(tmp_path, ["--steps", "80", "--step-time", "0.05", "--save-every", "20"])
     rid, jid = _submit(cluster, tmp_path, str(recipe))
     wait_for(lambda: str(read_state(qlw_home, rid).get("last_checkpoint") or "").endswith("checkpoint-20"),
              timeout=60, interval=0.2, what="checkpoint-20")
+    sup_pid = int((qlw_home / "runs" / rid / "supervisor.lock").read_text().strip())
+    os.kill(sup_pid, signal.SIGSTOP)  # the supervisor hangs; the trainer saves on unrecorded
+    wait_for(lambda: checkpoint_status(tmp_path / "out" / "checkpoint-40").complete, timeout=30,
+             interval=0.1, what="checkpoint-40 on disk")
     cluster.cmd("scancel", "--signal=KILL", "--batch", jid)  # the supervisor dies, no record
     wait_for(lambda: not cluster.squeue(), timeout=30, interval=0.3, what="the killed job to end")
     assert read_state(qlw_home, rid)["state"] not in ("preempted", "completed")
@@ -264,7 +272,8 @@ def test_a_job_killed_outright_is_resumed_by_the_next_start(cluster, qlw_home: P
     wait_for(lambda: read_state(qlw_home, rid).get("state") == "completed", timeout=60, interval=0.3,
              what="the resumed run to complete")
     st = read_state(qlw_home, rid)
-    assert st["attempt"] == 2 and int(Path(st["resume_from"]).name.split("-")[1]) >= 20
-    evs = events(qlw_home, rid)
-    assert any(e["kind"] == "slurm" and "ended while the run was training" in e["message"] for e in evs), evs
+    assert st["attempt"] == 2 and int(Path(st["resume_from"]).name.split("-")[1]) >= 40
+    evs = [e["message"] for e in events(qlw_home, rid) if e["kind"] == "slurm"]
+    assert any("ended while the run was training" in m for m in evs), evs
+    assert any(m.startswith("adopted checkpoint-40") for m in evs), evs
     wait_for(lambda: not cluster.squeue(), timeout=30, interval=0.3, what="the job to leave squeue")
