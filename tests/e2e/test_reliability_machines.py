@@ -652,8 +652,7 @@ def test_r9_attach_over_a_real_sshd_and_reconnect(qlw_home: Path, tmp_path: Path
     import psutil
 
     pexpect = pytest.importorskip("pexpect")
-    from tests.support import stop_now
-    from tests.test_tui_live import steps_seen
+    from tests.support import steps_seen, stop_now
 
     ssh = sshd()
     run_id = _live_run(tmp_path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -17,12 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, events, fake_recipe, qlw, read_state, slurm_cluster, wait_for
+from tests.support import ROOT, STEP, events, fake_recipe, qlw, read_state, slurm_cluster, wait_for
 
 TINY = str(ROOT / "recipes" / "tiny.toml")
-STEP = re.compile(rb"step (?:\x1b\[[0-9;?]*[A-Za-z])*(\d[\d,]*)")
-
-
 # ------------------------------------------------------------------------------ no cluster
 
 

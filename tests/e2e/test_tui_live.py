@@ -3,35 +3,21 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, qlw, read_state, wait_for
+from tests.support import ROOT, qlw, read_state, steps_seen, wait_for
 
 pexpect = pytest.importorskip("pexpect")
 pytestmark = pytest.mark.slow
-
-ESC = r"(?:\x1b\[[0-9;?]*[A-Za-z])*"
-STEP = re.compile(rf"step {ESC}(\d[\d,]*)".encode())
-
 
 def attach(home: Path, run_id: str):
     env = {**os.environ, "QLORA_WATCH_HOME": str(home), "TERM": "xterm-256color"}
     return pexpect.spawn(sys.executable, ["-m", "supervisor", "attach", run_id],
                          dimensions=(48, 160), env=env, timeout=60, cwd=str(ROOT))
-
-
-def steps_seen(child, n: int) -> list[int]:
-    seen: list[int] = []
-    deadline = time.monotonic() + 90
-    while len(set(seen)) < n and time.monotonic() < deadline:
-        child.expect(STEP)
-        seen.append(int(child.match.group(1).decode().replace(",", "")))
-    return seen
 
 
 @pytest.mark.timeout(400)

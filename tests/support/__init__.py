@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -159,6 +160,20 @@ def fake_unsloth(tmp_path: Path, body: str) -> Path:
     (site / "unsloth").mkdir(parents=True)
     (site / "unsloth" / "__init__.py").write_text(body)
     return site
+
+
+# "step N" on a dashboard in a pseudo-terminal, whatever escape sequences sit between the words
+STEP = re.compile(rb"step (?:\x1b\[[0-9;?]*[A-Za-z])*(\d[\d,]*)")
+
+
+def steps_seen(child: Any, n: int, timeout: float = 90) -> list[int]:
+    """The step numbers a pexpect child (the dashboard) shows until n different ones appeared."""
+    seen: list[int] = []
+    deadline = time.monotonic() + timeout
+    while len(set(seen)) < n and time.monotonic() < deadline:
+        child.expect(STEP)
+        seen.append(int(child.match.group(1).decode().replace(",", "")))
+    return seen
 
 
 # ------------------------------------------------------------------------------ clock
