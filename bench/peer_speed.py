@@ -2,23 +2,39 @@
 
 Variants, each a fresh process on the same model folder, data and seed:
   article         bench/article_port.py (the source article's script, ported)
-  hf              recipes/8b.toml with model.backend = "hf"
-  auto            recipes/8b.toml as shipped (model.backend = "auto": Unsloth where it imports)
-  unsloth         recipes/8b.toml with model.backend = "unsloth"
+  hf              the shape's recipe with model.backend = "hf" (attention as the recipe says:
+                  flash_attention_2, which without flash-attn is varlen on one GPU since session 4)
+  hf_sdpa         the same with model.attn_implementation = "sdpa" (padded batches; what `hf`
+                  measured before session 4)
+  hf_varlen       the same with model.attn_implementation = "varlen" (padding-free batches on
+                  PyTorch's varlen flash kernel: supervisor/runner/varlen.py)
+  auto            the shape's recipe as shipped (model.backend = "auto": Unsloth where it imports)
+  unsloth         the recipe with model.backend = "unsloth"
   unsloth_script  bench/unsloth_script.py (Unsloth's documented script)
-The shape is a random-weight build at full depth (bench/gpu_models.py); seq 4096, batch 4 x accum
-4, r 64 all-linear, LoRA dropout 0, paged AdamW 8-bit. tokens/s is over steps 2..N (non-padding
-tokens, from the same step-event callback in every variant); MFU is 6 x params x tokens/s over
-the bf16 matmul rate measured at the start; peaks are torch's max allocated / reserved (the
-callback) and NVML device memory minus the baseline before the process started.
+`warmup:VARIANT` runs VARIANT for --warmup-steps steps first, untimed: it pays Unsloth's compile
+(its generated modules and the inductor/Triton caches on disk) so that the timed rows after it
+find the same warm caches; then order the timed rows ABBA (unsloth_script, auto, auto,
+unsloth_script) so that any drift over the call falls on both alike.
+The shape is a random-weight build at full depth (bench/gpu_models.py) of each model of the
+plan; seq, batch, accum and r come from the shape's shipped recipe (recipes/8b.toml: seq 4096,
+batch 4 x accum 4, r 64; 14b.toml the same; 32b.toml seq 2048, 2 x 8, r 32) unless given;
+LoRA dropout 0, paged AdamW 8-bit. tokens/s is over steps 2..N and 3..N (non-padding tokens,
+from the same step-event callback in every variant); MFU is 6 x params x tokens/s over the bf16
+matmul rate measured at the start; peaks are torch's max allocated / reserved (the callback)
+and NVML device memory minus the baseline before the process started.
 
     python bench/peer_speed.py --out OUT --budget-s 540 \\
-        --order unsloth_script,auto,hf,auto,unsloth_script,article [--supervised]
+        --plan "llama-3.1-8b=warmup:unsloth_script,unsloth_script,auto,auto,unsloth_script,hf_varlen,hf;
+                qwen-2.5-14b=warmup:unsloth_script,unsloth_script,auto"
 
+(--shape S --order O is the one-shape form of --plan "S=O".) A build goes to --work where the
+disk has room for its bf16 safetensors, else to /dev/shm where that has room, else the shape is
+skipped with the reason; a shape's build is removed once its rows are done and another shape
+follows (32B: 65 GB of bf16).
 `--supervised` first runs the Unsloth backend under `python -m supervisor start` (= `qlora-watch start`) on a
 2-layer build of the shape: an injected OOM (debug.raise_oom_above_seq_len) at step 4, the
 ladder's rung (seq 768) resuming checkpoint-4, then `stop` (SIGTERM: checkpoint, stopped).
-`--tiny` is the CPU rehearsal: a tiny Llama, short samples, seq 128 (no GPU needed).
+`--tiny` is the CPU rehearsal: a tiny model of each shape's architecture, short samples, seq 128.
 """
 
 from __future__ import annotations
@@ -51,8 +67,10 @@ from bench.gpu_suite import (  # noqa: E402
 )
 from supervisor.preflight.shapes import BUILTIN_SHAPES, ModelShape  # noqa: E402
 
-VARIANTS = ("article", "hf", "auto", "unsloth", "unsloth_script")
-DEFAULT_ORDER = "unsloth_script,auto,hf,auto,unsloth_script,article"
+VARIANTS = ("article", "hf", "hf_sdpa", "hf_varlen", "auto", "unsloth", "unsloth_script")
+DEFAULT_ORDER = "warmup:unsloth_script,unsloth_script,auto,auto,unsloth_script,hf_varlen,hf"
+RECIPES = {"llama-3.1-8b": "8b", "qwen-2.5-14b": "14b", "mistral-small-22b": "22b",
+           "qwen-2.5-32b": "32b", "llama-3.1-70b": "70b"}
 TINY = ModelShape("tiny Llama (CPU rehearsal)", 64, 2, 4, 2, 128, 4096)
 T0 = time.monotonic()
 
@@ -93,11 +111,23 @@ def unsloth_skip() -> str | None:
     return None
 
 
-def command(name: str, a: argparse.Namespace, mdir: Path, data: Path, rdir: Path,
+def shape_args(a: argparse.Namespace, shape_key: str) -> argparse.Namespace:
+    """seq, batch, accum, r and the recipe of one shape: the shipped recipe's, unless given."""
+    from supervisor.recipe import load_recipe
+
+    recipe = ROOT / "recipes" / f"{RECIPES.get(shape_key, '8b')}.toml"
+    r = load_recipe(recipe)
+    return argparse.Namespace(
+        recipe=recipe, steps=a.steps,
+        seq=a.seq or r.train.max_seq_len, batch=a.batch or r.train.per_device_batch,
+        accum=a.accum or r.train.grad_accum, r=a.r or r.lora.r)
+
+
+def command(name: str, c: argparse.Namespace, mdir: Path, data: Path, rdir: Path,
             events: Path) -> list[str]:
-    """The argv of one variant."""
-    shape = ["--seq", str(a.seq), "--batch", str(a.batch), "--accum", str(a.accum),
-             "--r", str(a.r), "--steps", str(a.steps)]
+    """The argv of one variant (c: shape_args, with steps)."""
+    shape = ["--seq", str(c.seq), "--batch", str(c.batch), "--accum", str(c.accum),
+             "--r", str(c.r), "--steps", str(c.steps)]
     common = ["--model", str(mdir), "--data", str(data), "--out", str(rdir / "out"),
               "--events", str(events), *shape]
     if name == "article":
@@ -106,28 +136,31 @@ def command(name: str, a: argparse.Namespace, mdir: Path, data: Path, rdir: Path
     if name == "unsloth_script":
         return [sys.executable, str(ROOT / "bench" / "unsloth_script.py"), *common]
     sets = [f"model.name={mdir}", f"data.path={data}", "data.format=text",
-            f"train.max_steps={a.steps}", "train.logging_steps=1", "train.save_steps=100000",
-            f"train.max_seq_len={a.seq}", f"train.per_device_batch={a.batch}",
-            f"train.grad_accum={a.accum}", f"lora.r={a.r}", f"lora.alpha={2 * a.r}"]
-    if name != "auto":
+            f"train.max_steps={c.steps}", "train.logging_steps=1", "train.save_steps=100000",
+            f"train.max_seq_len={c.seq}", f"train.per_device_batch={c.batch}",
+            f"train.grad_accum={c.accum}", f"lora.r={c.r}", f"lora.alpha={2 * c.r}"]
+    if name in ("hf_varlen", "hf_sdpa"):
+        sets += ["model.backend=hf", f"model.attn_implementation={name.removeprefix('hf_')}"]
+    elif name != "auto":
         sets.append(f"model.backend={name}")
     return [sys.executable, "-m", "supervisor.runner.train", "--recipe",
-            str(ROOT / "recipes" / "8b.toml"), "--events", str(events),
+            str(c.recipe), "--events", str(events),
             "--output-dir", str(rdir / "out")] + [x for kv in sets for x in ("--set", kv)]
 
 
-def run_variant(name: str, i: int, a: argparse.Namespace, mdir: Path, data: Path,
-                params: float, peak_tflops: float | None, logf: Any) -> dict[str, Any]:
+def run_variant(name: str, i: int, a: argparse.Namespace, c: argparse.Namespace, mdir: Path,
+                data: Path, params: float, peak_tflops: float | None, logf: Any,
+                tag: str = "") -> dict[str, Any]:
     """Run one variant in a fresh process; its row."""
     row: dict[str, Any] = {"variant": name, "run": i}
     if name in ("unsloth", "unsloth_script") and (why := unsloth_skip()):
         row.update(skipped=why)
         return row
-    rdir = a.work / "runs" / f"{i}-{name}"
+    rdir = a.work / "runs" / f"{tag}{i}-{name}"
     rdir.mkdir(parents=True, exist_ok=True)
     events = rdir / "events.jsonl"
     events.unlink(missing_ok=True)
-    cmd = command(name, a, mdir, data, rdir, events)
+    cmd = command(name, c, mdir, data, rdir, events)
     gpu = importlib.util.find_spec("pynvml") is not None and peak_tflops is not None
     mon = NvmlPeak(0) if gpu else None
     t = time.monotonic()
@@ -139,15 +172,17 @@ def run_variant(name: str, i: int, a: argparse.Namespace, mdir: Path, data: Path
         rc, out = 124, f"timed out\n{(e.stderr or b'')[-3000:]!r}"
     wall = time.monotonic() - t
     nvml = mon.stop() if mon else None
-    logf.write(f"\n===== {i}-{name} rc={rc} wall={wall:.1f}s\n{' '.join(cmd)}\n{out[-4000:]}\n")
+    logf.write(f"\n===== {tag}{i}-{name} rc={rc} wall={wall:.1f}s\n{' '.join(cmd)}\n{out[-4000:]}\n")
     logf.flush()
     evs = read_events(events)
     steps = step_events(events)
     tps = tokens_per_s(steps)
+    tps3 = tokens_per_s(steps, skip=1)
     notes = [e["message"] for e in evs if e.get("event") == "notice"]
     row.update(
         rc=rc, wall_s=round(wall, 1), steps=len(steps),
         tokens_per_s=round(tps, 1) if tps else None,
+        tokens_per_s_from3=round(tps3, 1) if tps3 else None,
         mfu_pct=round(100 * 6 * params * tps / (peak_tflops * 1e12), 2) if tps and peak_tflops else None,
         tokens_per_step=[e.get("tokens") for e in steps],
         step_time_s=[e.get("step_time_s") for e in steps],
@@ -161,6 +196,60 @@ def run_variant(name: str, i: int, a: argparse.Namespace, mdir: Path, data: Path
         error=out[-1500:] if rc else "",
     )
     return row
+
+
+def parse_plan(a: argparse.Namespace, ap: argparse.ArgumentParser) -> list[tuple[str, list[str]]]:
+    """[(shape, [variant or warmup:variant, ...]), ...] from --plan, else --shape/--order."""
+    text = a.plan or f"{a.shape}={a.order}"
+    plan = []
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        shape, _, order = part.partition("=")
+        shape = shape.strip()
+        if shape not in BUILTIN_SHAPES:
+            ap.error(f"unknown shape {shape!r}; known: {', '.join(sorted(BUILTIN_SHAPES))}")
+        names = [v.strip() for v in order.split(",") if v.strip()]
+        if bad := [v for v in names if v.removeprefix("warmup:") not in VARIANTS]:
+            ap.error(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)} (or warmup:VARIANT)")
+        plan.append((shape, names))
+    return plan
+
+
+def model_home(a: argparse.Namespace, shape: ModelShape) -> tuple[Path | None, str]:
+    """Where a full-depth bf16 build of `shape` fits: --work, else /dev/shm; (None, why) if neither."""
+    import shutil
+
+    need = 2 * shape.total_params * 1.05 + 2 * 2**30
+    for root in (a.work, Path("/dev/shm")):
+        try:
+            free = shutil.disk_usage(root).free
+        except OSError:
+            continue
+        if free > need:
+            return root, ""
+    return None, (f"no room for its {need / 2**30:.0f} GiB bf16 build (free: --work "
+                  f"{shutil.disk_usage(a.work).free / 2**30:.0f} GiB)")
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per shape and variant: the mean of the timed rows, and its ratio to Unsloth's script."""
+    out: dict[str, Any] = {}
+    for shape in dict.fromkeys(r.get("shape") for r in rows):
+        timed = [r for r in rows if r.get("shape") == shape and not r.get("warmup") and r.get("tokens_per_s")]
+        per: dict[str, Any] = {}
+        for name in dict.fromkeys(r["variant"] for r in timed):
+            mine = [r for r in timed if r["variant"] == name]
+            per[name] = {"n": len(mine),
+                         "tok_s": round(sum(r["tokens_per_s"] for r in mine) / len(mine), 1),
+                         "tok_s_from3": round(sum(r["tokens_per_s_from3"] or 0 for r in mine) / len(mine), 1)}
+        ref = per.get("unsloth_script")
+        for v in per.values():
+            if ref:
+                v["x_unsloth"] = round(v["tok_s"] / ref["tok_s"], 3)
+                v["x_unsloth_from3"] = round(v["tok_s_from3"] / ref["tok_s_from3"], 3) if ref["tok_s_from3"] else None
+        out[str(shape)] = per
+    return out
 
 
 def supervised_model(a: argparse.Namespace) -> Path:
@@ -235,27 +324,30 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("QLW_BENCH_WORK", "/tmp/qlw-peer")))
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(BUILTIN_SHAPES))
     ap.add_argument("--order", default=DEFAULT_ORDER, help="comma-separated variants, run in this order")
+    ap.add_argument("--plan", default=None, help='"SHAPE=ORDER;SHAPE=ORDER": several shapes, in order')
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--per-run-s", type=float, default=240)
     ap.add_argument("--min-run-s", type=float, default=80, help="skip a variant with less budget left")
     ap.add_argument("--samples", type=int, default=400)
-    ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--accum", type=int, default=4)
-    ap.add_argument("--r", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=None, help="default: the shape's recipe")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--accum", type=int, default=None)
+    ap.add_argument("--r", type=int, default=None)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup-steps", type=int, default=2)
+    ap.add_argument("--warmup-layers", type=int, default=None,
+                    help="run the warm-up on an N-layer build, during the full build (default: full depth, after)")
     ap.add_argument("--supervised", action="store_true")
-    ap.add_argument("--tiny", action="store_true", help="CPU rehearsal on a tiny Llama")
+    ap.add_argument("--tiny", action="store_true", help="CPU rehearsal on tiny models")
     a = ap.parse_args()
-    order = [v.strip() for v in a.order.split(",") if v.strip()]
-    if bad := [v for v in order if v not in VARIANTS]:
-        ap.error(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}")
+    plan = parse_plan(a, ap)
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(a).items()}, "rows": []}
     res_path = a.out / "peer_results.json"
 
     def save() -> None:
+        results["summary"] = summarise(results["rows"])
         res_path.write_text(json.dumps(results, indent=1, default=str))
 
     def supervise(mdir: Path) -> None:
@@ -264,7 +356,8 @@ def main() -> int:
         except Exception as e:  # the speed rows still run
             results["supervised"] = {"error": repr(e)}
 
-    peak = matmul_tflops() if order else None
+    a.shape = plan[0][0] if plan else a.shape
+    peak = matmul_tflops() if any(names for _, names in plan) else None
     results["bf16_matmul_tflops"] = round(peak, 1) if peak else None
     # The supervised demo (a 2-layer model) runs while the full-depth model is built: nothing
     # is timed then; every speed row runs alone afterwards.
@@ -272,50 +365,105 @@ def main() -> int:
            if a.supervised else None)  # built here: two builds at once race in transformers' imports
     if sup:
         sup.start()
-    if not order:  # --supervised alone
-        if sup:
-            sup.join()
-        save()
-        print_table(results)
-        return 0
-    shape = TINY if a.tiny else BUILTIN_SHAPES[a.shape]
-    t = time.monotonic()
-    mdir = build(a.shape, None, a.work / f"model-{a.shape}-full", shape=TINY if a.tiny else None)
-    results["build_s"] = round(time.monotonic() - t, 1)
-    if sup:
-        sup.join()
-        save()
     lengths = speed_lengths(a.samples, seed=17)
     if a.tiny:
         lengths = [max(8, n // 40) for n in lengths]
     data = write_text_data(a.work / "peer.jsonl", 0, lengths)
-    log("model", mdir, "built in", results["build_s"], "s; data", data, "; matmul TFLOP/s", peak)
+    n = 0
     with open(a.out / "peer_log.txt", "a") as logf:
-        for i, name in enumerate(order, 1):
-            if left(a.budget_s) < a.min_run_s:
-                results["rows"].append({"variant": name, "run": i, "skipped": "out of device budget"})
-                log("skip", name, "(budget)")
+        for k, (shape_key, names) in enumerate(plan):
+            shape = TINY if a.tiny else BUILTIN_SHAPES[shape_key]
+            c = shape_args(a, shape_key)
+            if a.tiny:
+                c.seq = a.seq or 128
+            home, why = (a.work, "") if a.tiny else model_home(a, shape)
+            timed = [v for v in names if not v.startswith("warmup:")]
+            if home is None or left(a.budget_s) < a.min_run_s + 30:
+                why = why or "out of device budget before the build"
+                for v in timed:
+                    results["rows"].append({"shape": shape_key, "variant": v, "skipped": why})
+                log("skip shape", shape_key, why)
                 continue
-            row = run_variant(name, i, a, mdir, data, shape.total_params, peak, logf)
-            results["rows"].append(row)
-            save()
-            log(name, {k: row.get(k) for k in ("rc", "backend", "tokens_per_s", "mfu_pct",
-                                                "peak_reserved_mib", "nvml_peak_mib", "skipped")})
+            early: dict[str, Any] = {}
+            warm_thread = None
+            if names and names[0].startswith("warmup:") and a.warmup_layers:
+                # The warm-up on a shallow build of the same shape (same layer, head and loss
+                # dimensions, so the same compiled kernels) runs while the full build is written.
+                small = build(shape_key, a.warmup_layers, home / f"model-{shape_key}-{a.warmup_layers}l",
+                              shape=TINY if a.tiny else None)
+                n += 1
+                cw = argparse.Namespace(**{**vars(c), "steps": a.warmup_steps})
+                base, wrun = names[0].removeprefix("warmup:"), n
+
+                def warm(early: dict[str, Any], args: tuple[Any, ...], key: str) -> None:
+                    early["row"] = run_variant(*args, logf, tag=f"{key}-")
+                    early["row"].update(shape=key, warmup=True, layers=a.warmup_layers)
+
+                warm_thread = threading.Thread(target=warm, daemon=True, args=(
+                    early, (base, wrun, a, cw, small, data, shape.total_params, peak), shape_key))
+                warm_thread.start()
+                names = names[1:]
+            t = time.monotonic()
+            mdir = build(shape_key, None, home / f"model-{shape_key}-full", shape=TINY if a.tiny else None)
+            results.setdefault("build_s", {})[shape_key] = round(time.monotonic() - t, 1)
+            if warm_thread:
+                warm_thread.join()
+                results["rows"].append(early.get("row") or {"shape": shape_key, "variant": "warmup",
+                                                            "warmup": True, "error": "no row"})
+                log(shape_key, "warm-up", {k: early.get("row", {}).get(k) for k in ("rc", "wall_s", "step_time_s")})
+                save()
+            if sup:
+                sup.join()
+                sup = None
+                save()
+            log("model", mdir, "built in", results["build_s"][shape_key], "s; data", data,
+                "; matmul TFLOP/s", peak, "; seq/batch/accum/r", c.seq, c.batch, c.accum, c.r)
+            for name in names:
+                n += 1
+                warm = name.startswith("warmup:")
+                base = name.removeprefix("warmup:")
+                if left(a.budget_s) < a.min_run_s:
+                    results["rows"].append({"shape": shape_key, "variant": base, "run": n, "warmup": warm,
+                                            "skipped": "out of device budget"})
+                    log("skip", name, "(budget)")
+                    continue
+                cw = argparse.Namespace(**{**vars(c), "steps": a.warmup_steps if warm else c.steps})
+                row = run_variant(base, n, a, cw, mdir, data, shape.total_params, peak, logf,
+                                  tag=f"{shape_key}-")
+                row.update(shape=shape_key, warmup=warm)
+                results["rows"].append(row)
+                save()
+                log(shape_key, name, {k: row.get(k) for k in ("rc", "backend", "tokens_per_s",
+                                                              "tokens_per_s_from3", "mfu_pct",
+                                                              "peak_reserved_mib", "nvml_peak_mib",
+                                                              "skipped")})
+            if k + 1 < len(plan) and mdir.name.endswith("-full"):
+                import shutil
+
+                shutil.rmtree(mdir, ignore_errors=True)  # this call's own build: room for the next
+    if sup:
+        sup.join()
     save()
     print_table(results)
     return 0
 
 
 def print_table(results: dict[str, Any]) -> None:
-    print("\nrun variant          backend  tok/s    MFU%   alloc MiB  reserved  NVML MiB  losses")
+    print("\nrun shape           variant          backend  tok/s    from3    MFU%   alloc MiB  reserved  NVML MiB  losses")
     for r in results["rows"]:
+        label = ("warmup:" if r.get("warmup") else "") + r["variant"]
         if r.get("skipped"):
-            print(f"{r['run']:>3} {r['variant']:<16} skipped: {r['skipped']}")
+            print(f"{r.get('run', '-')!s:>3} {r.get('shape', '')!s:<15} {label:<16} skipped: {r['skipped']}")
             continue
         losses = " ".join(f"{x:.4f}" for x in r.get("loss") or [] if isinstance(x, (int, float)))
-        print(f"{r['run']:>3} {r['variant']:<16} {str(r.get('backend')):<8} {r.get('tokens_per_s')!s:<8} "
+        print(f"{r['run']:>3} {r.get('shape', '')!s:<15} {label:<16} {str(r.get('backend')):<8} "
+              f"{r.get('tokens_per_s')!s:<8} {r.get('tokens_per_s_from3')!s:<8} "
               f"{r.get('mfu_pct')!s:<6} {r.get('peak_alloc_mib')!s:<10} {r.get('peak_reserved_mib')!s:<9} "
               f"{r.get('nvml_peak_mib')!s:<9} {losses}  rc={r.get('rc')}")
+    for shape, per in (results.get("summary") or {}).items():
+        for name, v in per.items():
+            print(f"mean {shape} {name}: n={v['n']} {v['tok_s']} tok/s (x{v.get('x_unsloth')}), "
+                  f"from step 3 {v['tok_s_from3']} (x{v.get('x_unsloth_from3')})")
     sup = results.get("supervised")
     if sup:
         print("supervised:", {k: sup.get(k) for k in ("state", "attempt", "rung", "stop_sent", "error")})

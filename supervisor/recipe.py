@@ -61,13 +61,18 @@ class ModelSection(_Strict):
         None, description="built-in shape for preflight when no local config.json, e.g. llama-3.1-8b"
     )
     attn_implementation: Literal[
-        "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"
-    ] = "sdpa"
+        "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "varlen"
+    ] = Field("sdpa", description="varlen: padding-free batches on PyTorch's own varlen flash kernel "
+                                  "(HF path; no flash-attn needed)")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     trust_remote_code: bool = False
     tiny: TinyModel | None = None
     backend: Literal["hf", "unsloth", "auto"] = Field(
         "hf", description="auto: Unsloth where it imports and supports the model, else transformers + peft"
+    )
+    weight_cache: Literal["run", "shared", "off"] = Field(
+        "run", description="quantised-weight cache for relaunches: the run's own (removed with it), "
+        "shared between runs (`qlora-watch cache ls/rm`), or off",
     )
 
 
@@ -295,6 +300,9 @@ class SupervisorSection(_Strict):
     stop_grace_s: float = Field(120.0, gt=0.0, description="SIGTERM -> SIGKILL grace for a save")
     log_max_bytes: int = Field(50 * 1024 * 1024, ge=4096)
     log_backups: int = Field(3, ge=0, le=100)
+    warm_standby: bool = Field(
+        True, description="keep one trainer process with its imports done (no CUDA) for the next attempt",
+    )
 
 
 class NotifySection(_Strict):

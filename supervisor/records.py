@@ -132,6 +132,7 @@ class EventKind(StrEnum):
     RUN_FAILED = "failed"  # the run ended in FAILED
     CONFIG_REJECTED = "config_error"  # the recipe, data or command cannot run: not retried
     STATE_CHANGED = "state"  # the run reached a terminal state (notifications only)
+    STANDBY_NOTED = "standby"  # the warm standby trainer is off, or could not be used (why)
     PREEMPTION_RECEIVED = "preempt"  # SIGUSR1/SIGTERM said the machine is being taken away
     SLURM_JOB_SEEN = "slurm"  # a Slurm job of the run started, was requeued or was refused (node, job id)
     # the model download (while loading)

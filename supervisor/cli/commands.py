@@ -621,6 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also delete checkpoint-N, adapter and attempt-N in its output folder")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask")
 
+    from supervisor.cli.cache import add_parser as add_cache
+
+    add_cache(add)
+
     p = add("merge", cmd_merge, "merge the LoRA adapter into the bf16 base model, on the CPU")
     p.add_argument("run", help="run id, or an adapter/output folder path")
     p.add_argument("--checkpoint", type=int, metavar="N", help="merge checkpoint-N instead of the final adapter")

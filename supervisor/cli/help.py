@@ -47,6 +47,8 @@ EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
               [HOME, RUNTIME]),
     "report": (["qlora-watch report", "qlora-watch report amber --compare falcon --out /tmp/r"], [HOME]),
     "rm": (["qlora-watch rm amber", "qlora-watch rm amber --checkpoints --yes"], [HOME]),
+    "cache": (["qlora-watch cache ls", "qlora-watch cache rm 3e2c7c42 --yes", "qlora-watch cache rm --all"],
+              [HOME]),
     "merge": (["qlora-watch merge amber --out merged/", "qlora-watch merge runs/x --checkpoint 200 --out m/"],
               [HOME, "HF_TOKEN, HF_HOME: to fetch the base model"]),
     "completion": (["qlora-watch completion bash > ~/.local/share/bash-completion/completions/qlora-watch",

@@ -24,6 +24,7 @@ from supervisor.checkpoints import folders as checkpoints
 from supervisor.checkpoints.plan import newest_complete_of, prune_plan
 from supervisor.daemon import foreign, handoff
 from supervisor.daemon.followers import JsonlFollower
+from supervisor.daemon.standby import StandbyManager
 from supervisor.guards.relaunch import restarts_after
 from supervisor.recipe import Recipe, recipe_to_json
 from supervisor.records import EventKind, Step
@@ -49,6 +50,25 @@ PHASE_STATES = {
 }
 
 
+def weight_cache_dir(recipe: Recipe, run_path: Path) -> Path | None:
+    """Where the trainer keeps its quantised-weight cache (runner/qcache.py): the run's own
+    folder (removed with the run), the shared one, or None (off, or not our trainer)."""
+    if recipe.model is None or recipe.trainer.command and not _runs_builtin(recipe.trainer.command):
+        return None
+    mode = recipe.model.weight_cache
+    if mode == "off":
+        return None
+    if mode == "shared":
+        from supervisor.runner.qcache import shared_root
+
+        return shared_root()
+    return run_path / "qcache"
+
+
+def _runs_builtin(command: list[str]) -> bool:
+    return "supervisor.runner.train" in command
+
+
 class AttemptRunner:
     def __init__(self, sup: "Supervisor"):
         self.sup = sup
@@ -66,6 +86,8 @@ class AttemptRunner:
         self.last_guard_mono = 0.0
         self.tree_pids: set[int] = set()  # the trainer's processes, for the GPU release check
         self._reach: tuple[str | None] | None = None  # ladder_reach(), read once
+        self.standby = StandbyManager(self.sup.record)  # the warm interpreter for the next attempt
+        self.last_launch: dict[str, Any] | None = None  # env/cwd/argv of the latest launch
 
     # -- helpers ------------------------------------------------------------------------
     @property
@@ -254,6 +276,10 @@ class AttemptRunner:
         env.pop("QLW_RESUME", None)
         if resume:
             env["QLW_RESUME"] = resume
+        cache_dir = weight_cache_dir(recipe, self.sup.store.path)
+        env.pop("QLW_QCACHE_DIR", None)
+        if cache_dir is not None:
+            env["QLW_QCACHE_DIR"] = str(cache_dir)
         cwd = Path(self.sup.run_info.get("cwd") or os.getcwd())
         try:  # the ladder's settings, three ways: QLW_* env, {placeholders}, an axolotl copy
             ho = handoff.prepare(recipe, procgroup.trainer_argv(recipe),
@@ -272,8 +298,11 @@ class AttemptRunner:
         self.sup.new_attempt()
         self.child_rc = None
         oom_kills_before = oom_kills()  # the kernel's count: a SIGKILL exit is checked against it
+        warm = await self.standby.take(attempt=attempt, env=env, cwd=cwd, argv=argv, recipe=recipe)
+        self.last_launch = {"env": env, "cwd": cwd, "argv": argv, "recipe": recipe, "attempt": attempt,
+                            "warm": warm is not None}
         try:
-            self.proc = procgroup.spawn(
+            self.proc = warm or procgroup.spawn(
                 argv, env=env, cwd=cwd,
                 exit_file=adir / "exit.json", log_path=self.sup.store.log_path,
                 log_max_bytes=recipe.supervisor.log_max_bytes,
@@ -299,14 +328,43 @@ class AttemptRunner:
                        "grad_accum": recipe.train.grad_accum},
         )
         what = f" from {Path(resume).name}" if resume else ""
-        self.sup.record(EventKind.LAUNCHED, f"attempt {attempt} started{what} (pid {self.proc.pid})",
+        how = ", warm standby: imports already done" if warm else ""
+        self.sup.record(EventKind.LAUNCHED, f"attempt {attempt} started{what} (pid {self.proc.pid}{how})",
                         evidence={"argv": redact_argv(argv)[:3], "resume": resume, "rung": rung,
                                   "rung_label": ladder.label(rung),
-                                  "output_dir": str(out)})
+                                  "output_dir": str(out), "warm_standby": bool(warm)})
+
+    def prepare_standby(self) -> None:
+        """A warm standby for the next attempt, once this one trains (its imports then compete
+        with nothing but training). Never for a user's command; replaced after each use."""
+        last = self.last_launch
+        if last is None or self.standby.current is not None or self.sup.run_state.terminal:
+            return
+        recipe = last["recipe"]
+        if StandbyManager.off_reason(recipe, last["argv"]) is not None:
+            return
+        from supervisor.runner.backends import planned_backend
+
+        nxt = last["attempt"] + 1
+        adir = self.sup.store.attempt_dir(nxt)
+        try:
+            adir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError:
+            return
+        env = {k: v for k, v in last["env"].items() if not k.startswith("QLW_")}
+        backend = planned_backend(recipe) if recipe.model is not None else "hf"
+        self.standby.start(attempt=nxt, folder=self.sup.store.path / "standby" / str(nxt), env=env,
+                           cwd=last["cwd"], backend=backend, recipe=recipe, exit_file=adir / "exit.json",
+                           log_path=self.sup.store.log_path,
+                           log_max_bytes=recipe.supervisor.log_max_bytes,
+                           log_backups=recipe.supervisor.log_backups)
 
     # -- polling ----------------------------------------------------------------------
     async def poll(self) -> None:
         statuses = procgroup.reap_children()
+        self.standby.forget_if_reaped(statuses)
+        if self.standby.current is not None and self.sup.run_state.terminal:
+            await asyncio.to_thread(self.standby.discard)
         w = self.st.get("wrapper") or {}
         tree = getattr(self.sup.sampler, "tree_pids", None)
         if tree and self.trainer_alive():
@@ -350,7 +408,7 @@ class AttemptRunner:
         pgid = w.get("pid")
         if pgid:  # leftover workers hold GPU memory: kill the group and subreaped escapers
             procgroup.signal_group(pgid, signal.SIGKILL)
-        procgroup.kill_orphans(self.sup.tb.helper_pids())  # not the trackers' own (wandb's service)
+        procgroup.kill_orphans(self.sup.tb.helper_pids() | self.standby.pids())  # not the trackers' (wandb's service), not the standby
         self.sup.set_state(exited=True, exit_code=rc, exit_signal=sig, ended_at=time.time())
         self.sup._follow_events()  # the last events before exit (checkpoint, finished)
         self.sup._follow_log()
@@ -399,6 +457,11 @@ class AttemptRunner:
                 self.sup.set_state(**fields)
             if phase not in ("saving", "training") or not self.st.get("step"):
                 self.sup.record(EventKind.PHASE_CHANGED, f"trainer phase: {phase}")  # not every save's toggles
+            # The next attempt's standby: beside the load of a cold attempt (an OOM can come at
+            # its first step), after the first step of a warm one (nothing competes with its load).
+            warm = bool((self.last_launch or {}).get("warm"))
+            if phase == ("training" if warm else "loading_model"):
+                self.prepare_standby()
         elif kind == "checkpoint":
             path = Path(str(obj.get("path", "")))
             info = checkpoints.checkpoint_status(path)
@@ -418,6 +481,9 @@ class AttemptRunner:
             self.sup.record(EventKind.TRAINING_FINISHED, f"adapter saved to {obj.get('adapter_path')}")
         elif kind == "notice":
             self.sup.record(EventKind.TRAINER_NOTED, str(obj.get("message", ""))[:2000])
+            if isinstance(obj.get("cache_bytes"), int):  # the weight cache: shown in the dashboard
+                self.sup.set_state(weight_cache={"bytes": obj["cache_bytes"], "key": obj.get("cache_key"),
+                                                 "dir": obj.get("cache_dir")})
         elif kind == "settings":  # effective_settings() was called: the ladder reaches it
             self.sup.set_state(settings_read=True)
 

@@ -196,6 +196,8 @@ class Supervisor:
             await self.tick()  # last events and log lines
         finally:
             self.preemption.settle(loop, preempt_on_term)  # a late SIGTERM must not make exit 0 a -15
+            with contextlib.suppress(Exception):  # the idle warm standby dies with us
+                await asyncio.to_thread(self.attempts.standby.discard)
             self.broadcast(proto.bye(f"run {self.state.get('state')}"))
             await asyncio.sleep(0.05)
             if self.server is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,22 @@ UNSLOTH_MODEL_TYPES = frozenset({
     "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "cohere",
     "granite", "falcon_h1",
 })
+
+
+# The training stack's modules, imported by the trainer up front (timed) and by a warm standby
+# (supervisor/standby.py) before it gets an attempt. Unsloth patches transformers, peft and trl
+# when it is imported and must come first, and its import needs the GPU: before it only modules
+# that do not import transformers.
+HF_STACK = ("torch", "datasets", "transformers", "transformers.trainer", "peft", "bitsandbytes",
+            "trl", "accelerate")
+UNSLOTH_PRE = ("torch", "datasets", "bitsandbytes")
+
+
+def stack_modules(backend: str, after_unsloth: bool = False) -> tuple[str, ...]:
+    """The heavy modules of a backend; for Unsloth before its import unless after_unsloth."""
+    if backend == "unsloth" and not after_unsloth:
+        return UNSLOTH_PRE
+    return HF_STACK
 
 
 class BackendUnavailable(SystemExit):
@@ -146,6 +163,15 @@ def choose_backend(recipe: Recipe, cuda: bool | None = None) -> Backend:
     return Backend("hf", f'model.backend = "auto": HF path, because {obstacle}')
 
 
+def prequantised(path: str) -> bool:
+    """A local folder whose config.json carries a quantization_config (a weight-cache entry)."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("quantization_config") is not None
+
+
 def load_hf(recipe: Recipe, path: str, attn: str) -> tuple[Any, Any]:
     """(model, tokenizer): NF4 + double quant via BitsAndBytesConfig when quant.load_in_4bit."""
     import torch
@@ -157,7 +183,7 @@ def load_hf(recipe: Recipe, path: str, attn: str) -> tuple[Any, Any]:
         "attn_implementation": attn,
         "trust_remote_code": r.model.trust_remote_code,
     }
-    if r.quant.load_in_4bit:
+    if r.quant.load_in_4bit and not prequantised(path):  # a cache entry brings its own config
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=r.quant.quant_type,
@@ -175,8 +201,8 @@ def load_hf(recipe: Recipe, path: str, attn: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def load_unsloth(recipe: Recipe, path: str) -> tuple[Any, Any]:
-    """(PeftModel, tokenizer) from FastLanguageModel: NF4, LoRA, Unsloth's gradient checkpointing."""
+def load_unsloth_base(recipe: Recipe, path: str) -> tuple[Any, Any]:
+    """(model, tokenizer) from FastLanguageModel, before its LoRA: NF4 (or pre-quantised) weights."""
     import torch
     from unsloth import FastLanguageModel
 
@@ -190,22 +216,88 @@ def load_unsloth(recipe: Recipe, path: str) -> tuple[Any, Any]:
         trust_remote_code=r.model.trust_remote_code,
         use_exact_model_name=True,  # the folder or repo named, never a swapped "-bnb-4bit" one
     )
-    model = FastLanguageModel.get_peft_model(
-        model,
-        **lora_kwargs(r),
-        use_gradient_checkpointing="unsloth" if r.train.gradient_checkpointing else False,
-        random_state=r.train.seed,
-    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-def load_model_and_tokenizer(backend: Backend, recipe: Recipe, path: str, attn: str) -> tuple[Any, Any]:
-    """(model, tokenizer) from the chosen backend; Unsloth's model comes with its LoRA already."""
+def unsloth_adapter(recipe: Recipe, model: Any) -> Any:
+    from unsloth import FastLanguageModel
+
+    r = recipe
+    return FastLanguageModel.get_peft_model(
+        model,
+        **lora_kwargs(r),
+        use_gradient_checkpointing="unsloth" if r.train.gradient_checkpointing else False,
+        random_state=r.train.seed,
+    )
+
+
+def load_unsloth(recipe: Recipe, path: str) -> tuple[Any, Any]:
+    """(PeftModel, tokenizer) from FastLanguageModel: NF4, LoRA, Unsloth's gradient checkpointing."""
+    model, tokenizer = load_unsloth_base(recipe, path)
+    return unsloth_adapter(recipe, model), tokenizer
+
+
+def load_base(backend: Backend, recipe: Recipe, path: str, attn: str) -> tuple[Any, Any]:
+    """The quantised base model (no adapter) and its tokenizer, from `path` (original or cache)."""
     if backend.name == "unsloth":
-        return load_unsloth(recipe, path)
+        return load_unsloth_base(recipe, path)
     return load_hf(recipe, path, attn)
+
+
+def _is_oom(e: BaseException) -> bool:
+    """A CUDA OOM while loading: the OOM ladder's business, never a reason to change backend."""
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+
+
+def load_model_and_tokenizer(backend: Backend, recipe: Recipe, path: str, attn: str,
+                             writer: Any = None, device: str = "cuda") -> tuple[Any, Any]:
+    """(model, tokenizer) from the chosen backend; Unsloth's model comes with its LoRA already.
+    The base model comes from the weight cache when `$QLW_QCACHE_DIR` holds a sound entry for it
+    (runner/qcache.py), else from `path`, and is then saved there for the next attempt."""
+    import time
+
+    from supervisor.runner.qcache import load_base_cached
+
+    model, tokenizer = load_base_cached(backend, recipe, path, attn, writer, device)
+    if backend.name == "unsloth":
+        t0 = time.perf_counter()
+        model = unsloth_adapter(recipe, model)
+        if writer is not None:
+            writer.emit("timing", phase="adapter", s=round(time.perf_counter() - t0, 3))
+    return model, tokenizer
+
+
+def load_with_fallback(backend: Backend, recipe: Recipe, path: str, attn: str | Callable[[], str],
+                       writer: Any = None, device: str = "cuda") -> tuple[Backend, Any, Any]:
+    """(backend, model, tokenizer), through the weight cache (load_model_and_tokenizer). Under
+    model.backend = "auto", Unsloth failing to load the model (FastLanguageModel.from_pretrained or
+    get_peft_model raising: an architecture variant or a transformers it does not handle) falls back
+    to the HF path; the returned backend's reason says so. An explicit "unsloth", a CUDA OOM and
+    BaseExceptions (SIGTERM's stop) propagate. `attn` may be a function: the HF path's attention,
+    resolved only when the HF path loads (Unsloth picks its own)."""
+    def load(b: Backend) -> tuple[Backend, Any, Any]:
+        a = "sdpa" if b.name == "unsloth" else (attn() if callable(attn) else attn)
+        return b, *load_model_and_tokenizer(b, recipe, path, a, writer=writer, device=device)
+
+    if backend.name != "unsloth" or recipe.model.backend != "auto":
+        return load(backend)
+    try:
+        return load(backend)
+    except Exception as e:
+        if _is_oom(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        why = f"Unsloth failed to load the model: {type(e).__name__}: {first}"
+    import gc
+
+    gc.collect()  # whatever Unsloth had put on the GPU before it failed
+    if _cuda_available():
+        import torch
+
+        torch.cuda.empty_cache()
+    return load(Backend("hf", f'model.backend = "auto": HF path, because {why}'))
 
 
 def sft_overrides(backend: Backend, recipe: Recipe) -> dict[str, Any]:

@@ -110,6 +110,7 @@ class QloraWatchCallback(TrainerCallback):
         self._step_times: list[float] = []
         self._last_log_t: float | None = None
         self._last_log_tokens = 0
+        self._train_begin: float | None = None  # perf_counter at on_train_begin, until the first step
 
     # ---------------------------------------------------------------- stop requests
 
@@ -131,6 +132,7 @@ class QloraWatchCallback(TrainerCallback):
             self.install_sigterm_handler()
         self._last_log_t = time.time()
         self._last_log_tokens = int(state.num_input_tokens_seen or 0)
+        self._train_begin = time.perf_counter()
         self.writer.phase("training")
         return control
 
@@ -142,6 +144,10 @@ class QloraWatchCallback(TrainerCallback):
         if self._step_t0 is not None:
             self._step_times.append(time.perf_counter() - self._step_t0)
             self._step_t0 = None
+        if self._train_begin is not None:  # the first step of this attempt, with its warm-up
+            self.writer.emit("timing", phase="first_step", s=round(time.perf_counter() - self._train_begin, 3),
+                             step=state.global_step)
+            self._train_begin = None
         if self.stop_requested and self.stopped_at is None:
             # The Trainer saves (control.should_save) before it breaks out of the loop.
             control.should_save = True

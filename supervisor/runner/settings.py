@@ -56,3 +56,13 @@ def _announce(path: str | None) -> None:
             os.close(fd)
     except OSError:
         pass  # a full disk must not stop training
+
+
+def pin_one_gpu(recipe: Any, env: Any = os.environ) -> str | None:
+    """hardware.gpus = 1 on a machine with several GPUs: make one visible, before torch looks.
+    transformers' Trainer refuses a single process that sees several GPUs (it would need
+    nn.DataParallel): found on a 2 x H200 host. CUDA_VISIBLE_DEVICES set by the user wins."""
+    if recipe.hardware.gpus != 1 or "CUDA_VISIBLE_DEVICES" in env or "LOCAL_RANK" in env:
+        return None
+    env["CUDA_VISIBLE_DEVICES"] = "0"
+    return "0"

@@ -7,6 +7,7 @@ uncaught exception: traceback on stderr, exit 1.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.recipe import Recipe, recipe_from_json
+from supervisor.runner.settings import pin_one_gpu
 
 FLASH = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 TRAINER_TRACKERS = ("tensorboard", "trackio")  # train.report_to entries that transformers logs
@@ -113,12 +115,31 @@ def cap_vram(recipe: Recipe, writer: Any) -> Any:
     return emulate_card(recipe, writer, local_device)
 
 
-def pick_attention(requested: str, writer: Any) -> str:
-    """The requested attention, or sdpa (with a notice) when flash-attn cannot be used here."""
+def _varlen(writer: Any) -> str:
+    import torch
+
+    from supervisor.runner import varlen
+
+    how = varlen.register("cuda" if torch.cuda.is_available() else "cpu")
+    writer.notice(f"attention varlen: padding-free batches, kernel {how}")
+    return "varlen"
+
+
+def pick_attention(requested: str, writer: Any, multi_gpu: bool = False) -> str:
+    """The requested attention; flash_attention_* without flash-attn falls back (with a notice) to
+    "varlen" on one CUDA GPU (PyTorch's own flash kernel, padding-free: +44 % over SDPA on the 8B
+    shape, same losses, docs/benchmarks.md), else to sdpa (CPU; FSDP, not measured with varlen)."""
+    if requested == "varlen":
+        return _varlen(writer)
     module = FLASH.get(requested)
     if module is None:
         return requested
     if importlib.util.find_spec(module) is None:
+        import torch
+
+        if torch.cuda.is_available() and not multi_gpu:
+            writer.notice("flash-attn not installed; using varlen (PyTorch's flash kernel, padding-free)")
+            return _varlen(writer)
         writer.notice("flash-attn not installed; using sdpa")
         return "sdpa"
     from transformers.utils import import_utils
@@ -255,12 +276,51 @@ def lora_config(recipe: Recipe) -> Any:
     return LoraConfig(**lora_kwargs(recipe), task_type="CAUSAL_LM")
 
 
-def trainer_class() -> type:
+def timing(writer: Any, phase: str, seconds: float, **fields: Any) -> None:
+    """A `timing` event: how long one phase of the attempt took (bench/relaunch.py reads them)."""
+    if writer is not None:
+        writer.emit("timing", phase=phase, s=round(seconds, 3), **fields)
+
+
+def heavy_imports(backend: str, writer: Any, started_at: float | None) -> None:
+    """Import the training stack now and say how long this process took to get here (the
+    interpreter's start and these imports; ~0 when a warm standby had them done already)."""
+    from supervisor.runner.backends import stack_modules
+
+    t0 = time.perf_counter()
+    for name in stack_modules(backend, after_unsloth=True):
+        importlib.import_module(name)
+    if started_at is None:
+        try:
+            import psutil
+
+            started_at = psutil.Process().create_time()
+        except Exception:  # noqa: BLE001
+            started_at = None
+    total = time.time() - started_at if started_at else time.perf_counter() - t0
+    timing(writer, "imports", total, here_s=round(time.perf_counter() - t0, 3), warm=WARM["warm"])
+
+
+WARM: dict[str, Any] = {"warm": False, "started_at": None}  # set by supervisor/standby.py
+
+
+def trainer_class(writer: Any = None) -> type:
     """SFTTrainer whose resume keeps the adapter dtypes that a fresh start uses."""
     from trl import SFTTrainer
 
     class Trainer(SFTTrainer):
+        def _load_optimizer_and_scheduler(self, checkpoint: Any) -> None:
+            t0 = time.perf_counter()
+            super()._load_optimizer_and_scheduler(checkpoint)
+            if checkpoint:
+                timing(writer, "optimizer_restore", time.perf_counter() - t0)
+
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            t0 = time.perf_counter()
+            self._restore_adapter(resume_from_checkpoint, model)
+            timing(writer, "adapter_restore", time.perf_counter() - t0)
+
+        def _restore_adapter(self, resume_from_checkpoint: str, model: Any = None) -> None:
             # trl casts QLoRA adapters to bf16, but peft's load_adapter re-upcasts them to fp32
             # on resume: 2x adapter + grad memory (~0.7 GB at r=64 on 8B), so a run that fit
             # could OOM after a relaunch. The optimizer is built after this, so a cast is safe.
@@ -272,6 +332,16 @@ def trainer_class() -> type:
                     param.data = param.data.to(before[name])
 
     return Trainer
+
+
+def padding_free_collator(recipe: Recipe, attn: str, unsloth: bool, tokenizer: Any) -> Any:
+    """attention "varlen" on the HF path: trl's padding-free collator (None: trl's default). With
+    packing or padding_free set, trl builds padding-free batches itself."""
+    if attn != "varlen" or unsloth or recipe.train.packing or recipe.train.padding_free:
+        return None
+    from supervisor.runner.varlen import collator
+
+    return collator(tokenizer)
 
 
 def debug_callback(recipe: Recipe) -> Any:
@@ -324,12 +394,13 @@ def quiet_progress_bars() -> None:
 
 def run(ctx: Context, pinned_gpu: str | None = None) -> int:
     """Load, tokenise, train, save; returns the exit code (exceptions propagate)."""
-    from supervisor.runner.backends import choose_backend, load_model_and_tokenizer, sft_overrides
+    from supervisor.runner.backends import choose_backend, load_with_fallback, sft_overrides
 
     backend = choose_backend(ctx.recipe)  # first: Unsloth must be imported before transformers
     from supervisor.runner.callback import EventWriter, QloraWatchCallback
 
     writer = EventWriter(ctx.events_path)
+    heavy_imports(backend.name, writer, WARM["started_at"])
     if pinned_gpu is not None:
         import torch
 
@@ -344,12 +415,20 @@ def run(ctx: Context, pinned_gpu: str | None = None) -> int:
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         # transformers 5 dropped TrainingArguments.logging_dir; the TensorBoard callback reads this.
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(ctx.output_dir / "tensorboard"))
+        t_card = time.perf_counter()
         ballast = cap_vram(recipe, writer)  # noqa: F841 - held until this process exits
-        attn = pick_attention(recipe.model.attn_implementation, writer)
+        if recipe.hardware.emulate_vram_gib:
+            timing(writer, "emulate_card", time.perf_counter() - t_card)  # the rehearsal's own cost
+        attn = functools.partial(pick_attention, recipe.model.attn_implementation, writer,
+                                 recipe.hardware.gpus > 1)  # resolved only if the HF path loads
         path = resolve_model_path(ctx, writer)
         writer.notice(f"backend {backend.name}: {backend.reason}")
-        model, tokenizer = load_model_and_tokenizer(backend, recipe, path, attn)
-        attn = getattr(model.config, "_attn_implementation", None) or attn
+        chosen = backend
+        backend, model, tokenizer = load_with_fallback(chosen, recipe, path, attn, writer=writer,
+                                                       device="cpu" if use_cpu(recipe) else "cuda")
+        if backend is not chosen:
+            writer.notice(f"backend {backend.name}: {backend.reason}")
+        attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
         writer.notice(f"model {recipe.model.name}: {describe_model(model)}, attention {attn}")
 
         writer.phase("tokenising")
@@ -360,15 +439,18 @@ def run(ctx: Context, pinned_gpu: str | None = None) -> int:
         watch = QloraWatchCallback(writer=writer)
         callbacks = [watch] + [cb for cb in [debug_callback(recipe)] if cb is not None]
         unsloth = backend.name == "unsloth"
-        trainer = trainer_class()(
+        t_init = time.perf_counter()
+        trainer = trainer_class(writer)(
             model=model,
             args=sft_config(ctx, use_liger=False if unsloth else liger_usable(recipe, writer),
                             overrides=sft_overrides(backend, recipe)),
             train_dataset=to_dataset(records),
             processing_class=tokenizer,
             peft_config=None if unsloth else lora_config(recipe),  # Unsloth's model has its LoRA
+            data_collator=padding_free_collator(recipe, attn, unsloth, tokenizer),
             callbacks=callbacks,
         )
+        timing(writer, "trainer_init", time.perf_counter() - t_init)  # + peft's LoRA on the HF path
         trainable, total = trainer.model.get_nb_trainable_parameters()
         writer.notice(f"LoRA r={recipe.lora.r}: {trainable:,} trainable of {total:,} parameters")
         if ctx.resume:
@@ -398,16 +480,6 @@ def run(ctx: Context, pinned_gpu: str | None = None) -> int:
     writer.phase("finished")
     writer.close()
     return 0
-
-
-def pin_one_gpu(recipe: Recipe, env: Any = os.environ) -> str | None:
-    """hardware.gpus = 1 on a machine with several GPUs: make one visible, before torch looks.
-    transformers' Trainer refuses a single process that sees several GPUs (it would need
-    nn.DataParallel): found on a 2 x H200 host. CUDA_VISIBLE_DEVICES set by the user wins."""
-    if recipe.hardware.gpus != 1 or "CUDA_VISIBLE_DEVICES" in env or "LOCAL_RANK" in env:
-        return None
-    env["CUDA_VISIBLE_DEVICES"] = "0"
-    return "0"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,7 +74,8 @@ def swap_rss_line(h: dict[str, Any], compact: bool) -> Text:
     return t
 
 
-def disk_line(h: dict[str, Any], next_ckpt_bytes: float | None, compact: bool) -> Text:
+def disk_line(h: dict[str, Any], next_ckpt_bytes: float | None, compact: bool,
+              cache_bytes: float | None = None) -> Text:
     """Free disk against the next checkpoint's size (twice it: the old one goes after the new)."""
     free = finite(h.get("disk_free_gib"))
     t = Text("disk " if compact else "disk  ")
@@ -85,6 +86,9 @@ def disk_line(h: dict[str, Any], next_ckpt_bytes: float | None, compact: bool) -
         t.append("  ckpt " if compact else "    next checkpoint ")
         t.append(fmt_gib(next_ckpt_bytes / MIB))
         t.append_text(_verdict(free, need_gib, tight=2.0))
+    if cache_bytes:
+        t.append("  wcache " if compact else "    weight cache ")
+        t.append(fmt_gib(cache_bytes / MIB))
     return t
 
 
@@ -123,7 +127,8 @@ class HostPanel(Vertical, Panel):
         lines = [
             ram_line(h, finite(m.state.get("host_ram_needed_mib")), compact),
             swap_rss_line(h, compact),
-            disk_line(h, finite(m.state.get("next_checkpoint_bytes")), compact),
+            disk_line(h, finite(m.state.get("next_checkpoint_bytes")), compact,
+                      finite((m.state.get("weight_cache") or {}).get("bytes"))),
             cpu_line(h, compact),
         ]
         self.query_one("#host-lines", Static).update(Text("\n").join(lines))

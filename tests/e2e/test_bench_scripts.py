@@ -65,19 +65,31 @@ def test_peer_speed_refuses_an_unknown_variant(tmp_path: Path) -> None:
     assert p.returncode == 2 and "unknown variant(s) ['unsloth_scrip']" in p.stderr
 
 
+def test_peer_speed_refuses_an_unknown_shape_in_a_plan(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "peer_speed.py"), "--out", str(tmp_path),
+                        "--plan", "llama-3.1-8b=hf;qwen-9b=auto"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "unknown shape 'qwen-9b'" in p.stderr
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_peer_speed_rehearses_on_the_tiny_model(tmp_path: Path) -> None:
-    """bench/peer_speed.py --tiny: the recipe's HF row trains; an Unsloth row is skipped with its
-    reason where Unsloth is not installed (it ran on the H200 after this passed)."""
+    """bench/peer_speed.py --tiny with a two-shape plan: the recipe's HF row and the padding-free
+    varlen row train to the same losses (Llama and Qwen2 architectures); an Unsloth row is skipped
+    with its reason where Unsloth is not installed (it ran on the H200 after this passed)."""
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "peer_speed.py"), "--tiny", "--out",
                         str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--seq", "64",
-                        "--batch", "2", "--accum", "1", "--steps", "3", "--order", "hf,unsloth_script"],
-                       capture_output=True, text=True, timeout=220, cwd=ROOT)
+                        "--batch", "2", "--accum", "1", "--steps", "3",
+                        "--plan", "llama-3.1-8b=hf,hf_varlen,unsloth_script;qwen-2.5-14b=hf_varlen"],
+                       capture_output=True, text=True, timeout=280, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
-    rows = json.loads((tmp_path / "out" / "peer_results.json").read_text())["rows"]
-    hf = rows[0]
+    res = json.loads((tmp_path / "out" / "peer_results.json").read_text())
+    hf, varlen, script, qwen = res["rows"]
     assert hf["rc"] == 0 and hf["backend"] == "hf" and hf["tokens_per_s"] > 0 and len(hf["loss"]) == 3
-    if "skipped" in rows[1]:
-        assert rows[1]["skipped"] == "unsloth is not installed here"
-    assert "run variant" in p.stdout
+    assert varlen["rc"] == 0 and varlen["loss"] == pytest.approx(hf["loss"], rel=1e-3)
+    assert any("attention varlen: padding-free batches" in n for n in varlen["notices"])
+    if "skipped" in script:
+        assert script["skipped"] == "unsloth is not installed here"
+    assert qwen["shape"] == "qwen-2.5-14b" and qwen["rc"] == 0 and len(qwen["loss"]) == 3
+    assert set(res["summary"]) == {"llama-3.1-8b", "qwen-2.5-14b"}
+    assert "run shape" in p.stdout

@@ -11,14 +11,24 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, STEP, events, fake_recipe, qlw, read_state, slurm_cluster, wait_for
+from tests.support import (
+    ROOT,
+    events,
+    fake_recipe,
+    qlw,
+    read_state,
+    slurm_cluster,
+    steps_seen,
+    wait_for,
+)
 
 TINY = str(ROOT / "recipes" / "tiny.toml")
+
+
 # ------------------------------------------------------------------------------ no cluster
 
 
@@ -73,19 +83,11 @@ def _submit(cluster, tmp_path: Path, recipe: str, *extra: str) -> tuple[str, str
 def _attach_sees_steps(cluster, home: Path, rid: str) -> None:
     pexpect = pytest.importorskip("pexpect")
 
-    def steps_seen(child, n: int) -> list[int]:  # the dashboard's "step N" as it updates
-        seen: list[int] = []
-        deadline = time.monotonic() + 60
-        while len(set(seen)) < n and time.monotonic() < deadline:
-            child.expect(STEP)
-            seen.append(int(child.match.group(1).decode().replace(",", "")))
-        return seen
-
     env = {**_env(cluster), "QLORA_WATCH_HOME": str(home), "TERM": "xterm-256color"}
     child = pexpect.spawn(sys.executable, ["-m", "supervisor", "attach", rid], dimensions=(48, 160),
                           env=env, timeout=60, cwd=str(ROOT))
     try:
-        seen = steps_seen(child, 2)
+        seen = steps_seen(child, 2, timeout=60)
         assert max(seen) > min(seen), seen
         child.send("d")
         child.expect(pexpect.EOF)

@@ -14,6 +14,8 @@ from tests.support import ROOT, qlw, read_state, steps_seen, wait_for
 pexpect = pytest.importorskip("pexpect")
 pytestmark = pytest.mark.slow
 
+
+
 def attach(home: Path, run_id: str):
     env = {**os.environ, "QLORA_WATCH_HOME": str(home), "TERM": "xterm-256color"}
     return pexpect.spawn(sys.executable, ["-m", "supervisor", "attach", run_id],

@@ -162,20 +162,6 @@ def fake_unsloth(tmp_path: Path, body: str) -> Path:
     return site
 
 
-# "step N" on a dashboard in a pseudo-terminal, whatever escape sequences sit between the words
-STEP = re.compile(rb"step (?:\x1b\[[0-9;?]*[A-Za-z])*(\d[\d,]*)")
-
-
-def steps_seen(child: Any, n: int, timeout: float = 90) -> list[int]:
-    """The step numbers a pexpect child (the dashboard) shows until n different ones appeared."""
-    seen: list[int] = []
-    deadline = time.monotonic() + timeout
-    while len(set(seen)) < n and time.monotonic() < deadline:
-        child.expect(STEP)
-        seen.append(int(child.match.group(1).decode().replace(",", "")))
-    return seen
-
-
 # ------------------------------------------------------------------------------ clock
 
 
@@ -542,3 +528,17 @@ def own_socket_inodes(pid: int) -> set[int]:
         if target.startswith("socket:["):
             inodes.add(int(target[8:-1]))
     return inodes
+
+
+# The dashboard's "step N" in a pty's byte stream (escape sequences may sit between the words).
+DASHBOARD_STEP = re.compile(rb"step (?:\x1b\[[0-9;?]*[A-Za-z])*(\d[\d,]*)")
+
+
+def steps_seen(child: Any, n: int, timeout: float = 90) -> list[int]:
+    """The step numbers a pexpect-driven dashboard shows until n distinct ones were seen."""
+    seen: list[int] = []
+    deadline = time.monotonic() + timeout
+    while len(set(seen)) < n and time.monotonic() < deadline:
+        child.expect(DASHBOARD_STEP)
+        seen.append(int(child.match.group(1).decode().replace(",", "")))
+    return seen

@@ -175,5 +175,3 @@ def test_preflight_estimates_the_backend_the_run_will_take(tmp_path: Path, monke
     monkeypatch.syspath_prepend(str(fake_unsloth(tmp_path, "")))
     assert need() == unsloth  # auto with Unsloth installed (found, not imported)
     assert "unsloth" not in sys.modules
-
-

@@ -16,6 +16,7 @@ STORED = {
     "checkpoint_no_adapter", "checkpoint_quarantined", "checkpoint_pruned", "prune_failed",
     "preempt", "download", "download_disk",  # robustness (#14)
     "slurm",  # a job start (#18)
+    "standby",  # the warm standby (#20)
 }
 
 

@@ -96,7 +96,7 @@ def test_event_writer_lines_and_nan(tmp_path: Path) -> None:
 def test_one_gpu_recipe_sees_one_gpu() -> None:
     """Trainer refuses one process seeing several GPUs (nn.DataParallel): pin GPU 0 unless the
     user chose; several-GPU recipes and accelerate's ranks are left alone."""
-    from supervisor.runner.train import pin_one_gpu
+    from supervisor.runner.settings import pin_one_gpu
 
     one, two = load_recipe(TINY), load_recipe(TINY, ["hardware.gpus=2"])
     env: dict[str, str] = {}
