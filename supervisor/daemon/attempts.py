@@ -86,7 +86,7 @@ class AttemptRunner:
         self.last_guard_mono = 0.0
         self.tree_pids: set[int] = set()  # the trainer's processes, for the GPU release check
         self._reach: tuple[str | None] | None = None  # ladder_reach(), read once
-        self.standby = StandbyManager(self.sup.record)  # the warm interpreter for the next attempt
+        self.standby = StandbyManager(lambda *a, **kw: self.sup.record(*a, **kw))  # the warm interpreter
         self.last_launch: dict[str, Any] | None = None  # env/cwd/argv of the latest launch
 
     # -- helpers ------------------------------------------------------------------------
