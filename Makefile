@@ -8,9 +8,11 @@ setup-train:
 # All tests (what CI runs, the README's command): unit, tui, e2e (real processes), gpu (skipped without one).
 test:
 	.venv/bin/python -m pytest -q
-# The pure and in-process tests (tests/unit, tests/tui): under a minute on 2 cores.
+# The pure and in-process tests (tests/unit, tests/tui), one worker per core where pytest-xdist
+# is installed ([test] has it): under a minute on 2 cores.
+XDIST := $(shell .venv/bin/python -c 'import xdist' 2>/dev/null && echo '-n auto')
 test-fast:
-	.venv/bin/python -m pytest -q tests/unit tests/tui
+	.venv/bin/python -m pytest -q $(XDIST) tests/unit tests/tui
 # Lint, and the import boundaries between the core, the dashboard and the trainer side.
 check:
 	.venv/bin/ruff check supervisor tests bench

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from supervisor.redact import redact
 
@@ -39,7 +40,9 @@ class RotatingLog:
 
     def __init__(self, path: Path, max_bytes: int, backups: int):
         self.path, self.max_bytes, self.backups = path, max_bytes, backups
-        self.f = self._open()
+        # Opened at the first write: a warm standby's wrapper (daemon/standby.py) waits beside
+        # the running attempt's, and must not hold a file that the other one rotates away.
+        self.f: Any = None
 
     def _open(self):
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -47,6 +50,8 @@ class RotatingLog:
 
     def write(self, data: bytes) -> None:
         try:
+            if self.f is None:
+                self.f = self._open()
             if self.f.tell() + len(data) > self.max_bytes:
                 self.rotate()
             self.f.write(data)
@@ -54,7 +59,8 @@ class RotatingLog:
             pass  # a full disk must not kill the trainer's pipe: drop log output instead
 
     def rotate(self) -> None:
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
         for i in range(self.backups - 1, 0, -1):
             src = self.path.with_name(f"{self.path.name}.{i}")
             if src.exists():

@@ -91,8 +91,8 @@ def run_remote(host: str, args: list[str], home: Path | None = None, timeout: fl
     return _ssh_remote(host, args, home, remote_cmd, timeout)
 
 
-def remote_socket(ssh: str, host: str, run: str | None, remote_cmd: str | None = None,
-                  home: Path | None = None) -> str:
+def remote_socket(ssh: str, host: str, run: str | None, home: Path | None = None,
+                  remote_cmd: str | None = None) -> str:
     """Ask the remote qlora-watch for the run's socket path (it restarts a dead supervisor)."""
     out = _ssh_remote(host, ["_socket"] + ([run] if run else []), home, remote_cmd, 60, ssh=ssh)
     path = out.strip().splitlines()[-1] if out.strip() else ""
@@ -138,7 +138,7 @@ class Link:
         if self.alive() and _probe(self.local, 5.0) is None:
             return self.local
         self._stop()
-        remote = remote_socket(self.ssh, self.host, self.run, self.remote_cmd, self.home)
+        remote = remote_socket(self.ssh, self.host, self.run, self.home, self.remote_cmd)
         self._forward(remote)
         return self.local
 

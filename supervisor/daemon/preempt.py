@@ -55,6 +55,7 @@ class Preemption:
         self.io = io  # the store, the status, set_state, record
         self.attempts = attempts  # the lifecycle: request_stop, and a stop in progress
         self.signals: list[str] = []
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def active(self) -> bool:
@@ -79,7 +80,7 @@ class Preemption:
             self.io.record(EventKind.PREEMPTION_RECEIVED, f"{name} received while the preemption save runs; waiting for "
                             "the checkpoint", level="warning")
             return
-        loop.create_task(self.begin(name))
+        self._task = loop.create_task(self.begin(name))  # kept: the loop holds tasks weakly
 
     async def begin(self, name: str) -> None:
         io = self.io

@@ -229,11 +229,18 @@ def free_gib(path: Path) -> tuple[float, Path]:
     return shutil.disk_usage(p).free / GIB, p
 
 
+def _size(free_gib_: float) -> str:
+    """GiB in a unit that fits: a nearly full disk reads `412.0 MB free`, not `0.4 GiB`."""
+    from supervisor.units import size
+
+    return size(free_gib_ * GIB)
+
+
 def check_hf_cache() -> Check:
     env = dict(os.environ)
     cache = Path(env.get("HF_HUB_CACHE") or hf_home(env) / "hub").expanduser()
     free, where = free_gib(cache)
-    msg = f"{cache}: {free:,.1f} GiB free (on {where})"
+    msg = f"{cache}: {_size(free)} free (on {where})"
     if free < HF_CACHE_WARN_GIB:
         return Check("HF cache", WARN, msg + f"; under {HF_CACHE_WARN_GIB:.0f} GiB: an 8B base is 16 GB",
                      "point HF_HOME (or HF_HUB_CACHE) at a bigger disk")
@@ -248,7 +255,7 @@ def check_runs_dir() -> Check:
     except Exception as e:  # noqa: BLE001 - a broken install is reported by its own check
         return Check("runs folder", WARN, f"cannot tell where runs go: {e}")
     free, where = free_gib(runs)
-    msg = f"{runs}: {free:,.1f} GiB free (on {where}); checkpoints go to each recipe's output_dir"
+    msg = f"{runs}: {_size(free)} free (on {where}); checkpoints go to each recipe's output_dir"
     if free < RUNS_FAIL_GIB:
         return Check("runs folder", FAIL, msg, "free some space, or set QLORA_WATCH_HOME to a bigger disk")
     if free < RUNS_WARN_GIB:

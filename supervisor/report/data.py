@@ -117,7 +117,10 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def load_attempts(store: RunStore, events: list[Event], steps: list[dict[str, Any]]) -> list[Attempt]:
     """Attempts from attempts/N/ (recipe, exit file), the run's events and its step rows."""
     root = store.path / "attempts"
-    nums = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+    # an attempt is a folder the core launched into (it writes the attempt's recipe.json first); a
+    # warm standby prepared for an attempt that never came leaves only its wrapper's files
+    nums = sorted(int(p.name) for p in root.iterdir()
+                  if p.name.isdigit() and (p / "recipe.json").is_file()) if root.is_dir() else []
     out = []
     for n in nums:
         d = store.attempt_dir(n)

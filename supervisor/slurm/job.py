@@ -65,6 +65,21 @@ def _last_alive(store: RunStore, starts: list[dict[str, Any]], st: dict[str, Any
     return max(seen) if seen else None
 
 
+def _adopt(store: RunStore) -> None:
+    """Checkpoints the trainer completed while nobody recorded them (its supervisor killed by
+    KillWait's SIGKILL while the save finished, or a node lost mid-job) are this run's: the
+    output folder is claimed by it. Marked, so that the resume can start from the newest."""
+    from supervisor.checkpoints.folders import adopt_checkpoints
+
+    out = store.read_state().get("output_dir") or store.info().get("output_dir")
+    if not out:
+        return
+    adopted = adopt_checkpoints(out, store.run_id)
+    if adopted:
+        _event(store, f"adopted {', '.join(adopted)}: completed while the last job ended, "
+               "unrecorded", checkpoints=adopted)
+
+
 def _wait_for_lock(store: RunStore) -> bool:
     from supervisor.control.runs import supervisor_running
 
@@ -121,6 +136,7 @@ def main(run_dir: str) -> int:
                           exited=True, ended_at=last_alive or now)
             store.write_status(status)
             _event(store, why, level="warning")
+        _adopt(store)
         from supervisor.control.resume import ResumeError, request_resume
 
         try:

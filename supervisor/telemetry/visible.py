@@ -61,6 +61,12 @@ def _by_uuid(prefix: str, devices: list[Device], exact: bool) -> int | None:
 
 def resolve(cvd: str | None, devices: list[Device]) -> set[int] | None:
     """NVML indices of the GPUs a process with this CUDA_VISIBLE_DEVICES sees; None: all."""
+    order = resolve_ordered(cvd, devices)
+    return None if order is None else set(order)
+
+
+def resolve_ordered(cvd: str | None, devices: list[Device]) -> list[int] | None:
+    """The same in CUDA's order: element 0 is the process's `cuda:0`; None: all, NVML's order."""
     if cvd is None:
         return None
     out: list[int] = []
@@ -69,4 +75,4 @@ def resolve(cvd: str | None, devices: list[Device]) -> set[int] | None:
         if hit is None or hit in out:
             break  # CUDA stops at the first entry it cannot use
         out.append(hit)
-    return set(out)
+    return out

@@ -166,11 +166,11 @@ class WatchApp(App[str]):
 
     def on_reconnecting(self, message: Reconnecting) -> None:
         self.model.reconnecting = message.reason
-        self.model.dirty.add("header")
+        self.model.changed.add(ENDED)  # the header watches it
 
     def on_reconnected(self, message: Reconnected) -> None:
         self.model.reconnecting = None
-        self.model.dirty.add("header")
+        self.model.changed.add(ENDED)  # the header watches it
 
     async def on_snapshot_received(self, message: SnapshotReceived) -> None:
         self.model.load_snapshot(message.snapshot)

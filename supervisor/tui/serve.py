@@ -70,6 +70,16 @@ class TokenServer(Server):
         app.middlewares.append(check_token)
         return app
 
+    async def handle_index(self, request: web.Request) -> web.StreamResponse:  # type: ignore[override]
+        """The page, with its URLs on the host the browser used (127.0.0.1 or localhost: the
+        cookie is per host) and the token in the websocket's URL (no cookie needed there)."""
+        import aiohttp_jinja2
+
+        self.public_url = f"http://{request.host}"  # checked against allowed_hosts already
+        context = await Server.handle_index.__wrapped__(self, request)  # the undecorated handler
+        context["app_websocket_url"] += f"?token={self.token}"
+        return aiohttp_jinja2.render_template("app_index.html", request, context)
+
     async def on_startup(self, app: web.Application) -> None:
         # printed once: the key is in the URL, nowhere else (not in any log)
         print(f"qlora-watch: serving the dashboard at {self.url}", flush=True)

@@ -332,3 +332,16 @@ def test_cache_ls_and_rm(qlw_home):
     assert not (qlw_home / "runs" / "amber" / "qcache" / "abc123").exists()
     assert (qlw_home / "qcache" / "abc123").is_dir()
     assert qlw("cache", "rm", "nope", "--yes").returncode == 1
+
+
+def test_idle_standby_wrapper_holds_no_log_that_the_running_one_rotates(tmp_path):
+    """Two wrappers on the run's log (the attempt's and an idle standby's): the standby opens
+    the file at its first line, so what it writes after a rotation lands in the live log."""
+    from supervisor.wrapper import RotatingLog
+
+    path = tmp_path / "trainer.log"
+    running, standby = RotatingLog(path, 100, 2), RotatingLog(path, 100, 2)
+    for i in range(20):
+        running.write(f"attempt 1 line {i:02d}\n".encode())  # rotates several times
+    standby.write(b"attempt 2 line 00\n")
+    assert "attempt 2 line 00" in path.read_text()

@@ -244,7 +244,7 @@ def test_r8_stale_lock_of_another_user_is_one_line_exit_2(tmp_path: Path) -> Non
         home.mkdir()
         env = {**os.environ, "QLORA_WATCH_HOME": str(home), "PYTHONPATH": str(ROOT)}
         recipe = fake_recipe(base, ["--steps", "3"])
-        made = subprocess.run([sys.executable, "-c", "import sys; from tests.rel_helpers import create_run;"
+        made = subprocess.run([sys.executable, "-c", "import sys; from tests.support import create_run;"
                                "from pathlib import Path; print(create_run(Path(sys.argv[1])).run_id)",
                                str(recipe)], capture_output=True, text=True, cwd=str(ROOT), env=env, check=True)
         run_id = made.stdout.strip().splitlines()[-1]
@@ -339,6 +339,25 @@ def test_r7_serve_needs_its_token(tmp_path: Path) -> None:
         assert get(f"/?token={token}", Host=f"evil.example:{port}")[0] == 403  # DNS rebinding
         code, page, headers = get(f"/?token={token}")
         assert code == 200 and "qlora-watch" in page
+        assert f'data-session-websocket-url="ws://127.0.0.1:{port}/ws?token={token}"' in page
+        code, page2, _ = get(f"/?token={token}", Host=f"localhost:{port}")  # ssh -L users type this
+        assert code == 200 and f"ws://localhost:{port}/ws?token={token}" in page2
+        assert f"http://localhost:{port}/static/" in page2
+
+        async def ws(url: str) -> object:
+            import aiohttp
+
+            async with aiohttp.ClientSession() as s:
+                try:
+                    async with s.ws_connect(url):
+                        return True
+                except aiohttp.WSServerHandshakeError as e:
+                    return e.status
+
+        import asyncio
+
+        assert asyncio.run(ws(f"ws://127.0.0.1:{port}/ws?token={token}")) is True
+        assert asyncio.run(ws(f"ws://127.0.0.1:{port}/ws")) == 403
         cookie = headers["Set-Cookie"]
         assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
         jar = cookie.split(";")[0]

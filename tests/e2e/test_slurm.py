@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,15 @@ def _submit(cluster, tmp_path: Path, recipe: str, *extra: str) -> tuple[str, str
     return rid, jid
 
 
+def _start_now(cluster, jid: str) -> None:
+    """Slurm holds a requeued job ~2 min (BeginTime); a test need not wait for that. But not
+    in the second its last run ended: slurmd refuses that start ("Job credential revoked")."""
+    wait_for(lambda: (cluster.squeue() or [""])[0].startswith(f"{jid} PENDING"), timeout=30, interval=0.2,
+             what=f"job {jid} pending again")
+    time.sleep(2.0)
+    cluster.cmd("scontrol", "update", f"jobid={jid}", "StartTime=now")
+
+
 def _attach_sees_steps(cluster, home: Path, rid: str) -> None:
     pexpect = pytest.importorskip("pexpect")
 
@@ -122,8 +133,7 @@ def test_submit_pending_running_attach_requeue_resumes_from_checkpoint(
     wait_for(lambda: _ls(cluster, rid)["slurm"]["state"] == "PENDING", timeout=40, interval=0.3,
              what="requeued job pending")
     assert _ls(cluster, rid)["state"] == "requeued" and "PENDING (BeginTime)" in _ls_line(cluster, rid)
-    # Slurm holds a requeued job ~2 min (BeginTime); a test need not wait for that
-    cluster.cmd("scontrol", "update", f"jobid={jid}", "StartTime=now")
+    _start_now(cluster, jid)
     wait_for(lambda: read_state(qlw_home, rid).get("state") == "completed", timeout=150, interval=0.5,
              what="the resumed run to complete")
     st = read_state(qlw_home, rid)
@@ -192,7 +202,7 @@ def test_usr1_time_limit_warning_preempts_requeues_and_resumes(cluster, qlw_home
     saved = read_state(qlw_home, rid)["last_checkpoint"]
     wait_for(lambda: (cluster.squeue() or [""])[0].startswith(f"{jid} PENDING"), timeout=30, interval=0.3,
              what="the job requeued by its own step")
-    cluster.cmd("scontrol", "update", f"jobid={jid}", "StartTime=now")
+    _start_now(cluster, jid)
     wait_for(lambda: read_state(qlw_home, rid).get("state") == "completed", timeout=60, interval=0.3,
              what="the resumed run to complete")
     st = read_state(qlw_home, rid)
@@ -229,7 +239,7 @@ def test_stop_and_attach_from_another_host_go_through_ssh_to_the_node(
     monkeypatch.setattr(commands, "is_local", lambda node: False)  # we are "the login node"
     store = RunStore(qlw_home / "runs" / rid)
     assert slurm_runs.attach_target(store) == ("ssh", cluster.host)
-    sock = remote_socket(str(ROOT / "tests" / "fakes" / "fake_ssh.py"), cluster.host, rid, qlw_home)
+    sock = remote_socket(str(ROOT / "tests" / "fakes" / "fake_ssh.py"), cluster.host, rid, home=qlw_home)
     assert sock.endswith(f"{rid}.sock")
     assert slurm_runs.stop(store, now=False) == 0
     assert cluster.squeue() == [] and read_state(qlw_home, rid)["state"] == "stopped"
@@ -242,20 +252,28 @@ def test_stop_and_attach_from_another_host_go_through_ssh_to_the_node(
 @pytest.mark.timeout(120)
 def test_a_job_killed_outright_is_resumed_by_the_next_start(cluster, qlw_home: Path, tmp_path: Path) -> None:
     """SIGKILL (a node lost, an OOM-killed step): nothing records PREEMPTED; the next start
-    marks the run LOST with the reason and resumes it from its newest complete checkpoint."""
+    marks the run LOST with the reason, adopts the checkpoint completed while nobody recorded
+    it, and resumes from it."""
+    from supervisor.checkpoints.folders import checkpoint_status
+
     recipe = fake_recipe(tmp_path, ["--steps", "80", "--step-time", "0.05", "--save-every", "20"])
     rid, jid = _submit(cluster, tmp_path, str(recipe))
     wait_for(lambda: str(read_state(qlw_home, rid).get("last_checkpoint") or "").endswith("checkpoint-20"),
              timeout=60, interval=0.2, what="checkpoint-20")
+    sup_pid = int((qlw_home / "runs" / rid / "supervisor.lock").read_text().strip())
+    os.kill(sup_pid, signal.SIGSTOP)  # the supervisor hangs; the trainer saves on unrecorded
+    wait_for(lambda: checkpoint_status(tmp_path / "out" / "checkpoint-40").complete, timeout=30,
+             interval=0.1, what="checkpoint-40 on disk")
     cluster.cmd("scancel", "--signal=KILL", "--batch", jid)  # the supervisor dies, no record
     wait_for(lambda: not cluster.squeue(), timeout=30, interval=0.3, what="the killed job to end")
     assert read_state(qlw_home, rid)["state"] not in ("preempted", "completed")
     cluster.cmd("scontrol", "requeue", jid)  # what a node failure does with --requeue
-    cluster.cmd("scontrol", "update", f"jobid={jid}", "StartTime=now")
+    _start_now(cluster, jid)
     wait_for(lambda: read_state(qlw_home, rid).get("state") == "completed", timeout=60, interval=0.3,
              what="the resumed run to complete")
     st = read_state(qlw_home, rid)
-    assert st["attempt"] == 2 and int(Path(st["resume_from"]).name.split("-")[1]) >= 20
-    evs = events(qlw_home, rid)
-    assert any(e["kind"] == "slurm" and "ended while the run was training" in e["message"] for e in evs), evs
+    assert st["attempt"] == 2 and int(Path(st["resume_from"]).name.split("-")[1]) >= 40
+    evs = [e["message"] for e in events(qlw_home, rid) if e["kind"] == "slurm"]
+    assert any("ended while the run was training" in m for m in evs), evs
+    assert any(m.startswith("adopted checkpoint-40") for m in evs), evs
     wait_for(lambda: not cluster.squeue(), timeout=30, interval=0.3, what="the job to leave squeue")

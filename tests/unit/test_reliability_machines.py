@@ -182,3 +182,24 @@ def test_r3_hub_cache_paths() -> None:
     assert repo_folder("./local/model") is None and repo_folder(None) is None
     assert describe({"active": True, "bytes": 3 * 2**30, "total": 16 * 2**30, "rate_bps": 45 * 2**20,
                      "eta_s": 296}) == "downloading the model: 3.0 GB of 16.0 GB at 45.0 MB/s, ETA 4m56s"
+
+
+def test_r2_preflight_sizes_the_runs_first_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """preflight's card is CUDA's device 0 (the first of CUDA_VISIBLE_DEVICES), not NVML's."""
+    from supervisor.preflight.memory import detect_gpu
+    from tests.fakes.nvml import FakeDevice, FakeNVML
+
+    def lib() -> FakeNVML:
+        return FakeNVML([FakeDevice(uuid="GPU-aaaa-0", mem_total_mib=24_000.0, name="RTX 4090"),
+                         FakeDevice(uuid="GPU-bbbb-1", mem_total_mib=143_771.0)])
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    total, why = detect_gpu(lib())
+    assert total == 24_000.0 * 2**20 and why == "NVML: RTX 4090, device 0"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    total, why = detect_gpu(lib())
+    assert total == 143_771.0 * 2**20 and why == "NVML: NVIDIA H200, device 1 (CUDA_VISIBLE_DEVICES=1)"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb,GPU-aaaa")
+    assert detect_gpu(lib())[1].startswith("NVML: NVIDIA H200, device 1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert detect_gpu(lib()) == (None, "no GPU visible (CUDA_VISIBLE_DEVICES='' names none of the 2 NVML sees)")
