@@ -149,7 +149,7 @@ class StandbyManager:
             self._say_once("spawn", f"warm standby not started: {e}")
             return
         self.current = {"attempt": attempt, "proc": proc, "dir": folder, "env": env,
-                        "started": time.time(), "backend": backend}
+                        "started": time.time(), "backend": backend, "exit_file": exit_file}
 
     def pids(self) -> set[int]:
         """The idle standby's processes (its wrapper and the standby): not orphans to kill."""
@@ -190,6 +190,8 @@ class StandbyManager:
             cur["proc"].wait(timeout=0.1)
         except Exception:  # noqa: BLE001 - reaped already by reap_children
             pass
+        forget_unused_attempt(cur["exit_file"].parent)
+
 
     async def take(self, *, attempt: int, env: dict[str, str], cwd: Path, argv: list[str],
                    recipe: Any) -> Any:
@@ -234,3 +236,24 @@ class StandbyManager:
         self._say_once("no-answer", "warm standby did not take the attempt; cold start")
         await asyncio.to_thread(self.discard)
         return None
+
+
+# What the wrapper of a standby writes into the attempt folder it was made for.
+STANDBY_WRAPPER_FILES = ("trainer.pid.json", "exit.json")
+
+
+def forget_unused_attempt(adir: Path) -> None:
+    """The attempt folder an unused standby was made for is not an attempt: an attempt is a folder
+    the core launched into (its recipe.json comes first). Only the wrapper's own two files go,
+    and the folder only if that leaves it empty."""
+    if (adir / "recipe.json").exists():
+        return
+    for name in STANDBY_WRAPPER_FILES:
+        try:
+            (adir / name).unlink()
+        except OSError:
+            pass
+    try:
+        adir.rmdir()
+    except OSError:
+        pass

@@ -32,8 +32,9 @@ def test_a_store_keyed_by_lineage_and_step_is_migrated_and_keeps_a_resumed_attem
     rows = store.steps()
     assert [(r["attempt"], r["step"], r["loss"]) for r in rows] == [(1, 10, 2.0), (1, 20, 1.8), (2, 20, 1.7)]
     assert [(r["attempt"], r["step"]) for r in continuous(rows)] == [(1, 10), (2, 20)]  # the charts' line
-    (tmp_path / "attempts" / "1").mkdir(parents=True)
-    (tmp_path / "attempts" / "2").mkdir()
+    for n in ("1", "2"):  # as the core launches an attempt: its folder and resolved recipe first
+        (tmp_path / "attempts" / n).mkdir(parents=True)
+        (tmp_path / "attempts" / n / "recipe.json").write_text("{}")
     a1, a2 = load_attempts(store, [], rows)  # the report: each attempt's own rows, none overwritten
     assert [r["step"] for r in a1.rows] == [10, 20] and [r["step"] for r in a2.rows] == [20]
     store.close()
