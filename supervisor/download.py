@@ -138,8 +138,8 @@ class _Watch:
 class DownloadTracker:
     """The supervisor's part: measure the cache while the trainer loads, record progress."""
 
-    def __init__(self, sup: Any):  # the daemon's Supervisor (not imported: the dashboard imports describe)
-        self.sup = sup
+    def __init__(self, io: Any):  # the core's RunIO (not imported: the dashboard imports describe)
+        self.io = io  # the status (phase, download), set_state, record
         self.watch: _Watch | None = None
         self._last_poll = 0.0
         self._busy = False
@@ -159,7 +159,7 @@ class DownloadTracker:
         total = expected_total(repo) if repo else None
         self.watch = _Watch(paths=paths, repo=repo, start_bytes=start, total=total,
                             last_bytes=start, last_t=time.time())
-        self.sup.state.pop("download", None)
+        self.io.set_state(download=None, persist=False)
         self._check_disk(self.watch, folder_bytes(repo) if repo else 0)
 
     def _check_disk(self, w: _Watch, present: int) -> None:
@@ -168,7 +168,7 @@ class DownloadTracker:
         w.checked_total = True
         msg = disk_shortfall(w.repo, w.total, present)
         if msg:
-            self.sup.record(EventKind.DOWNLOAD_DISK_LOW, msg, level="warning")
+            self.io.record(EventKind.DOWNLOAD_DISK_LOW, msg, level="warning")
 
     async def tick(self) -> None:
         from supervisor.states import RunState
@@ -176,15 +176,16 @@ class DownloadTracker:
         w = self.watch
         if w is None or self._busy or time.monotonic() - self._last_poll < POLL_S:
             return
-        loading = (self.sup.run_state in (RunState.STARTING, RunState.LOADING)
-                   and self.sup.state.get("phase") in (None, "loading_model", "tokenising"))
+        st = self.io.status
+        loading = (st.run_state in (RunState.STARTING, RunState.LOADING)
+                   and st.phase in (None, "loading_model", "tokenising"))
         if not loading:
-            d = self.sup.state.get("download")
+            d = st.download
             if d and d.get("active"):  # the last bytes arrived after the last poll
                 got = await asyncio.to_thread(lambda: sum(folder_bytes(p) for p in w.paths))
                 got = max(int(d.get("bytes") or 0), got - w.start_bytes)
-                self.sup.set_state(download={**d, "bytes": got, "active": False, "eta_s": None})
-                self.sup.record(EventKind.DOWNLOAD_SEEN, f"model download done: {size(got)}")
+                self.io.set_state(download={**d, "bytes": got, "active": False, "eta_s": None})
+                self.io.record(EventKind.DOWNLOAD_SEEN, f"model download done: {size(got)}")
             self.watch = None
             return
         self._last_poll = time.monotonic()
@@ -202,7 +203,7 @@ class DownloadTracker:
             w.total = expected_total(w.repo)  # the index arrives first: the size is known from here
             if w.total is not None:
                 self._check_disk(w, repo_bytes)
-        prev = self.sup.state.get("download") or {}
+        prev = st.download or {}
         if now_bytes > w.last_bytes:
             inst = (now_bytes - w.last_bytes) / max(1e-3, now - w.last_t)
             w.rate = inst if w.rate is None else 0.7 * w.rate + 0.3 * inst
@@ -212,8 +213,8 @@ class DownloadTracker:
                  "rate_bps": round(w.rate, 1), "eta_s": eta, "progress_t": now,
                  "path": str(w.paths[0])}
             if not prev.get("active"):
-                self.sup.record(EventKind.DOWNLOAD_SEEN, f"the trainer is downloading the model into {w.paths[0]}")
+                self.io.record(EventKind.DOWNLOAD_SEEN, f"the trainer is downloading the model into {w.paths[0]}")
             w.last_bytes, w.last_t = now_bytes, now
-            self.sup.set_state(download=d)
+            self.io.set_state(download=d)
         elif prev.get("active") and now - float(prev.get("progress_t") or now) > ACTIVE_S:
-            self.sup.set_state(download={**prev, "active": False, "rate_bps": None, "eta_s": None})
+            self.io.set_state(download={**prev, "active": False, "rate_bps": None, "eta_s": None})

@@ -6,15 +6,17 @@ is the recipe with oom_ladder[0..n-1] applied in order, cumulatively (rung 2 of 
 ladder is seq 768 *and* r 8). Rung 1 is the first change, as preflight says it.
 
 `recipe.apply_rung` stays the primitive (a copy with some keys changed, keeping the effective
-batch; preflight uses it for batch changes too); this module owns what a *rung* means. Pure:
-stdlib and the recipe types.
+batch; preflight uses it for batch changes too); this module owns what a *rung* means. Pure,
+and stdlib at import: the recipe module (pydantic) is imported by the functions that apply or
+read a rung, so the guards can number rungs without importing pydantic.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from supervisor.recipe import Recipe, Rung, _flatten, apply_rung
+if TYPE_CHECKING:
+    from supervisor.recipe import Recipe, Rung
 
 
 def label(rung: int | None, base: str = "base") -> str:
@@ -35,6 +37,8 @@ def change(recipe: Recipe, rung: int) -> Rung:
 
 def effective(recipe: Recipe, rung: int | None) -> Recipe:
     """What runs at `rung`: the recipe with every change up to it applied (None: as written)."""
+    from supervisor.recipe import apply_rung
+
     out = recipe
     for c in changes(recipe, rung):
         out = apply_rung(out, c)
@@ -56,6 +60,8 @@ def describe_change(recipe: Recipe, entry: Rung) -> str:
     """'max_seq_len 1024 -> 768' for one ladder entry applied to `recipe` (header, events)."""
     parts = []
     data = recipe.model_dump(mode="python")
+    from supervisor.recipe import _flatten
+
     for key, value in _flatten(entry).items():
         cur: Any = data
         for p in key.split("."):
@@ -72,6 +78,8 @@ def describe(recipe: Recipe, rung: int) -> str:
 
 def changes_adapter_shape(entry: Rung) -> bool:
     """Rank or target changes make old checkpoints unloadable (size mismatch)."""
+    from supervisor.recipe import _flatten
+
     keys = set(_flatten(entry))
     return bool(keys & {"lora.r", "lora.target_modules"})
 

@@ -149,7 +149,9 @@ def trainer_argv(recipe: object) -> list[str]:
     if getattr(hw, "nodes", 1) > 1:  # a Slurm job on several nodes: srun, one launcher per node
         from supervisor.slurm.node import srun_argv
 
-        return srun_argv(recipe)
+        # the accelerate form of one node (gpus >= 2 selects it); srun_argv counts it over all nodes
+        one = recipe.model_copy(update={"hardware": hw.model_copy(update={"nodes": 1, "gpus": max(2, hw.gpus)})})  # type: ignore[attr-defined]
+        return srun_argv(recipe, trainer_argv(one))
     if hw.gpus <= 1:
         return [sys.executable, "-m", "supervisor.runner.train"]
     return [

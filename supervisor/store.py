@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 from supervisor.numbers import num, wire
 from supervisor.records import Event, Sample, Step, to_dict
+from supervisor.status import RunInfo, RunStatus
 
 STEPS_TABLE = """CREATE TABLE IF NOT EXISTS steps (
     lineage INTEGER NOT NULL, step INTEGER NOT NULL, attempt INTEGER NOT NULL, t REAL NOT NULL,
@@ -134,6 +135,7 @@ class RunStore:
         self.run_id = self.path.name
         self._db: sqlite3.Connection | None = None
         self.state_error: str | None = None  # e.g. "state not saved: ENOSPC"
+        self._written_at: float | None = None
 
     # -- files ------------------------------------------------------------------------
     @property
@@ -172,7 +174,7 @@ class RunStore:
     def write_state(self, state: dict[str, Any]) -> bool:
         """Atomically replace state.json. On ENOSPC/EIO keep the old file and report it."""
         state = dict(state)
-        state["updated_at"] = time.time()
+        state["updated_at"] = self._written_at = time.time()
         state[RUNG_NUMBERING] = 1
         try:
             atomic_write(self.state_path, json.dumps(state, indent=1, default=str, allow_nan=True))
@@ -181,6 +183,21 @@ class RunStore:
             return False
         self.state_error = None
         return True
+
+    def read_status(self) -> RunStatus:
+        """state.json as a RunStatus (an empty one for a new run); see read_state."""
+        return RunStatus.from_json(self.read_state())
+
+    def write_status(self, status: RunStatus) -> bool:
+        """write_state of a RunStatus; sets its updated_at."""
+        ok = self.write_state(status.to_json())
+        if ok:
+            status.updated_at = self._written_at
+        return ok
+
+    def run_info(self) -> RunInfo:
+        """run.json as a RunInfo."""
+        return RunInfo.from_json(self.info())
 
     # -- database ---------------------------------------------------------------------
     def db(self) -> sqlite3.Connection:

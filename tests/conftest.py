@@ -19,6 +19,10 @@ import pytest
 # them from tests.support (tests/unit/test_boundaries.py fails on imports from here).
 from tests.support import FAKE, ROOT, fake_recipe, qlw, read_state, wait_for  # noqa: F401
 
+# An edge not in states.EDGES, a state change without a reason, or a RunStatus field that is
+# not declared raises under tests, in this process and in every supervisor it starts.
+os.environ["QLW_STRICT_STATE"] = "1"
+
 
 def _procs_with_home(home: Path) -> list[psutil.Process]:
     out = []

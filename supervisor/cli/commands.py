@@ -181,7 +181,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from supervisor.control.resume import ResumeError, resume_run
 
     store = _find(args.run)
-    from supervisor.slurm.runs import is_slurm
+    from supervisor.slurm.meta import is_slurm
 
     if is_slurm(store):  # a new job of the same script; it resumes the run on its node
         from supervisor.slurm.runs import resubmit
@@ -298,7 +298,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = _find(args.run)
     runs.ensure_supervisor(store)
     data = runs.status(store)
-    from supervisor.slurm.runs import is_slurm, read_meta, status_line
+    from supervisor.slurm.meta import is_slurm, read_meta
+    from supervisor.slurm.runs import status_line
 
     slurm_run = is_slurm(store)
     if slurm_run:
@@ -323,7 +324,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from supervisor.control import runs
 
     store = _find(args.run)
-    from supervisor.slurm.runs import is_slurm
+    from supervisor.slurm.meta import is_slurm
 
     if is_slurm(store):  # graceful stop on its node, then scancel
         from supervisor.slurm.runs import stop as slurm_stop
@@ -356,7 +357,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
                 return 0
             args.run = picked
     store = _find(args.run)
-    from supervisor.slurm.runs import is_slurm
+    from supervisor.slurm.meta import is_slurm
 
     if is_slurm(store):  # find the job's node: here, or over ssh like --ssh NODE
         from supervisor import paths
@@ -415,7 +416,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from supervisor.extras import require
 
     require("report", "report (its plots)")
-    from supervisor.report.data import ReportError, generate_report
+    from supervisor.report.data import ReportError
+    from supervisor.report.html import generate_report
 
     store = _find(args.run)
     other = _find(args.compare).path if args.compare else None
@@ -433,7 +435,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     from supervisor.control.merge import RemoveError, describe_removal, remove_run
 
     store = _find(args.run)
-    from supervisor.slurm.runs import is_slurm, job_id, job_in_queue
+    from supervisor.slurm.meta import is_slurm, job_id, job_in_queue
 
     if is_slurm(store) and job_in_queue(store):  # its next job start would find no run folder
         print(f"refused: run {store.run_id}'s Slurm job {job_id(store)} is still in the queue; "

@@ -99,7 +99,7 @@ class StoreClient:
 
         s = self.store
         return {
-            "run": s.info(), "state": s.read_state(),
+            "run": s.run_info().to_json(), "state": s.read_status().to_json(),  # as the live snapshot
             "samples": s.samples() if history else [], "steps": s.steps() if history else [],
             "events": [to_dict(e) for e in s.events()], "log": s.log_tail(500),
         }
@@ -112,7 +112,7 @@ class StoreClient:
         if cmd == "ack":
             return {"acked": self.store.ack_events(args.get("event_ids"))}
         if cmd in ("ping", "status"):
-            return {"state": self.store.read_state()}
+            return {"state": self.store.read_status().to_json()}
         raise RuntimeError(f"run {self.store.run_id} has ended: {cmd!r} is not possible")
 
     async def close(self) -> None:

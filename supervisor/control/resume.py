@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 from supervisor.checkpoints import folders as checkpoints
 from supervisor.checkpoints.plan import step_of
+from supervisor.control import runs
 from supervisor.guards.relaunch import restarts_after
 from supervisor.recipe import Recipe, RecipeError, apply_sets, recipe_from_json, recipe_to_json
 from supervisor.states import RESUMABLE, RunState
@@ -84,8 +85,6 @@ def _pick(out: Path, run_id: str, from_ckpt: str | None) -> checkpoints.Checkpoi
 def _wait_while_stopping(store: RunStore) -> None:
     """`qlora-watch stop && qlora-watch resume`: the stop is still saving, or the supervisor of
     the ended run is still closing; let them finish (bounded) instead of refusing."""
-    from supervisor.control import runs
-
     try:
         grace = recipe_from_json((store.path / "recipe.json").read_text()).supervisor.stop_grace_s
     except (OSError, ValueError):
@@ -102,11 +101,9 @@ def _wait_while_stopping(store: RunStore) -> None:
 def plan_resume(store: RunStore, from_ckpt: str | None = None,
                 overrides: Iterable[str] = ()) -> ResumePlan:
     """Check that the run can be resumed as asked; raises ResumeError saying why not."""
-    from supervisor.control import runs
-
     overrides = list(overrides)
-    st = store.read_state()
-    state = st.get("state") or "starting"
+    st = store.read_status()
+    state = st.run_state.value
     rid = store.run_id
     if state not in {s.value for s in RESUMABLE | {RunState.COMPLETED}}:
         if runs.supervisor_running(store) or runs.is_live(store):
@@ -115,14 +112,14 @@ def plan_resume(store: RunStore, from_ckpt: str | None = None,
     if runs.supervisor_running(store):
         raise ResumeError(f"run {rid} still has a supervisor; wait for it (`qlora-watch wait {rid}`)")
     base = recipe_from_json((store.path / "recipe.json").read_text(encoding="utf-8"))
-    before = list(st.get("overrides") or [])
+    before = list(st.overrides)
     try:
         recipe = apply_sets(base, overrides)
-        now = effective(base, st.get("rung"), before + overrides)
-        was = effective(base, st.get("rung"), before)
+        now = effective(base, st.rung, before + overrides)
+        was = effective(base, st.rung, before)
     except RecipeError as e:
         raise ResumeError(str(e)) from None
-    step = st.get("step") or 0
+    step = st.step or 0
     if state == RunState.COMPLETED.value:
         more = recipe.train.max_steps
         if not any(o.split("=", 1)[0].strip() == "train.max_steps" for o in overrides) or 0 < more <= step:
@@ -135,7 +132,7 @@ def plan_resume(store: RunStore, from_ckpt: str | None = None,
         raise ResumeError(f"--from {from_ckpt}: the --set changes the adapter's shape (LoRA rank or "
                           "target modules), so no earlier checkpoint can be loaded; drop --from "
                           "for a fresh attempt")
-    out = Path(st.get("output_dir") or store.info()["output_dir"])
+    out = Path(st.output_dir or store.run_info().output_dir or ".")
     ckpt = None if fresh else _pick(out, rid, from_ckpt)
     return ResumePlan(run_id=rid, from_path=str(ckpt.path) if ckpt else None, fresh=fresh,
                       overrides=overrides, recipe=recipe)
@@ -151,18 +148,19 @@ def request_resume(store: RunStore, from_ckpt: str | None = None,
     from supervisor import runenv
 
     runenv.capture(store.path)  # a resume may run elsewhere (a requeued job): its environment
-    st = store.read_state()
-    st.update(state=RunState.STARTING.value, message=plan.describe(), exited=True,
+    st = store.read_status()
+    st.change(RunState.STARTING, why="qlora-watch resume: a new attempt", message=plan.describe(),
+              exited=True,
               resume_request={"from": plan.from_path, "fresh": plan.fresh, "overrides": plan.overrides,
-                              "requested_at": time.time(), "after": st.get("state")},
-              overrides=list(st.get("overrides") or []) + plan.overrides,
-              restarts_since_progress=restarts_after(st.get("restarts_since_progress") or 0, "resume"),
+                              "requested_at": time.time(), "after": st.state.value if st.state else None},
+              overrides=list(st.overrides) + plan.overrides,
+              restarts_since_progress=restarts_after(st.restarts_since_progress or 0, "resume"),
               stop_state=None, ended_at=None, next_launch_in_s=None)
-    store.write_state(st)
+    store.write_status(st)
     from supervisor.records import Event, EventKind
 
     store.add_event(Event(t=time.time(), kind=EventKind.RESUME_REQUESTED, level="info", message=plan.describe(),
-                          attempt=st.get("attempt"),
+                          attempt=st.attempt,
                           evidence={"from": plan.from_path, "fresh": plan.fresh, "overrides": plan.overrides}))
     store.close()
     return plan
@@ -171,8 +169,6 @@ def request_resume(store: RunStore, from_ckpt: str | None = None,
 def resume_run(store: RunStore, from_ckpt: str | None = None, overrides: Iterable[str] = (),
                wait_s: float = 20.0) -> ResumePlan:
     """Plan, record and start the next attempt under a new supervisor; raises ResumeError."""
-    from supervisor.control import runs
-
     plan = request_resume(store, from_ckpt, overrides)
     runs.spawn_supervisor(store)
     if not runs.wait_started(store, timeout=wait_s):

@@ -63,25 +63,18 @@ def create(recipe_path: str | None, recipe: Recipe, report: Any, start_rung: int
     return store
 
 
-def resume_run(store: RunStore, from_ckpt: str | None = None, overrides: Any = ()) -> Any:
-    """`qlora-watch resume` as a function (also for a requeued Slurm job): see resume.py."""
-    from supervisor.control.resume import resume_run as _resume
-
-    return _resume(store, from_ckpt=from_ckpt, overrides=overrides)
-
-
 def start_failure(store: RunStore, settle_s: float = 1.5) -> str | None:
     """The reason, when the supervisor refused a just-started run before any trainer ran (an
     output folder it may not use, a command it cannot launch): `start --detach` must not print
     a run id and exit 0 for it. A trainer that ran and crashed is the run's own story."""
     deadline = time.monotonic() + settle_s
     while time.monotonic() < deadline:
-        st = store.read_state()
-        msg = str(st.get("message") or st.get("state"))
-        if st.get("state") in (RunState.FAILED.value, RunState.LOST.value):
-            refused = not st.get("wrapper") or msg.startswith("config_error: could not start")
+        st = store.read_status()
+        msg = str(st.message or (st.state.value if st.state else None))
+        if st.state in (RunState.FAILED, RunState.LOST):
+            refused = not st.wrapper or msg.startswith("config_error: could not start")
             return msg if refused else None
-        if st.get("state") not in (None, RunState.STARTING.value):
+        if st.state not in (None, RunState.STARTING):
             return None  # the trainer runs: from here on it speaks through status and events
         time.sleep(0.05)
     return None
@@ -133,17 +126,17 @@ def wait_started(store: RunStore, timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     sock = paths.socket_path(store.run_id)
     while time.monotonic() < deadline:
-        st = store.read_state()
-        if st.get("state") and sock.exists():
+        st = store.read_status()
+        if st.state and sock.exists():
             return True
-        if st.get("state") in TERMINAL_VALUES:
+        if st.state and st.state.terminal:
             return True
         time.sleep(0.05)
     return False
 
 
 def is_live(store: RunStore) -> bool:
-    return (store.read_state().get("state") or "starting") not in TERMINAL_VALUES
+    return store.read_status().run_state.live
 
 
 def ensure_supervisor(store: RunStore) -> bool:
@@ -168,15 +161,15 @@ def list_running_ids() -> list[str]:
 
 
 def summary(store: RunStore) -> dict[str, Any]:
-    info, st = store.info(), store.read_state()
-    started = info.get("created_at")
-    end = st.get("ended_at") if st.get("state") in TERMINAL_VALUES else time.time()
+    info, st = store.run_info(), store.read_status()
+    started = info.created_at
+    end = st.ended_at if st.run_state.terminal else time.time()
     return {
-        "run_id": store.run_id, "recipe": info.get("recipe"), "model": info.get("model"),
-        "state": st.get("state") or "starting", "step": st.get("step"),
-        "max_steps": st.get("max_steps"), "last_loss": st.get("last_loss"),
-        "attempt": st.get("attempt"), "rung": st.get("rung"),
-        "last_checkpoint": st.get("last_checkpoint"),
+        "run_id": store.run_id, "recipe": info.recipe, "model": info.model,
+        "state": st.run_state.value, "step": st.step,
+        "max_steps": st.max_steps, "last_loss": st.last_loss,
+        "attempt": st.attempt, "rung": st.rung,
+        "last_checkpoint": st.last_checkpoint,
         "wall_s": (end - started) if started and end else None,
         "started": datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M") if started else "?",
     }
@@ -185,15 +178,15 @@ def summary(store: RunStore) -> dict[str, Any]:
 def status(store: RunStore) -> dict[str, Any]:
     from supervisor.redact import redact
 
-    st = store.read_state()
+    st = store.read_status()
     events = [
         {"t": e.t, "kind": e.kind, "level": e.level, "message": redact(e.message),
          "guard": e.guard, "evidence": e.evidence, "acked": e.acked, "id": e.id}
         for e in store.events(limit=10)
     ]
     store.close()
-    return {**{k: v for k, v in st.items() if k != "wrapper"}, "run_id": store.run_id,
-            "rung_label": ladder.label(st.get("rung")),
+    return {**{k: v for k, v in st.to_json().items() if k != "wrapper"}, "run_id": store.run_id,
+            "rung_label": ladder.label(st.rung),
             "run": store.info(), "supervisor_running": supervisor_running(store),
             "events": events}
 
@@ -284,7 +277,7 @@ STOP_REPLY_S = 30.0
 
 def stop(store: RunStore, now: bool) -> int:
     if not is_live(store):
-        print(f"run {store.run_id} is already {store.read_state().get('state')}")
+        print(f"run {store.run_id} is already {store.read_status().run_state.value}")
         return 0
     ensure_supervisor(store)
     try:
@@ -313,7 +306,7 @@ def _requeue_pending(store: RunStore) -> bool:
     """A Slurm run, preempted or lost, whose job is still in the queue (its next start resumes it)."""
     if not (store.path / "slurm.json").exists():
         return False
-    from supervisor.slurm.runs import job_in_queue
+    from supervisor.slurm.meta import job_in_queue
 
     return job_in_queue(store)
 
@@ -364,14 +357,14 @@ def follow_plain(store: RunStore) -> int:
     last = None
     try:
         while True:
-            st = store.read_state()
-            line = (f"{st.get('state')} step {st.get('step') or 0}/{st.get('max_steps') or '?'} "
-                    f"loss {st.get('last_loss')}")
+            st = store.read_status()
+            line = (f"{st.state.value if st.state else None} step {st.step or 0}/{st.max_steps or '?'} "
+                    f"loss {st.last_loss}")
             if line != last:
                 print(line, flush=True)
                 last = line
-            if st.get("state") in TERMINAL_VALUES:
-                return 0 if st.get("state") == "completed" else 1
+            if st.run_state.terminal:
+                return 0 if st.state == RunState.COMPLETED else 1
             time.sleep(1)
     except KeyboardInterrupt:
         return 0

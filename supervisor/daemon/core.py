@@ -1,9 +1,19 @@
 """The supervisor: one asyncio loop that owns a run.
 
-Each tick (5 per second) it reaps children, follows the trainer's events and log, samples
+Each tick (5 per second) it polls the attempt, follows the trainer's events and log, samples
 telemetry at the recipe's interval, runs the guards and carries out their actions. Every
 fact goes to the run store first, then to the attached clients. Nothing here imports torch
 or textual.
+
+The core is three parts wired here, each given only what it uses (`RunIO`: the store, the
+status, set_state, record, broadcast):
+
+    trainer_events.TrainerEvents   events.jsonl and trainer.log -> state changes and steps
+    attempts.Attempts              begin / adopt / launch / poll / exit / stop / relaunch
+    actions.Actions                the executor: guard actions, one `match` over the union
+
+and `set_state` is the one writer of the run's status, checking each change of state against
+states.EDGES.
 """
 
 from __future__ import annotations
@@ -18,19 +28,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+from supervisor import guards as guardlib
 from supervisor import logrotate, procgroup
 from supervisor import protocol as proto
-from supervisor.daemon.attempts import AttemptRunner
-from supervisor.daemon.followers import JsonlFollower, LogFollower
-from supervisor.daemon.logprogress import LogProgress
+from supervisor.daemon.actions import Actions
+from supervisor.daemon.attempts import Attempts
+from supervisor.daemon.guard_window import GuardClock, build_window
 from supervisor.daemon.preempt import Preemption, sigterm_preempts
+from supervisor.daemon.runio import RunIO
+from supervisor.daemon.trainer_events import LOG_RING, TrainerEvents
 from supervisor.download import DownloadTracker
+from supervisor.guards.base import Action, Window
 from supervisor.preflight.emulation import card_total_mib
 from supervisor.recipe import Recipe, recipe_from_json
-from supervisor.records import Event, EventKind, Sample, Step, to_dict
+from supervisor.records import Event, EventKind, Sample, to_dict
 from supervisor.sinks import notify
 from supervisor.sinks.trackers import from_recipe as trackers_for
 from supervisor.states import RunState
+from supervisor.status import RunInfo, RunStatus
 from supervisor.store import RunStore, read_json
 
 log = logging.getLogger("qlora-watch.supervisor")
@@ -40,10 +55,9 @@ TICK_S = 0.2
 # 24-hour run arrives in well under a second (charts are at most a few hundred cells wide).
 HISTORY_SAMPLES = 3_000
 HISTORY_STEPS = 2_500
-LOG_RING = 500
-STEP_SOURCES = ("events", "log", "history")
-DISCOVER_EVERY_S = 2.0  # scans of a foreign trainer's output folder for new checkpoints
+GUARD_EVERY_S = 1.0
 REBIND_EVERY_S = 1.0  # how soon a removed socket (or its folder) is bound again
+DISCOVER_EVERY_S = 2.0  # scans of a foreign trainer's output folder for new checkpoints
 
 
 class AlreadySupervised(Exception):
@@ -69,7 +83,7 @@ class Supervisor:
 
     def __init__(self, store: RunStore, *, sampler: Any = None, socket_path: Path | None = None):
         self.store = store
-        self.run_info = store.info()
+        self.run_info: RunInfo = store.run_info()
         self.recipe: Recipe = recipe_from_json((store.path / "recipe.json").read_text())
         self.sampler = sampler
         if self.recipe.hardware.emulate_vram_gib is not None and hasattr(sampler, "emulate"):
@@ -80,59 +94,64 @@ class Supervisor:
             env = {**for_run(store.path), **self.recipe.env}  # what the trainer gets
             sampler.set_visible(env.get("CUDA_VISIBLE_DEVICES"))
         self.socket_path = socket_path
-        self.state: dict[str, Any] = store.read_state() or {}
+        self.status: RunStatus = store.read_status()
         self.server: Any = None
-        self.log_ring: list[str] = store.log_tail(LOG_RING)
         self.recent_samples: list[Sample] = []
-        self.recent_steps: list[Step] = []
         # train.report_to: TensorBoard (telemetry beside the trainer's logs), W&B, MLflow
-        self.tb = trackers_for(self.recipe, store.run_id, self.run_info["output_dir"], store.path)
-        self.attempts = AttemptRunner(self)
-        self.preemption = Preemption(self)
-        self.download = DownloadTracker(self)  # a slow model download is progress (download.py)
+        self.tb = trackers_for(self.recipe, store.run_id, self.run_info.output_dir, store.path)
         self.notifier = notify.from_recipe(self.recipe, store.run_id)
+        self.clock = GuardClock()  # the guards' clock, anchored at what the core last saw
+        self.io = RunIO(store=store, status=self.status, set_state=self.set_state, record=self.record,
+                        broadcast=self.broadcast)
+        self.download = DownloadTracker(self.io)  # a slow model download is progress (download.py)
+        self.events = TrainerEvents(self.io, recipe=self.recipe, tb=self.tb, mark_time=self.clock.mark,
+                                    output_dir=lambda: self.attempts.output_dir(),
+                                    on_phase=lambda phase: self.attempts.on_phase(phase))
+        self.attempts = Attempts(
+            self.io, recipe=self.recipe, run_info=self.run_info, events=self.events,
+            execute=lambda actions: self.actions.execute(actions), window=self.window,
+            mark_time=self.clock.mark, sampler=sampler, helper_pids=self.tb.helper_pids,
+            gpu_lost=lambda: any(g.lost for s in self.recent_samples[-3:] for g in s.gpus),
+            download=self.download)
+        self.actions = Actions(self.io, self.attempts)
+        self.preemption = Preemption(self.io, self.attempts)
         self._stop_event = asyncio.Event()
         self._last_sample_mono = 0.0
         self._sampling = False
         self._signals = 0
-        self.clock_anchor: tuple[float, float] | None = None  # (wall seen, monotonic then): guards' clock
-        self.events_follower: JsonlFollower | None = None
-        # Where this attempt's steps come from, best first: "events" (our callback), "log" (HF
-        # log lines), "history" (a checkpoint's log_history); a better source replaces a worse.
-        self.step_source: str | None = None
-        self.log_progress = LogProgress()
         self._last_discover_mono = 0.0
+        self._last_guard_mono = 0.0
         self._last_bind_check = 0.0
         self._last_out_check = 0.0
-        self.log_follower = LogFollower(store.log_path)
-        self.log_follower.offset = _size(store.log_path)
-        self.log_follower.ino = _ino(store.log_path)
+        self._acting = False  # a guard's decisive action (stop, relaunch) is being carried out
 
     # -- state ------------------------------------------------------------------------
-    def set_state(self, new: RunState | None = None, **fields: Any) -> None:
-        if new is not None:
-            if new.terminal and self.state.get("state") != new.value:
-                msg = fields.get("message") or self.state.get("message") or ""
-                self.notifier.maybe_send(Event(t=time.time(), kind=EventKind.STATE_CHANGED, message=f"run {new.value}: {msg}"),
-                                         state_after=new.value)
-            fields["state"] = new.value
-        self.state.update(fields)
-        self.state.setdefault("run_id", self.store.run_id)
-        self.state.pop("state_error", None)  # set again below if this write fails too
-        if not self.store.write_state(self.state):
-            self.state["state_error"] = self.store.state_error
-        self.broadcast(proto.state(self.state))
+    def set_state(self, new: RunState | None = None, *, why: str | None = None, persist: bool = True,
+                  **fields: Any) -> None:
+        """The one writer of the run's status. `new`: an edge of states.EDGES, taken for `why`
+        (one line, logged); fields: RunStatus fields. persist=False: memory only."""
+        st = self.status
+        if new is not None and new.terminal and st.state != new:
+            msg = fields.get("message") or st.message or ""
+            self.notifier.maybe_send(Event(t=time.time(), kind=EventKind.STATE_CHANGED, message=f"run {new.value}: {msg}"),
+                                     state_after=new.value)
+        st.change(new, why, **fields)
+        if not persist:
+            return
+        if st.run_id is None:
+            st.run_id = self.store.run_id
+        st.state_error = None  # set again below if this write fails too
+        if not self.store.write_status(st):
+            st.state_error = self.store.state_error
+        self.broadcast(proto.state(st.to_json()))
 
     @property
     def run_state(self) -> RunState:
-        try:
-            return RunState(self.state.get("state", "starting"))
-        except ValueError:
-            return RunState.LOST
+        return self.status.run_state
 
     def record(self, kind: str, message: str, level: str = "info", **kw: Any) -> Event:
         ev = Event(t=time.time(), kind=kind, level=level, message=message,
-                   attempt=self.state.get("attempt"), **kw)
+                   attempt=self.status.attempt, **kw)
         try:
             self.store.add_event(ev)
         except Exception as e:  # noqa: BLE001 - a full disk must not stop supervision
@@ -150,20 +169,20 @@ class Supervisor:
     # -- socket handler ---------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         return {
-            "run": self.run_info,
-            "state": self.state,
+            "run": self.run_info.to_json(),
+            "state": self.status.to_json(),
             "samples": self.store.samples(limit=HISTORY_SAMPLES),
             "steps": self.store.steps(limit=HISTORY_STEPS),
             "events": [to_dict(e) for e in self.store.events()],
-            "log": list(self.log_ring),
+            "log": list(self.events.log_ring),
         }
 
     async def handle_command(self, cmd: str, args: dict[str, Any], peer: Any = None) -> dict[str, Any]:
         if cmd == "status":
-            return {"state": self.state}
+            return {"state": self.status.to_json()}
         if cmd in ("stop", "stop_now"):
             await self.attempts.request_stop(now=(cmd == "stop_now"), reason="stopped by user")
-            return {"state": self.state.get("state")}
+            return {"state": self.run_state.value}
         if cmd == "ack":
             ids = args.get("event_ids")
             n = self.store.ack_events(list(ids) if ids is not None else None)
@@ -198,7 +217,7 @@ class Supervisor:
             self.preemption.settle(loop, preempt_on_term)  # a late SIGTERM must not make exit 0 a -15
             with contextlib.suppress(Exception):  # the idle warm standby dies with us
                 await asyncio.to_thread(self.attempts.standby.discard)
-            self.broadcast(proto.bye(f"run {self.state.get('state')}"))
+            self.broadcast(proto.bye(f"run {self.run_state.value if self.status.state else None}"))
             await asyncio.sleep(0.05)
             if self.server is not None:
                 with contextlib.suppress(Exception):
@@ -231,13 +250,12 @@ class Supervisor:
 
     async def tick(self) -> None:
         await self.attempts.poll()
-        self._follow_events()
-        self._follow_log()
+        self.events.read()
         await self._maybe_sample()
         await self.download.tick()
         if time.monotonic() - self._last_discover_mono >= DISCOVER_EVERY_S:
             self._last_discover_mono = time.monotonic()
-            self.attempts.discover_checkpoints()
+            self.events.discover_checkpoints()
         if time.monotonic() - self._last_out_check >= logrotate.CHECK_EVERY_S:
             self._last_out_check = time.monotonic()
             cfg = self.recipe.supervisor
@@ -248,60 +266,42 @@ class Supervisor:
         if self.server is not None and time.monotonic() - self._last_bind_check >= REBIND_EVERY_S:
             self._last_bind_check = time.monotonic()
             await self.server.ensure_bound()  # removed at logout: bound again (issue #14)
-        self.attempts.run_guards()
+        self.run_guards()
 
-    def _follow_events(self) -> None:
-        f = self.events_follower
-        if f is None:
+    # -- guards -----------------------------------------------------------------------
+    def window(self) -> Window:
+        """What the guards see now (guard_window.build_window)."""
+        try:
+            out: Path | None = self.attempts.output_dir()
+        except Exception:  # noqa: BLE001 - no output dir yet: nothing to scan
+            out = None
+        return build_window(status=self.status, recipe=self.recipe, samples=self.recent_samples,
+                            steps=self.events.recent_steps, output_dir=out, clock=self.clock,
+                            run_id=self.store.run_id, estimate=self.run_info.estimate,
+                            fired=self.actions.fired, ladder_reach=self.attempts.ladder_reach())
+
+    def run_guards(self) -> None:
+        """Once a second, while no decisive action is being carried out."""
+        now = time.monotonic()
+        if self._acting or self.run_state.terminal or now - self._last_guard_mono < GUARD_EVERY_S:
             return
-        steps: list[dict[str, Any]] = []
-        for obj in f.read():
-            if obj.get("event") != "settings":
-                self.state["speaks_events"] = True  # kept in state.json: a re-adopting supervisor knows
-            if obj.get("event") == "step":
-                steps.append(obj)
-            else:
-                self.attempts.on_trainer_event(obj)
-        self.take_steps(steps, source="events")
-
-    def new_attempt(self) -> None:
-        """A launch: step sources start over."""
-        self.step_source = None
-        self.state["speaks_events"] = False
-        self.log_progress = LogProgress()
-
-    def take_steps(self, objs: list[dict[str, Any]], source: str) -> None:
-        """Store and broadcast step records from one source, unless a better one speaks."""
-        if not objs or STEP_SOURCES.index(source) > STEP_SOURCES.index(self.step_source or "history"):
+        self._last_guard_mono = now
+        try:
+            actions = guardlib.run_guards(self.window(), self.recipe.guards)
+        except Exception as e:  # noqa: BLE001 - a guard bug must not take the run down
+            log.exception("guards failed: %s", e)
             return
-        self.step_source = source
-        attempt = self.state.get("attempt") or 1
-        new_steps = [s for s in (Step.from_trainer(o, attempt) for o in objs) if s is not None]
-        if new_steps:
-            try:
-                self.store.add_steps(new_steps, lineage=self.state.get("lineage") or 1)
-            except Exception as e:  # noqa: BLE001
-                log.warning("steps not stored: %s", e)
-            self.tb.add_steps(new_steps)  # W&B/MLflow: every attempt's steps in one tracker run
-            for st in new_steps:
-                self.recent_steps.append(st)
-                self.broadcast(proto.step({**to_dict(st), "lineage": self.state.get("lineage") or 1}))
-            del self.recent_steps[:-2000]
-            self.attempts.on_steps(new_steps)
+        if actions:
+            self._acting = True
+            asyncio.get_running_loop().create_task(self._act(actions))
 
-    def _follow_log(self) -> None:
-        lines = self.log_follower.read()
-        if self.recipe.trainer.command and self.step_source in (None, "log", "history"):
-            self.take_steps(self.log_progress.feed(lines), source="log")
-            bar = self.log_progress.bar
-            if bar is not None and self.step_source != "events" and bar[0] != self.state.get("step"):
-                # between logged steps the bar still moves: status shows it
-                self.attempts.on_bar(*bar)
-        if lines:
-            self.log_ring.extend(lines)
-            del self.log_ring[:-LOG_RING]
-            self.broadcast(proto.log(lines[-LOG_RING:]))
+    async def _act(self, actions: list[Action]) -> None:
+        try:
+            await self.actions.execute(actions)
+        finally:
+            self._acting = False
 
+    # -- telemetry --------------------------------------------------------------------
     async def _maybe_sample(self) -> None:
         if self.sampler is None or self._sampling:
             return
@@ -325,22 +325,8 @@ class Supervisor:
             self.store.add_samples([sample])
         except Exception as e:  # noqa: BLE001
             log.warning("sample not stored: %s", e)
-        self.tb.add_sample(sample, self.state.get("step"))
+        self.tb.add_sample(sample, self.status.step)
         self.broadcast(proto.sample(to_dict(sample)))
-
-
-def _size(p: Path) -> int:
-    try:
-        return p.stat().st_size
-    except OSError:
-        return 0
-
-
-def _ino(p: Path) -> int | None:
-    try:
-        return p.stat().st_ino
-    except OSError:
-        return None
 
 
 def run_supervisor(run_dir: Path, *, socket_path: Path | None, with_telemetry: bool = True) -> int:
@@ -374,4 +360,4 @@ def run_supervisor(run_dir: Path, *, socket_path: Path | None, with_telemetry: b
         return 3
 
 
-__all__ = ["Supervisor", "run_supervisor", "AlreadySupervised", "read_json"]
+__all__ = ["LOG_RING", "Supervisor", "run_supervisor", "AlreadySupervised", "read_json"]

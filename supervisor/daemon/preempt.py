@@ -23,7 +23,8 @@ from supervisor.records import EventKind
 from supervisor.states import RunState
 
 if TYPE_CHECKING:
-    from supervisor.daemon.core import Supervisor
+    from supervisor.daemon.attempts import Attempts
+    from supervisor.daemon.runio import RunIO
 
 PREEMPT_ENV = "QLW_ON_SIGTERM"
 GRACE_ENV = "QLW_PREEMPT_GRACE_S"  # caps the save grace: Slurm's KillWait after SIGTERM is 30 s
@@ -50,8 +51,9 @@ def grace_cap(env: Mapping[str, str] | None = None) -> float | None:
 class Preemption:
     """The supervisor's preemption handling; `install()` adds the signal handlers."""
 
-    def __init__(self, sup: "Supervisor"):
-        self.sup = sup
+    def __init__(self, io: RunIO, attempts: Attempts):
+        self.io = io  # the store, the status, set_state, record
+        self.attempts = attempts  # the lifecycle: request_stop, and a stop in progress
         self.signals: list[str] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -75,21 +77,21 @@ class Preemption:
         self.signals.append(name)
         loop = asyncio.get_running_loop()
         if len(self.signals) > 1:  # USR1 then TERM, as Slurm sends them: still saving
-            self.sup.record(EventKind.PREEMPTION_RECEIVED, f"{name} received while the preemption save runs; waiting for "
+            self.io.record(EventKind.PREEMPTION_RECEIVED, f"{name} received while the preemption save runs; waiting for "
                             "the checkpoint", level="warning")
             return
         self._task = loop.create_task(self.begin(name))  # kept: the loop holds tasks weakly
 
     async def begin(self, name: str) -> None:
-        sup = self.sup
-        if sup.run_state.terminal:
+        io = self.io
+        if io.status.run_state.terminal:
             return
-        sup.record(EventKind.PREEMPTION_RECEIVED, f"{name}: the machine is being taken away (preemption); saving "
+        io.record(EventKind.PREEMPTION_RECEIVED, f"{name}: the machine is being taken away (preemption); saving "
                    "a checkpoint, then the run is PREEMPTED", level="warning")
         reason = f"preempted ({name})"  # handle_exit adds the checkpoint and `qlora-watch resume`
-        att = sup.attempts
-        if sup.run_state == RunState.STOPPING:  # a user's stop already saves: it ends preempted
-            sup.set_state(stop_state=RunState.PREEMPTED.value)
+        att = self.attempts
+        if io.status.run_state == RunState.STOPPING:  # a user's stop already saves: it ends preempted
+            io.set_state(stop_state=RunState.PREEMPTED)
             att.stop_reason = reason
             return
         await att.request_stop(now=False, reason=reason, state=RunState.PREEMPTED)

@@ -6,6 +6,8 @@ calls `classify_exit` then `decide_relaunch` when the trainer exits.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from supervisor.guards import divergence, host_ram, retention, stall, thermal, utilisation
 from supervisor.guards.base import (
     TERMINAL_ACTIONS,
@@ -27,7 +29,9 @@ from supervisor.guards.relaunch import (
     restarts_after,
     resume_target,
 )
-from supervisor.recipe import Guards
+
+if TYPE_CHECKING:  # config types only: guards import no pydantic
+    from supervisor.recipe import Guards
 
 __all__ = [
     "Action", "CaptureStacks", "ExitClass", "Fail", "PruneCheckpoints", "Relaunch", "StopRun",

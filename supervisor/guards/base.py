@@ -36,7 +36,7 @@ GIB = 1 << 30
 
 @dataclass
 class Window:
-    """One tick's view of the run, built by the core. Lists are oldest first."""
+    """One tick's view of the run, built by the core (daemon/guard_window.py). Lists are oldest first."""
 
     now: float  # the latest timestamp the core saw (wall seconds, from samples/events)
     state: RunState
@@ -63,13 +63,6 @@ class Window:
     already_fired: set[str] = field(default_factory=set)  # Warn keys already announced
     # How a rung's settings reach the trainer (handoff.ladder_reaches); None: they do not
     ladder_reach: str | None = "recipe"
-
-    @classmethod
-    def from_supervisor(cls, sup: Any) -> "Window":
-        """Build from the running core (reads its state; scans checkpoints): see guards/build.py."""
-        from supervisor.daemon.guard_window import window_from_supervisor
-
-        return window_from_supervisor(sup)
 
     def infos(self) -> list[CheckpointInfo]:
         return as_infos(self.checkpoints)

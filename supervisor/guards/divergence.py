@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supervisor.checkpoints.plan import newest_complete_of
 from supervisor.guards.base import Action, StopRun, Window, median
 from supervisor.numbers import is_finite
-from supervisor.recipe import DivergenceGuard
 from supervisor.records import Step
 from supervisor.states import RunState
+
+if TYPE_CHECKING:  # config types only: guards import no pydantic
+    from supervisor.recipe import DivergenceGuard
 
 GUARD = "divergence"
 

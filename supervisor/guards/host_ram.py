@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supervisor.guards.base import GIB, Action, Warn, Window, gib, warn
 from supervisor.numbers import is_finite
-from supervisor.recipe import HostRamGuard
 from supervisor.records import HostSample
+
+if TYPE_CHECKING:  # config types only: guards import no pydantic
+    from supervisor.recipe import HostRamGuard
 
 GUARD = "host_ram"
 

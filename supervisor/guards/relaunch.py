@@ -13,7 +13,7 @@ reaches max_restarts the run FAILS with the last stderr lines.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from supervisor import ladder
 from supervisor.checkpoints.plan import CheckpointInfo, newest_complete_of
@@ -29,7 +29,9 @@ from supervisor.guards.classify import (
     STOPPED,
     ExitClass,
 )
-from supervisor.recipe import CrashGuard, Guards, Recipe
+
+if TYPE_CHECKING:  # config types only: guards import no pydantic
+    from supervisor.recipe import CrashGuard, Guards, Recipe
 
 GUARD = "relaunch"
 FAIL_TAIL = 20  # stderr lines quoted in a FAILED message

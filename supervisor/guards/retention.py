@@ -6,6 +6,8 @@ trainer die with ENOSPC half-way through writing a checkpoint.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from supervisor.checkpoints.plan import newest_complete_of, prune_plan
 from supervisor.guards.base import (
     GIB,
@@ -17,8 +19,10 @@ from supervisor.guards.base import (
     gib,
     warn,
 )
-from supervisor.recipe import CheckpointGuard
 from supervisor.states import RunState
+
+if TYPE_CHECKING:  # config types only: guards import no pydantic
+    from supervisor.recipe import CheckpointGuard
 
 GUARD = "checkpoints"
 

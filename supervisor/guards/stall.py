@@ -7,6 +7,8 @@ relaunch spends the same restart budget as a crash (see relaunch.py).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from supervisor.guards.base import (
     LOADING_PHASES,
     Action,
@@ -17,7 +19,9 @@ from supervisor.guards.base import (
     median,
 )
 from supervisor.guards.relaunch import backoff_delay, resume_target
-from supervisor.recipe import CrashGuard, StallGuard
+
+if TYPE_CHECKING:  # config types only: guards import no pydantic
+    from supervisor.recipe import CrashGuard, StallGuard
 
 GUARD = "stall"
 

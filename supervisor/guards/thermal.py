@@ -5,12 +5,14 @@ Only ever warns: qlora-watch never touches clocks, power limits or fans.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supervisor.guards.base import Action, Window, mean, num, warn
 from supervisor.numbers import is_finite
-from supervisor.recipe import ThermalGuard
 from supervisor.records import GpuSample, Sample
+
+if TYPE_CHECKING:  # config types only: guards import no pydantic
+    from supervisor.recipe import ThermalGuard
 
 GUARD = "thermal"
 # nvmlClocksEventReason bits (FIELD_NOTES 5): SwThermalSlowdown, HwThermalSlowdown.

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supervisor.guards.base import Action, Window, mean, warn
 from supervisor.numbers import is_finite
-from supervisor.recipe import UtilisationGuard
+
+if TYPE_CHECKING:  # config types only: guards import no pydantic
+    from supervisor.recipe import UtilisationGuard
 
 GUARD = "utilisation"
 # Paged optimiser state moving between host and GPU shows as unified memory growing in the

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from supervisor import ladder
 from supervisor.numbers import ema_debiased, finite
 from supervisor.records import Event, EventKind
 from supervisor.sinks.tbwriter import throttle_reasons
+from supervisor.status import RunInfo, RunStatus
 from supervisor.store import RunStore, continuous, read_json
 
 # Recipe keys shown for every attempt (all keys that differ between attempts are shown too).
@@ -70,8 +70,8 @@ class RunData:
     """Everything the report shows about one run."""
 
     path: Path
-    info: dict[str, Any]
-    state: dict[str, Any]
+    info: RunInfo  # run.json
+    state: RunStatus  # state.json
     samples: list[dict[str, Any]]
     steps: list[dict[str, Any]]
     events: list[Event]
@@ -79,12 +79,12 @@ class RunData:
 
     @property
     def run_id(self) -> str:
-        return str(self.info.get("run_id") or self.path.name)
+        return str(self.info.run_id or self.path.name)
 
     @property
     def t0(self) -> float:
         """Run start: creation time, else the earliest record."""
-        ts = [t for t in (self.info.get("created_at"),) if isinstance(t, (int, float))]
+        ts = [t for t in (self.info.created_at,) if isinstance(t, (int, float))]
         ts += [x for x in (_first_t(self.samples), _first_t(self.steps)) if x is not None]
         ts += [e.t for e in self.events[:1]]
         return min(ts) if ts else 0.0
@@ -168,7 +168,7 @@ def load_run(run_dir: Path) -> RunData:
     try:
         events = store.events()
         steps = store.steps()  # every attempt's rows; the charts take one continuous line
-        data = RunData(path=run_dir, info=store.info(), state=store.read_state(),
+        data = RunData(path=run_dir, info=store.run_info(), state=store.read_status(),
                        samples=sorted(store.samples(), key=lambda s: s["t"]), steps=continuous(steps),
                        events=events, attempts=load_attempts(store, events, steps))
     finally:
@@ -266,8 +266,8 @@ def summarize(run: RunData) -> dict[str, Any]:
     avail = [finite((s.get("host") or {}).get("mem_available_mib")) for s in run.samples]
     last = lineage[-1] if lineage else {}
     return {
-        "state": run.state.get("state") or "unknown",
-        "message": run.state.get("message") or "",
+        "state": run.state.state.value if run.state.state else "unknown",
+        "message": run.state.message or "",
         "wall_s": run.t_end - run.t0 if (run.samples or run.steps or run.events) else None,
         "attempts": len(run.attempts),
         "relaunches": losses_r,
@@ -287,8 +287,8 @@ def summarize(run: RunData) -> dict[str, Any]:
         "max_temp_c": _extreme(temps, max),
         "max_hotspot_c": _extreme(hot, max),
         "min_host_available_gib": _scaled(_extreme(avail, min), 1 / 1024),
-        "adapter_path": run.state.get("adapter_path"),
-        "output_dir": run.info.get("output_dir"),
+        "adapter_path": run.state.adapter_path,
+        "output_dir": run.info.output_dir,
     }
 
 
@@ -339,20 +339,3 @@ def marked_events(events: list[Event]) -> list[Event]:
         if e.kind in MARKED_KINDS or (e.kind == EventKind.TRAINER_EXITED and e.level != "info"):
             out.append(e)
     return out
-
-
-# ------------------------------------------------------------------------------ entry points
-
-
-def generate_report(run_dir: Path, out_dir: Path, compare_run_dir: Path | None = None) -> Path:
-    """Write report.html and its PNG plots into out_dir; returns the HTML path."""
-    from supervisor.report.html import write_report
-
-    run = load_run(Path(run_dir))
-    other = load_run(Path(compare_run_dir)) if compare_run_dir is not None else None
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return write_report(run, out_dir, other, generated_at=time.time())
-    except OSError as e:
-        raise ReportError(f"cannot write the report into {out_dir}: {e.strerror or e}") from None

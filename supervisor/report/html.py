@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from datetime import datetime
 from html import escape
 from pathlib import Path
 from typing import Any
 
 from supervisor.numbers import fmt_duration_words
-from supervisor.report.data import RunData, marked_events, recipe_diffs, recipe_table, summarize
+from supervisor.report.data import (
+    ReportError,
+    RunData,
+    load_run,
+    marked_events,
+    recipe_diffs,
+    recipe_table,
+    summarize,
+)
 from supervisor.report.plots import make_plots, plot_compare
 from supervisor.states import TERMINAL_VALUES
 
@@ -153,8 +162,8 @@ def write_report(run: RunData, out: Path, other: RunData | None = None, generate
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{escape(title)}</title>"
              f"<meta name='viewport' content='width=device-width'><style>{CSS}</style></head><body>",
              f"<h1>{escape(title)} {_state_badge(s['state'])}</h1>",
-             f"<p class='sub'>recipe {escape(str(run.info.get('recipe') or '-'))} · model "
-             f"{escape(str(run.info.get('model') or '-'))} · started {escape(fmt_time(run.t0))} · "
+             f"<p class='sub'>recipe {escape(str(run.info.recipe or '-'))} · model "
+             f"{escape(str(run.info.model or '-'))} · started {escape(fmt_time(run.t0))} · "
              f"report generated {escape(fmt_time(generated_at))}</p>", "<h2>Summary</h2>"]
     if other is None:
         parts.append(_table(["", run.run_id], [[k, v] for k, v in summary_rows(s)]))
@@ -184,3 +193,18 @@ def write_report(run: RunData, out: Path, other: RunData | None = None, generate
     path = out / "report.html"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+# ------------------------------------------------------------------------------ entry points
+
+
+def generate_report(run_dir: Path, out_dir: Path, compare_run_dir: Path | None = None) -> Path:
+    """Write report.html and its PNG plots into out_dir; returns the HTML path."""
+    run = load_run(Path(run_dir))
+    other = load_run(Path(compare_run_dir)) if compare_run_dir is not None else None
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return write_report(run, out_dir, other, generated_at=time.time())
+    except OSError as e:
+        raise ReportError(f"cannot write the report into {out_dir}: {e.strerror or e}") from None

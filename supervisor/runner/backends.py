@@ -260,7 +260,7 @@ def load_model_and_tokenizer(backend: Backend, recipe: Recipe, path: str, attn: 
 
     from supervisor.runner.qcache import load_base_cached
 
-    model, tokenizer = load_base_cached(backend, recipe, path, attn, writer, device)
+    model, tokenizer = load_base_cached(backend, recipe, path, attn, writer, device, load_base=load_base)
     if backend.name == "unsloth":
         t0 = time.perf_counter()
         model = unsloth_adapter(recipe, model)

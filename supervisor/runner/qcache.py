@@ -401,10 +401,11 @@ def _free(model: Any) -> None:
 
 
 def load_base_cached(backend: Any, recipe: Any, path: str, attn: str, writer: Any = None,
-                     device: str = "cuda", root: str | None = None) -> tuple[Any, Any]:
+                     device: str = "cuda", root: str | None = None, *, load_base: Any) -> tuple[Any, Any]:
     """The quantised base model and tokenizer: from the cache when an entry for exactly these
-    inputs passes every check, else from `path` (then saved to the cache when one is set)."""
-    from supervisor.runner.backends import load_base
+    inputs passes every check, else from `path` (then saved to the cache when one is set).
+    `load_base(backend, recipe, path, attn)` is backends.load_base (passed in: backends calls
+    this module, not the other way round)."""
 
     def timing(phase: str, seconds: float, **fields: Any) -> None:
         if writer is not None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from supervisor import paths
 from supervisor.slurm import commands as slurm
-from supervisor.states import TERMINAL_VALUES, RunState
+from supervisor.states import RunState
 from supervisor.store import RunStore
 
 ENV_KEYS = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_PARTITION", "SLURM_JOB_NODELIST",
@@ -92,7 +92,7 @@ def _wait_for_lock(store: RunStore) -> bool:
 
 
 def main(run_dir: str) -> int:
-    from supervisor.slurm.runs import meta_lock, read_meta, write_meta
+    from supervisor.slurm.meta import meta_lock, read_meta, write_meta
 
     store = RunStore(Path(run_dir))
     if not store.path.is_dir():
@@ -128,12 +128,13 @@ def main(run_dir: str) -> int:
         if not _wait_for_lock(store):
             return _end(store, meta, f"run {store.run_id} is supervised elsewhere still "
                         f"(supervisor.lock held for {LOCK_WAIT_S:.0f} s); not starting a second", 1)
-        st = store.read_state()
-        if st.get("state") not in TERMINAL_VALUES:  # the last job was killed outright
-            why = (f"the previous Slurm job ended while the run was {st.get('state')} "
+        status = store.read_status()
+        if status.run_state.live:  # the last job was killed outright
+            why = (f"the previous Slurm job ended while the run was {status.run_state.value} "
                    "(no preemption record)")
-            st.update(state=RunState.LOST.value, message=why, exited=True, ended_at=last_alive or now)
-            store.write_state(st)
+            status.change(RunState.LOST, why="Slurm: the previous job was killed outright", message=why,
+                          exited=True, ended_at=last_alive or now)
+            store.write_status(status)
             _event(store, why, level="warning")
         _adopt(store)
         from supervisor.control.resume import ResumeError, request_resume
@@ -150,9 +151,9 @@ def main(run_dir: str) -> int:
                resume_from=plan.from_path)
     else:
         _event(store, f"Slurm job {job_id} started on {node}", job_id=job_id, node=node, restart=restart)
-    st = store.read_state()
-    st["slurm"] = {"job_id": job_id, "node": node, "restart": restart, "job_started_at": now}
-    store.write_state(st)
+    status = store.read_status()
+    status.update(slurm={"job_id": job_id, "node": node, "restart": restart, "job_started_at": now})
+    store.write_status(status)
     store.close()
 
     from supervisor.daemon.core import run_supervisor
@@ -179,7 +180,7 @@ def _requeue_if_running(job_id: str) -> None:
 
 
 def _end(store: RunStore, meta: dict[str, Any], message: str, code: int) -> int:
-    from supervisor.slurm.runs import meta_lock, read_meta, write_meta
+    from supervisor.slurm.meta import meta_lock, read_meta, write_meta
 
     with meta_lock(store):
         meta = read_meta(store) or meta

@@ -19,22 +19,19 @@ from supervisor.slurm.commands import first_node
 PORT_BASE = 29500
 
 
-def srun_argv(recipe: object) -> list[str]:
-    """The trainer's argv in a job of hardware.nodes nodes (launcher.trainer_argv)."""
+def srun_argv(recipe: object, one_node: list[str]) -> list[str]:
+    """The trainer's argv in a job of hardware.nodes nodes (procgroup.trainer_argv, which
+    passes the accelerate argv of one node)."""
     hw = recipe.hardware  # type: ignore[attr-defined]
     return ["srun", f"--nodes={hw.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-            sys.executable, "-m", "supervisor.slurm.node", "--", *accelerate_argv(recipe)]
+            sys.executable, "-m", "supervisor.slurm.node", "--", *accelerate_argv(recipe, one_node)]
 
 
-def accelerate_argv(recipe: object) -> list[str]:
+def accelerate_argv(recipe: object, one_node: list[str]) -> list[str]:
     """The single-node FSDP command with every node's processes counted; the per-node flags
     (rank, main process) are added by main() in each task."""
-    from supervisor.procgroup import trainer_argv
-
     hw = recipe.hardware  # type: ignore[attr-defined]
-    # the accelerate form of one node (gpus >= 2 selects it), then counted over all nodes
-    one = recipe.model_copy(update={"hardware": hw.model_copy(update={"nodes": 1, "gpus": max(2, hw.gpus)})})  # type: ignore[attr-defined]
-    argv = trainer_argv(one)
+    argv = list(one_node)
     total = hw.gpus * hw.nodes
     i = argv.index("--num_processes")
     argv[i + 1] = str(total)

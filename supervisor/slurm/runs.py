@@ -8,59 +8,25 @@ run's supervisor runs only inside the job: nothing here starts one on the login 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from supervisor import paths
 from supervisor.slurm import commands as slurm
+from supervisor.slurm.meta import (
+    is_slurm,
+    job_id,
+    meta_lock,
+    read_meta,
+    write_meta,
+)
 from supervisor.states import TERMINAL_VALUES, RunState
-from supervisor.store import RunStore, atomic_write, read_json
+from supervisor.store import RunStore, atomic_write
 
-META = "slurm.json"
 SCRIPT = "job.sbatch"
 STOP_GONE_S = 60.0  # how long `stop` waits for the job to leave squeue after scancel
-
-
-def is_slurm(store: RunStore) -> bool:
-    return (store.path / META).exists()
-
-
-def read_meta(store: RunStore) -> dict[str, Any]:
-    return read_json(store.path / META) or {}
-
-
-def write_meta(store: RunStore, meta: dict[str, Any]) -> None:
-    import json
-
-    atomic_write(store.path / META, json.dumps(meta, indent=1, default=str))
-
-
-def job_id(store: RunStore) -> str | None:
-    return read_meta(store).get("job_id") or None
-
-
-@contextlib.contextmanager
-def meta_lock(store: RunStore) -> Iterator[None]:
-    """submit and the job's first start both update slurm.json: one at a time."""
-    fd = os.open(store.path / "slurm.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def job_in_queue(store: RunStore) -> bool:
-    """Is the run's job still in squeue (pending, running, completing)? False when unknown."""
-    jid = job_id(store)
-    try:
-        return bool(jid) and slurm.job(jid) is not None
-    except slurm.SlurmError:
-        return False
 
 
 def status_line(store: RunStore) -> str:
@@ -176,9 +142,10 @@ def resubmit(store: RunStore, from_ckpt: str | None = None, overrides: Any = ())
 
 
 def _refused(store: RunStore, message: str) -> None:
-    st = store.read_state()
-    st.update(state=RunState.FAILED.value, message=message, ended_at=time.time(), exited=True)
-    store.write_state(st)
+    status = store.read_status()
+    status.change(RunState.FAILED, why="Slurm refused the job", message=message, ended_at=time.time(),
+                  exited=True)
+    store.write_status(status)
 
 
 # ------------------------------------------------------------------------------ ls
@@ -237,13 +204,12 @@ def stop(store: RunStore, now: bool) -> int:
     if jid and not _gone(jid):
         print(f"qlora-watch: job {jid} is still in squeue after {STOP_GONE_S:.0f} s", file=sys.stderr)
         return 1
-    st = store.read_state()
-    if st.get("state") not in TERMINAL_VALUES or st.get("state") in (RunState.PREEMPTED.value,
-                                                                      RunState.LOST.value):
-        st.update(state=RunState.STOPPED.value, exited=True, ended_at=time.time(),
-                  message=f"stopped by user (Slurm job {jid} cancelled"
-                          + (" while queued)" if not running else ")"))
-        store.write_state(st)
+    status = store.read_status()
+    if status.run_state.live or status.state in (RunState.PREEMPTED, RunState.LOST):
+        status.change(RunState.STOPPED, why=f"stopped by user: Slurm job {jid} cancelled", exited=True,
+                      ended_at=time.time(), message=f"stopped by user (Slurm job {jid} cancelled"
+                      + (" while queued)" if not running else ")"))
+        store.write_status(status)
     print(f"stopped {store.run_id}; Slurm job {jid or '-'} cancelled")
     return 0
 

@@ -125,9 +125,9 @@ class HostPanel(Vertical, Panel):
             return
         h, compact = m.host, self.size.width < COMPACT_BELOW + 4
         lines = [
-            ram_line(h, finite(m.state.get("host_ram_needed_mib")), compact),
+            ram_line(h, m.host_ram_needed_mib, compact),
             swap_rss_line(h, compact),
-            disk_line(h, finite(m.state.get("next_checkpoint_bytes")), compact,
+            disk_line(h, m.next_checkpoint_bytes, compact,
                       finite((m.state.get("weight_cache") or {}).get("bytes"))),
             cpu_line(h, compact),
         ]

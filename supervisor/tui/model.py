@@ -12,6 +12,7 @@ from typing import Any
 
 from supervisor.numbers import ema_running
 from supervisor.sanitize import sanitize
+from supervisor.status import RunInfo
 
 from .fmt import finite, num
 from .panel import ENDED, EVENTS, LOG, SAMPLES, STATE, STEPS, TOPICS
@@ -250,5 +251,20 @@ class RunModel:
 
     @property
     def recipe(self) -> str:
-        """The recipe's name (run.json says "recipe"; the brief's dict "recipe_name")."""
-        return str(self.run.get("recipe_name") or self.run.get("recipe") or "")
+        """The recipe's name (RunInfo reads early recordings' "recipe_name" too)."""
+        return str(RunInfo.from_json(self.run).recipe or "")
+
+    @property
+    def host_ram_needed_mib(self) -> float | None:
+        """What the trainer needs of host RAM: preflight's estimate in run.json (the state of a
+        recorded run may carry it as host_ram_needed_mib)."""
+        if self.state.get("host_ram_needed_mib") is not None:
+            return finite(self.state.get("host_ram_needed_mib"))
+        need = finite((RunInfo.from_json(self.run).estimate or {}).get("host_ram_needed_bytes"))
+        return None if need is None else need / 2**20
+
+    @property
+    def next_checkpoint_bytes(self) -> float | None:
+        """What the next save writes: the last complete checkpoint's size (recorded runs may
+        carry next_checkpoint_bytes)."""
+        return finite(self.state.get("next_checkpoint_bytes", self.state.get("last_checkpoint_bytes")))

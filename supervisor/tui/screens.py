@@ -12,6 +12,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Static
 
 from supervisor.sanitize import sanitize
+from supervisor.status import RunInfo
 
 from .fmt import STATE_STYLES, fmt_num
 
@@ -106,7 +107,7 @@ class RunsListScreen(Screen[str]):
             table.add_row(
                 str(r.get("run_id") or st.get("run_id") or "?"),
                 Text(f" {state} ", STATE_STYLES.get(state, "")),
-                sanitize(str(r.get("recipe_name") or r.get("recipe") or "")),
+                sanitize(str(RunInfo.from_json(r).recipe or "")),
                 sanitize(str(r.get("model") or "")),
                 step,
                 str(st.get("attempt") or r.get("attempt") or ""),

@@ -117,24 +117,24 @@ def test_hub_model_revision_is_the_snapshot_commit(tmp_path, monkeypatch):
 
 
 def _entry(tmp_path, tiny):
-    from supervisor.runner.backends import Backend
+    from supervisor.runner.backends import Backend, load_base
 
     recipe, folder = tiny
     root = tmp_path / "qc"
     w = Writer()
     model, _ = qcache.load_base_cached(Backend("hf", "test"), recipe, str(folder), "sdpa", w, "cpu",
-                                       root=str(root))
+                                       root=str(root), load_base=load_base)
     entries = [p for p in root.iterdir() if (p / qcache.MANIFEST).is_file()]
     assert len(entries) == 1 and any("saved the quantised base model" in m for m in w.messages())
     return recipe, folder, root, entries[0], model.state_dict()
 
 
 def _reload(recipe, folder, root):
-    from supervisor.runner.backends import Backend
+    from supervisor.runner.backends import Backend, load_base
 
     w = Writer()
     model, _ = qcache.load_base_cached(Backend("hf", "test"), recipe, str(folder), "sdpa", w, "cpu",
-                                       root=str(root))
+                                       root=str(root), load_base=load_base)
     sources = [e.get("source") for e in w.events if e.get("phase") == "model_load"]
     return model, w, sources
 

@@ -13,7 +13,6 @@ import re
 import shutil
 import signal
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -40,23 +39,21 @@ pytestmark = pytest.mark.timeout(90)
 def test_c3_incomplete_checkpoint_reason_is_an_event(tmp_path: Path) -> None:
     """A `checkpoint` event for a corrupt folder: a warning naming the reason (shown in the
     TUI's events), never counted as progress."""
-    from supervisor.daemon.attempts import AttemptRunner
+    from supervisor.daemon.trainer_events import TrainerEvents
+    from supervisor.store import RunStore
+    from tests.support.runio import memory_io
 
     recorded: list[tuple[str, str, str]] = []
-    sup = SimpleNamespace(
-        state={"restarts_since_progress": 2}, store=SimpleNamespace(run_id="r1"),
-        record=lambda kind, message, level="info", **kw: recorded.append((kind, message, level)),
-        set_state=lambda new=None, **f: sup.state.update(f),
-    )
-    runner = AttemptRunner(sup)  # type: ignore[arg-type]
+    io = memory_io(RunStore(tmp_path / "r1"), {"restarts_since_progress": 2}, recorded)
+    runner = TrainerEvents(io, recipe=None, tb=None, mark_time=lambda t: None, output_dir=lambda: tmp_path)
     bad = make_ckpt(tmp_path, 40, adapter="tensor")
     (bad / "trainer_state.json").write_text(json.dumps({"global_step": 39}))
     runner.on_trainer_event({"event": "checkpoint", "step": 40, "path": str(bad)})
     assert recorded == [("checkpoint_incomplete", "checkpoint-40: global_step 39 != 40", "warning")]
-    assert sup.state["restarts_since_progress"] == 2 and "last_checkpoint" not in sup.state
+    assert io.status.restarts_since_progress == 2 and io.status.last_checkpoint is None
     good = make_ckpt(tmp_path, 50, adapter="tensor")
     runner.on_trainer_event({"event": "checkpoint", "step": 50, "path": str(good)})
-    assert recorded[-1][0] == "checkpoint_saved" and sup.state["restarts_since_progress"] == 0
+    assert recorded[-1][0] == "checkpoint_saved" and io.status.restarts_since_progress == 0
 
 
 # ------------------------------------------------------------------------------ C5

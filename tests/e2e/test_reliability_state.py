@@ -174,7 +174,6 @@ def test_d5_stop_grace_and_backoff_use_the_monotonic_clock(monkeypatch, tmp_path
     from supervisor.daemon import attempts
     from supervisor.guards import Relaunch
     from supervisor.recipe import load_recipe
-    from supervisor.states import RunState
 
     clock = FakeClock()
     monkeypatch.setattr(attempts, "time", clock.as_time_module())
@@ -184,27 +183,16 @@ def test_d5_stop_grace_and_backoff_use_the_monotonic_clock(monkeypatch, tmp_path
     monkeypatch.setattr(procgroup, "reap_children", lambda: {})
     monkeypatch.setattr(procgroup, "verify", lambda ident: True)
     recipe = load_recipe(fake_recipe(tmp_path, []), ["supervisor.stop_grace_s=30"])
-    state = {"state": "training", "wrapper": {"pid": 424242}, "attempt": 1}
+    from supervisor.daemon.actions import Actions
+    from supervisor.status import RunInfo
+    from tests.support.runio import memory_io
 
-    class Sup:
-        def __init__(self) -> None:
-            self.state, self.recipe, self.sampler = state, recipe, None
-            self.store = SimpleNamespace(run_id="r", path=tmp_path)
-            self.run_info = {"output_dir": str(tmp_path / "out")}
-
-        @property
-        def run_state(self) -> RunState:
-            return RunState(self.state["state"])
-
-        def set_state(self, new=None, **fields):  # noqa: ANN001
-            if new is not None:
-                fields["state"] = new.value
-            self.state.update(fields)
-
-        def record(self, *a, **kw):  # noqa: ANN002, ANN003
-            return None
-
-    runner = attempts.AttemptRunner(Sup())  # type: ignore[arg-type]
+    io = memory_io(SimpleNamespace(run_id="r", path=tmp_path),
+                   {"state": "training", "wrapper": {"pid": 424242}, "attempt": 1})
+    runner = attempts.Attempts(io, recipe=recipe, run_info=RunInfo(output_dir=str(tmp_path / "out")),
+                               events=SimpleNamespace(), execute=lambda a: None,  # type: ignore[arg-type]
+                               window=lambda: None, mark_time=lambda t: None)
+    executor = Actions(io, runner)
 
     async def scenario() -> None:
         await runner.request_stop(now=False, reason="test")
@@ -223,9 +211,9 @@ def test_d5_stop_grace_and_backoff_use_the_monotonic_clock(monkeypatch, tmp_path
             relaunched.append(a)
 
         runner._relaunch_now = fake_relaunch  # type: ignore[method-assign]
-        state.update(state="training", exited=True)
+        io.status.update(state="training", exited=True)
         monkeypatch.setattr(procgroup, "group_alive", lambda pgid: False)
-        await runner.execute([Relaunch(guard="t", reason="crash", rung=None, resume_from=None,
+        await executor.execute([Relaunch(guard="t", reason="crash", rung=None, resume_from=None,
                                        delay_s=20, fresh_output=False, message="m")])
         for jump in (3600, -7200):
             clock.jump_wall(jump)

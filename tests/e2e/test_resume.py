@@ -160,13 +160,13 @@ def test_stop_then_resume_at_once_waits_for_the_save(qlw_home: Path, tmp_path: P
 def test_resume_run_is_callable_without_the_cli(qlw_home: Path, tmp_path: Path) -> None:
     """The function a requeued job calls (Slurm): same effect as the command."""
     from supervisor import paths
-    from supervisor.control import runs
+    from supervisor.control.resume import resume_run
     from supervisor.store import RunStore
 
     recipe = fake_recipe(tmp_path, ["--steps", "20", "--save-every", "5", "--step-time", "0.05"])
     run_id = start(recipe)
     _stop_after_checkpoint(qlw_home, run_id, 5)
-    plan = runs.resume_run(RunStore(paths.run_dir(run_id)))
+    plan = resume_run(RunStore(paths.run_dir(run_id)))
     assert plan.run_id == run_id and plan.from_path and not plan.fresh
     assert wait_end(run_id, timeout=60) == 0
 

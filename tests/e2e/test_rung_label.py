@@ -95,7 +95,7 @@ def test_the_first_ladder_change_is_rung_1_everywhere(qlw_home: Path, tmp_path: 
     header = _header_text(run_dir)
     assert f"attempt 2  rung 1: {CHANGE} after OOM" in header, header
 
-    from supervisor.report.data import generate_report
+    from supervisor.report.html import generate_report
 
     html = generate_report(run_dir, tmp_path / "report").read_text()
     assert "<th>ladder</th>" in html and "<td>rung 1</td>" in html

@@ -192,7 +192,7 @@ def build_run(runs_dir: Path, *, oom: bool = True, throttle: bool = True, gpu: b
 
 
 def main(argv: list[str]) -> int:
-    from supervisor.report.data import generate_report
+    from supervisor.report.html import generate_report
 
     out = Path(argv[0] if argv else "report-demo").resolve()
     run = build_run(out / "runs")

@@ -66,3 +66,18 @@ def test_a_new_panel_is_redrawn_when_what_it_watches_changes_and_only_then() -> 
             assert panel.calls == first + 1 and f"{shown + 1} logged steps" in str(panel.render())
 
     asyncio.run(go())
+
+
+def test_host_needs_come_from_the_run_not_only_from_recorded_state() -> None:
+    """A real run's state carries no host_ram_needed_mib / next_checkpoint_bytes (only recorded
+    fixtures do): the dashboard reads preflight's estimate in run.json and the last checkpoint's size."""
+    from supervisor.tui.model import RunModel
+
+    m = RunModel()
+    m.load_snapshot({"run": {"estimate": {"host_ram_needed_bytes": 6 * 2**30}},
+                     "state": {"state": "training", "last_checkpoint_bytes": 512 * 2**20},
+                     "samples": [], "steps": [], "events": [], "log": []})
+    assert (m.host_ram_needed_mib, m.next_checkpoint_bytes) == (6144.0, 512 * 2**20)
+    m.load_snapshot({"run": {}, "state": {"host_ram_needed_mib": 100, "next_checkpoint_bytes": 5},
+                     "samples": [], "steps": [], "events": [], "log": []})
+    assert (m.host_ram_needed_mib, m.next_checkpoint_bytes) == (100.0, 5.0)

@@ -579,22 +579,19 @@ def test_relaunch_prefers_this_runs_checkpoints():
     assert a.resume_from == "/runs/out/checkpoint-100"
 
 
-def test_window_from_supervisor(tmp_path):
-    from types import SimpleNamespace
-
+def test_window_built_on_the_core_side(tmp_path):
+    from supervisor.daemon.guard_window import GuardClock, build_window
+    from supervisor.status import RunStatus
     from tests.support import make_ckpt
 
     out = tmp_path / "out"
     make_ckpt(out, 100)
-    st = {"phase": "training", "phase_since": T0, "attempt": 2, "rung": 1, "restarts_since_progress": 1,
-          "launched_at": T0, "last_progress_t": T0}
-    sup = SimpleNamespace(
-        state=st, run_state=RunState.TRAINING, recipe=recipe(env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
-        recent_samples=[sample(0, disk_free_gib=50.0)], recent_steps=[step(1, 5, attempt=2)],
-        store=SimpleNamespace(run_id="r1"), run_info={},
-        attempts=SimpleNamespace(output_dir=lambda: out, fired={"x"}),
-    )
-    w = Window.from_supervisor(sup)
+    st = RunStatus.from_json({"state": "training", "phase": "training", "phase_since": T0, "attempt": 2,
+                              "rung": 1, "restarts_since_progress": 1, "launched_at": T0, "last_progress_t": T0})
+    w = build_window(status=st, recipe=recipe(env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+                     samples=[sample(0, disk_free_gib=50.0)], steps=[step(1, 5, attempt=2)],
+                     output_dir=out, clock=GuardClock(), run_id="r1", fired={"x"})
+    assert w.state == RunState.TRAINING
     assert (w.attempt, w.rung, w.restarts_since_progress, w.run_id) == (2, 1, 1, "r1")
     assert [i.name for i in w.infos()] == ["checkpoint-100"] and w.infos()[0].path.name == "checkpoint-100"
     assert w.disk_free_bytes == 50 * GIB and w.keep_checkpoints == 3 and w.already_fired == {"x"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -51,13 +50,10 @@ def test_d5_pure_timers_ignore_the_wall_clock() -> None:
         assert fmt_duration(bad) in ("n/a", "0s")
 
 
-def _eta_runner(steps: list[tuple[float, int]]):
-    from supervisor.daemon.attempts import AttemptRunner
+def _eta_steps(steps: list[tuple[float, int]]):
     from supervisor.records import Step
 
-    recent = [Step(t=t, step=s, attempt=1, max_steps=1000) for t, s in steps]
-    sup = SimpleNamespace(recent_steps=recent, state={})
-    return AttemptRunner(sup), recent[-1]  # type: ignore[arg-type]
+    return [Step(t=t, step=s, attempt=1, max_steps=1000) for t, s in steps]
 
 
 @pytest.mark.parametrize("times", [
@@ -68,32 +64,29 @@ def _eta_runner(steps: list[tuple[float, int]]):
     [(1.7e9 - i, i) for i in range(10)],  # time running backwards
 ])
 def test_d5_eta_is_never_negative_nor_a_division_by_zero(times) -> None:
-    runner, last = _eta_runner(times)
-    eta = runner._eta(last)
+    from supervisor.daemon.trainer_events import eta_s
+
+    recent = _eta_steps(times)
+    eta = eta_s(recent, recent[-1])
     assert eta is None or eta >= 0
 
 
 def _stall_window(clock: FakeClock):
-    """A supervisor as build.py sees it: training, the last step 10 s ago, step every 1 s."""
-    from supervisor.daemon.guard_window import window_from_supervisor
+    """A run as the core's window builder sees it: training, the last step 10 s ago, step every 1 s."""
+    from supervisor.daemon.guard_window import GuardClock, build_window
     from supervisor.recipe import Recipe
     from supervisor.records import Step
-    from tests.support import FAKE  # noqa: F401 - the recipe module needs nothing else
+    from supervisor.status import RunStatus
 
     recipe = Recipe.model_validate({"model": {"name": "m"}, "data": {"path": "/d"},
                                     "train": {"output_dir": "/tmp/none"},
                                     "guards": {"stall": {"floor_s": 600, "step_factor": 10}}})
     steps = [Step(t=clock.time() - 10 - (20 - i), step=i, attempt=1) for i in range(20)]
-    sup = SimpleNamespace(
-        state={"state": "training", "phase": "training", "phase_since": steps[0].t, "attempt": 1},
-        recent_samples=[], recent_steps=steps, recipe=recipe, run_state=None, run_info={},
-        store=SimpleNamespace(run_id="r"), attempts=SimpleNamespace(output_dir=lambda: "/nonexistent", fired=set()),
-        clock_anchor=(steps[-1].t, clock.monotonic() - 10),
-    )
-    from supervisor.states import RunState
-
-    sup.run_state = RunState.TRAINING
-    return lambda: window_from_supervisor(sup)
+    status = RunStatus.from_json({"state": "training", "phase": "training", "phase_since": steps[0].t,
+                                  "attempt": 1})
+    gclock = GuardClock((steps[-1].t, clock.monotonic() - 10))
+    return lambda: build_window(status=status, recipe=recipe, samples=[], steps=steps,
+                                output_dir=Path("/nonexistent"), clock=gclock, run_id="r", fired=set())
 
 
 @pytest.mark.parametrize("jump", [3600.0, -3600.0, -1.7e9])

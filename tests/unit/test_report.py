@@ -12,12 +12,12 @@ import pytest
 from supervisor.numbers import ema_debiased as ema
 from supervisor.report.data import (
     ReportError,
-    generate_report,
     load_run,
     recipe_diffs,
     summarize,
     throttle_periods,
 )
+from supervisor.report.html import generate_report
 from supervisor.store import create_run
 from tests.support.report_run import build_run
 
