@@ -45,6 +45,9 @@ CASES = [
     # a tracker's client is imported when a run is configured to use it, not before
     pytest.param("import supervisor.daemon.core, supervisor.sinks.trackers", {"wandb", "mlflow"},
                  id="no tracker until configured"),
+    # guards get plain values and the recipe's config objects; they never load the schema
+    pytest.param("import supervisor.guards, supervisor.ladder, supervisor.daemon.guard_window",
+                 {"pydantic", "supervisor.recipe"}, id="guards load no pydantic"),
     # the dashboard is a client of the socket: it never loads the supervisor's process
     pytest.param("import supervisor.tui.app", CORE, id="dashboard"),
     # the exit-file wrapper sits between the supervisor and every trainer: stdlib only, fast

@@ -116,13 +116,3 @@ def test_the_core_parts_do_not_import_the_core() -> None:
         assert "supervisor.daemon.core" not in graph[f"supervisor.daemon.{part}"], part
 
 
-def test_guards_import_no_pydantic() -> None:
-    """Guards get plain values and the recipe's config objects; they never import the schema."""
-    import subprocess
-    import sys
-
-    code = ("import sys, supervisor.guards, supervisor.ladder, supervisor.daemon.guard_window\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'supervisor.recipe')"
-            " or m == 'supervisor.recipe'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert out.stdout.strip() == "[]", out.stdout
