@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
-    from tests.conftest import fake_recipe
+    from tests.support import fake_recipe
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=60)

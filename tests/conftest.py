@@ -15,9 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-# Re-exported for test files written against the old layout (other branches); new code imports
-# them from tests.support (tests/unit/test_boundaries.py fails on imports from here).
-from tests.support import FAKE, ROOT, fake_recipe, qlw, read_state, wait_for  # noqa: F401
+from tests.support import ROOT
 
 # An edge not in states.EDGES, a state change without a reason, or a RunStatus field that is
 # not declared raises under tests, in this process and in every supervisor it starts.
