@@ -32,7 +32,9 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class UnsafeDirError(RuntimeError):
-    """A private directory exists with the wrong owner, type or mode."""
+    """A folder is not what it must be: a private directory with the wrong owner, type or mode
+    (sockets, run store), or a checkpoint output dir that is no longer the folder we opened
+    (swapped, replaced by a symlink, removed: checkpoints/delete.py)."""
 
 
 class AlreadyRunning(RuntimeError):

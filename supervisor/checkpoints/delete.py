@@ -20,10 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from supervisor.checkpoints.plan import DELETABLE_RE, PENDING_DELETE_RE, QUARANTINED_RE, step_of
-
-
-class UnsafeDirError(Exception):
-    """The output dir is not the folder we opened (swapped, replaced by a symlink, removed)."""
+from supervisor.paths import UnsafeDirError  # here: the output dir is not the folder we opened
 
 
 @dataclass

@@ -432,7 +432,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from supervisor.control.merge import RemoveError, describe_removal, remove_run
+    from supervisor.control.remove import RemoveError, describe_removal, remove_run
 
     store = _find(args.run)
     from supervisor.slurm.meta import is_slurm, job_id, job_in_queue

@@ -16,14 +16,8 @@ from typing import Any
 import pytest
 
 from supervisor.checkpoints.folders import claim_output_dir
-from supervisor.control.merge import (
-    MergeError,
-    RemoveError,
-    describe_removal,
-    find_adapter,
-    merge_adapter,
-    remove_run,
-)
+from supervisor.control.merge import MergeError, find_adapter, merge_adapter
+from supervisor.control.remove import RemoveError, describe_removal, remove_run
 from supervisor.recipe import load_recipe, recipe_to_json
 from supervisor.store import atomic_write, create_run
 from tests.support import ROOT
