@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -15,62 +14,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, assert_no_leftovers, kill_leftover
 
 # An edge not in states.EDGES, a state change without a reason, or a RunStatus field that is
 # not declared raises under tests, in this process and in every supervisor it starts.
 os.environ["QLW_STRICT_STATE"] = "1"
-
-
-def _procs_with_home(home: Path) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter(["pid"]):
-        if p.pid == os.getpid():
-            continue
-        try:
-            if p.environ().get("QLORA_WATCH_HOME") == str(home):
-                out.append(p)
-        except (psutil.Error, OSError):
-            continue
-    return out
-
-
-@pytest.fixture
-def qlw_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """QLORA_WATCH_HOME for this test; at teardown, no process of it may be left behind."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("QLORA_WATCH_HOME", str(home))
-    yield home
-    assert_no_leftovers(home)
-
-
-def _kill_leftover(p: psutil.Process, reap: bool = False) -> str | None:
-    """SIGKILL a leftover process and its group; its description, None if it was already gone."""
-    name = None
-    try:
-        name = f"{p.pid} {' '.join(p.cmdline()[:6])}"
-        os.killpg(os.getpgid(p.pid), signal.SIGKILL)
-    except (psutil.Error, OSError):
-        pass
-    try:
-        p.kill()
-        if reap and p.ppid() == os.getpid():
-            os.waitpid(p.pid, 0)
-    except (psutil.Error, OSError):
-        pass
-    return name
-
-
-def assert_no_leftovers(home: Path) -> None:
-    """Fail (after killing them) if processes carrying QLORA_WATCH_HOME=home are still alive."""
-    deadline = time.monotonic() + 10
-    left = _procs_with_home(home)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    names = [n for n in (_kill_leftover(p) for p in left) if n]
-    assert not names, f"processes left behind: {names}"
 
 
 @pytest.fixture
@@ -141,7 +89,7 @@ def proc_guard(qlw_home: Path):
         if not live or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    names = [n for n in (_kill_leftover(p, reap=True) for p in live) if n]
+    names = [n for n in (kill_leftover(p, reap=True) for p in live) if n]
     assert not names, f"processes left behind: {names}"
 
 

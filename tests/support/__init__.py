@@ -542,3 +542,57 @@ def steps_seen(child: Any, n: int, timeout: float = 90) -> list[int]:
         child.expect(DASHBOARD_STEP)
         seen.append(int(child.match.group(1).decode().replace(",", "")))
     return seen
+
+
+# ------------------------------------------------------------------------------ leftover processes
+
+
+def _procs_with_home(home: Path) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        if p.pid == os.getpid():
+            continue
+        try:
+            if p.environ().get("QLORA_WATCH_HOME") == str(home):
+                out.append(p)
+        except (psutil.Error, OSError):
+            continue
+    return out
+
+
+@pytest.fixture
+def qlw_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """QLORA_WATCH_HOME for this test; at teardown, no process of it may be left behind."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("QLORA_WATCH_HOME", str(home))
+    yield home
+    assert_no_leftovers(home)
+
+
+def kill_leftover(p: psutil.Process, reap: bool = False) -> str | None:
+    """SIGKILL a leftover process and its group; its description, None if it was already gone."""
+    name = None
+    try:
+        name = f"{p.pid} {' '.join(p.cmdline()[:6])}"
+        os.killpg(os.getpgid(p.pid), signal.SIGKILL)
+    except (psutil.Error, OSError):
+        pass
+    try:
+        p.kill()
+        if reap and p.ppid() == os.getpid():
+            os.waitpid(p.pid, 0)
+    except (psutil.Error, OSError):
+        pass
+    return name
+
+
+def assert_no_leftovers(home: Path) -> None:
+    """Fail (after killing them) if processes carrying QLORA_WATCH_HOME=home are still alive."""
+    deadline = time.monotonic() + 10
+    left = _procs_with_home(home)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    names = [n for n in (kill_leftover(p) for p in left) if n]
+    assert not names, f"processes left behind: {names}"
