@@ -22,6 +22,16 @@ os.environ["QLW_STRICT_STATE"] = "1"
 
 
 @pytest.fixture
+def qlw_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """QLORA_WATCH_HOME for this test; at teardown, no process of it may be left behind."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("QLORA_WATCH_HOME", str(home))
+    yield home
+    assert_no_leftovers(home)
+
+
+@pytest.fixture
 def shared_home(monkeypatch: pytest.MonkeyPatch):
     """Like qlw_home, but under a folder uid 65534 can traverse (pytest's tmp_path cannot be)."""
     import shutil

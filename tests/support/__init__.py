@@ -560,16 +560,6 @@ def _procs_with_home(home: Path) -> list[psutil.Process]:
     return out
 
 
-@pytest.fixture
-def qlw_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """QLORA_WATCH_HOME for this test; at teardown, no process of it may be left behind."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("QLORA_WATCH_HOME", str(home))
-    yield home
-    assert_no_leftovers(home)
-
-
 def kill_leftover(p: psutil.Process, reap: bool = False) -> str | None:
     """SIGKILL a leftover process and its group; its description, None if it was already gone."""
     name = None
