@@ -17,7 +17,8 @@ from pathlib import Path
 CHECK_EVERY_S = 2.0  # how often the supervisor looks at supervisor.out's size
 
 
-def _shift(path: Path, backups: int) -> None:
+def shift(path: Path, backups: int) -> None:
+    """path.1 .. path.(backups-1) move up one number (the oldest is overwritten)."""
     for i in range(backups - 1, 0, -1):
         src = path.with_name(f"{path.name}.{i}")
         if src.exists():
@@ -34,7 +35,7 @@ def rotate(path: Path, max_bytes: int, backups: int) -> bool:
     if backups <= 0:
         os.truncate(path, 0)
         return True
-    _shift(path, backups)
+    shift(path, backups)
     os.replace(path, path.with_name(f"{path.name}.1"))
     return True
 
@@ -47,7 +48,7 @@ def copy_truncate(path: Path, max_bytes: int, backups: int) -> bool:
     except OSError:
         return False
     if backups > 0:
-        _shift(path, backups)
+        shift(path, backups)
         dest = path.with_name(f"{path.name}.1")
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with open(path, "rb") as src, os.fdopen(fd, "wb") as out:

@@ -17,6 +17,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from supervisor.store import atomic_write
+
 FILE = "env.json"
 # per-session or per-process values that would be wrong in a later launch
 SKIP = frozenset({"_", "OLDPWD", "SHLVL", "SSH_CLIENT", "SSH_CONNECTION", "SSH_TTY", "TERM_SESSION_ID",
@@ -31,13 +33,7 @@ def capture(run_dir: Path, env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     keep = {k: v for k, v in env.items() if k not in SKIP and k not in PER_LAUNCH}
     path = run_dir / FILE
-    tmp = run_dir / f".{FILE}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(keep, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(keep, sort_keys=True))  # 0600: it may hold secrets
     return path
 
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from supervisor.logrotate import shift
 from supervisor.redact import redact
 
 _EOL = re.compile(rb"[\r\n]")
@@ -61,10 +62,7 @@ class RotatingLog:
     def rotate(self) -> None:
         if self.f is not None:
             self.f.close()
-        for i in range(self.backups - 1, 0, -1):
-            src = self.path.with_name(f"{self.path.name}.{i}")
-            if src.exists():
-                os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        shift(self.path, self.backups)
         if self.backups > 0:
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
         else:

@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from supervisor.store import atomic_write, read_json
+
 POLL_S = 0.01  # how often an idle standby looks for go.json
 PARENT_CHECK_S = 1.0
 TRAIN_MODULE = "supervisor.runner.train"
@@ -49,20 +51,7 @@ STANDBY_ONLY_KEYS = frozenset({"QLW_STANDBY"})
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    atomic_write(path, json.dumps(data))  # the run store's: temp file, fsync, rename, 0600
 
 
 def env_difference(standby_env: dict[str, str], attempt_env: dict[str, str]) -> list[str]:
@@ -171,7 +160,7 @@ class StandbyManager:
         if cur is None or cur["proc"].pid not in statuses:
             return
         cur["proc"].returncode = statuses[cur["proc"].pid]
-        ready = _read_json(cur["dir"] / "ready.json") or {}
+        ready = read_json(cur["dir"] / "ready.json") or {}
         if ready.get("why"):
             self._say_once("unusable", f"warm standby unusable: {ready['why']}")
         self.current = None
@@ -206,7 +195,7 @@ class StandbyManager:
             why = f"it was made for attempt {cur['attempt']}"
         if why is None and cur["proc"].poll() is not None:
             why = "it exited"
-        ready = _read_json(cur["dir"] / "ready.json")
+        ready = read_json(cur["dir"] / "ready.json")
         if why is None and ready is not None and not ready.get("usable"):
             why = str(ready.get("why") or "unusable")
         visible = effective_visible(recipe, env)
@@ -230,7 +219,7 @@ class StandbyManager:
             if cur["proc"].poll() is not None or (cur["dir"] / "refused.json").exists():
                 break
             await asyncio.sleep(POLL_S)
-        refused = _read_json(cur["dir"] / "refused.json")
+        refused = read_json(cur["dir"] / "refused.json")
         if refused:
             self._say_once("refused", f"warm standby not used: {refused.get('why')}; cold start")
         self._say_once("no-answer", "warm standby did not take the attempt; cold start")

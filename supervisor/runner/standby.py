@@ -18,10 +18,10 @@ from typing import Any
 from supervisor.daemon.standby import (
     PARENT_CHECK_S,
     POLL_S,
-    _read_json,
     _write_json,
     is_our_trainer,
 )
+from supervisor.store import read_json
 
 
 def libcuda_loaded() -> bool:
@@ -189,7 +189,7 @@ def wait_for_attempt(folder: Path, parent: str | None) -> dict[str, Any] | None:
     next_check = time.monotonic() + PARENT_CHECK_S
     while True:
         if go.exists():
-            data = _read_json(go)
+            data = read_json(go)
             if data is not None:
                 return data
         if time.monotonic() >= next_check:
