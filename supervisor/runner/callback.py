@@ -111,6 +111,7 @@ class QloraWatchCallback(TrainerCallback):
         self._last_log_t: float | None = None
         self._last_log_tokens = 0
         self._train_begin: float | None = None  # perf_counter at on_train_begin, until the first step
+        self._first: dict[str, float] = {}  # the first step's marks (perf_counter), for its timing event
 
     # ---------------------------------------------------------------- stop requests
 
@@ -138,6 +139,26 @@ class QloraWatchCallback(TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self._step_t0 = time.perf_counter()
+        if self._train_begin is not None:
+            self._first.setdefault("step_begin", self._step_t0)
+        return control
+
+    def _mark_first(self, name: str) -> None:
+        """A mark inside the first step, after the GPU has finished the work queued so far (one
+        synchronize per mark, in the first step only), so that the marks split it truthfully."""
+        if self._train_begin is None or name in self._first:
+            return
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        self._first[name] = time.perf_counter()
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self._mark_first("backward_end")
+        return control
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self._mark_first("optimizer_end")
         return control
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -145,9 +166,19 @@ class QloraWatchCallback(TrainerCallback):
             self._step_times.append(time.perf_counter() - self._step_t0)
             self._step_t0 = None
         if self._train_begin is not None:  # the first step of this attempt, with its warm-up
-            self.writer.emit("timing", phase="first_step", s=round(time.perf_counter() - self._train_begin, 3),
-                             step=state.global_step)
+            now = time.perf_counter()
+            parts, last = {}, self._train_begin
+            for mark, field in (("step_begin", "setup_s"), ("backward_end", "forward_backward_s"),
+                                ("optimizer_end", "optimizer_s")):
+                if mark in self._first:
+                    parts[field] = round(self._first[mark] - last, 3)
+                    last = self._first[mark]
+            if parts:
+                parts["after_s"] = round(now - last, 3)
+            self.writer.emit("timing", phase="first_step", s=round(now - self._train_begin, 3),
+                             step=state.global_step, **parts)
             self._train_begin = None
+            self._first.clear()
         if self.stop_requested and self.stopped_at is None:
             # The Trainer saves (control.should_save) before it breaks out of the loop.
             control.should_save = True

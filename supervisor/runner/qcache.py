@@ -14,6 +14,11 @@ quantised weights are: the model's revision (the hub snapshot's commit, or for a
 digest of its config.json and its files' sizes and mtimes), the dtype, the quantisation settings,
 the backend (hf or unsloth), the device kind and the library versions.
 
+Every load checks sizes and safetensors headers. The sha256 of every file is checked beside the
+load unless the files are provably the ones that were hashed: the manifest records each file's
+stat (size, mtime, ctime, inode, device) as it was hashed at the save, and `verified.json` the
+stat at the last sha256 that passed; a file with another stat (rewritten, truncated, replaced,
+copied) is hashed again (`QLW_QCACHE_VERIFY=always` hashes at every load).
 A cache that does not match, or whose files fail the size, safetensors-header or sha256 check, is
 never loaded as the model: the trainer says why in a notice and loads the original weights. A bad
 entry is renamed KEY.bad-TIME (kept for a look; `qlora-watch cache rm` removes it).
@@ -39,6 +44,7 @@ from typing import Any
 CACHE_FORMAT = "1"  # bump when the layout or the key's meaning changes
 MANIFEST = "qcache.json"
 ENV_DIR = "QLW_QCACHE_DIR"
+ENV_VERIFY = "QLW_QCACHE_VERIFY"  # "always": hash every file at every load, even when unchanged
 LIBS = ("torch", "transformers", "bitsandbytes", "peft")
 CHUNK = 8 << 20
 
@@ -226,6 +232,57 @@ def hash_problems(entry: Path, manifest: dict[str, Any], workers: int = 8) -> li
             if got[n] != info.get("sha256")]
 
 
+STAT_FIELDS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
+VERIFIED = "verified.json"  # the files' stat at the last sha256 that passed (after the save's own)
+
+
+def file_stat(path: Path) -> list[int] | None:
+    """What says a file is the one that was hashed: size, mtime, ctime, inode, device. Any write,
+    truncation, replacement or copy changes one of them (ctime cannot be set back by a user)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [int(getattr(st, f)) for f in STAT_FIELDS]
+
+
+def stats_of(entry: Path, names: Any) -> dict[str, list[int] | None]:
+    return {n: file_stat(entry / n) for n in names}
+
+
+def unchanged_since_hashed(entry: Path, manifest: dict[str, Any]) -> bool:
+    """True when every listed file has the stat recorded when its sha256 last passed (at the save
+    or at a later check, VERIFIED): hashing it again would read the same bytes. A file that was
+    truncated, rewritten, replaced or copied has another stat, so it is hashed again."""
+    files = manifest.get("files") or {}
+    if not files:
+        return False
+    now = stats_of(entry, files)
+    if any(v is None for v in now.values()):
+        return False
+    for record in (manifest.get("stat"), read_json_file(entry / VERIFIED)):
+        if isinstance(record, dict) and all(record.get(n) == now[n] for n in files):
+            return True
+    return False
+
+
+def record_verified(entry: Path, manifest: dict[str, Any]) -> None:
+    """After a passing sha256: the files' stat now, so the next load can trust them (best effort)."""
+    tmp = entry / f".{VERIFIED}.{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(stats_of(entry, manifest.get("files") or {})), encoding="utf-8")
+        os.replace(tmp, entry / VERIFIED)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def entry_bytes(entry: Path) -> int:
     total = 0
     for p in entry.rglob("*"):
@@ -304,7 +361,9 @@ class QCache:
                      for n, d in zip(names, digests, strict=True)}
             manifest = {"format": CACHE_FORMAT, "key": key, "inputs": inputs, "files": files,
                         "bytes": sum(f["size"] for f in files.values()), "created_at": time.time(),
-                        "source": source}
+                        "source": source,
+                        # the files as hashed: a later load with the same stat skips the sha256
+                        "stat": stats_of(tmp, names)}
             with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
                 json.dump(manifest, f, indent=1)
                 f.flush()
@@ -447,8 +506,10 @@ def _load_from_entry(backend: Any, recipe: Any, path: str, attn: str, look: Look
     setting the entry aside) when the hashes or the load fail: the caller loads the original."""
     manifest = read_manifest(look.entry) or {}
     t0 = time.perf_counter()
+    trusted = os.environ.get(ENV_VERIFY) != "always" and unchanged_since_hashed(look.entry, manifest)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    hashing = pool.submit(lambda: (hash_problems(look.entry, manifest), time.perf_counter() - t0))
+    hashing = pool.submit(lambda: ([], 0.0) if trusted else
+                          (hash_problems(look.entry, manifest), time.perf_counter() - t0))
     model = None
     try:
         model, tokenizer = load_base(backend, recipe, str(look.entry), attn)
@@ -470,9 +531,13 @@ def _load_from_entry(backend: Any, recipe: Any, path: str, attn: str, look: Look
                "the original weights", cache_fallback=problems[0])
         cache.set_aside(look.entry, problems[0])
         return None
+    if not trusted:
+        record_verified(look.entry, manifest)
     timing("model_load", t_load, source="cache", bytes=manifest.get("bytes"))
-    timing("cache_verify", t_hash, bytes=manifest.get("bytes"))
+    timing("cache_verify", t_hash, bytes=manifest.get("bytes"), hashed=not trusted)
+    how = ("files unchanged since their sha256 passed (size, mtime, ctime, inode)" if trusted
+           else "sha256 checked")
     notice(f"weight cache: loaded the quantised base model from {look.key} "
-           f"({(manifest.get('bytes') or 0) / 1e9:.2f} GB, {t_load:.1f}s; sha256 checked)",
+           f"({(manifest.get('bytes') or 0) / 1e9:.2f} GB, {t_load:.1f}s; {how})",
            cache_key=look.key, cache_bytes=manifest.get("bytes"), cache_dir=str(look.entry))
     return model, tokenizer

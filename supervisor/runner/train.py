@@ -309,6 +309,15 @@ def trainer_class(writer: Any = None) -> type:
     from trl import SFTTrainer
 
     class Trainer(SFTTrainer):
+        dataset_s = 0.0  # time in trl's dataset preparation (tokenising, truncating), for the timing event
+
+        def _prepare_dataset(self, *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return super()._prepare_dataset(*args, **kwargs)
+            finally:
+                type(self).dataset_s += time.perf_counter() - t0
+
         def _load_optimizer_and_scheduler(self, checkpoint: Any) -> None:
             t0 = time.perf_counter()
             super()._load_optimizer_and_scheduler(checkpoint)
@@ -440,7 +449,8 @@ def run(ctx: Context, pinned_gpu: str | None = None) -> int:
         callbacks = [watch] + [cb for cb in [debug_callback(recipe)] if cb is not None]
         unsloth = backend.name == "unsloth"
         t_init = time.perf_counter()
-        trainer = trainer_class(writer)(
+        trainer_cls = trainer_class(writer)
+        trainer = trainer_cls(
             model=model,
             args=sft_config(ctx, use_liger=False if unsloth else liger_usable(recipe, writer),
                             overrides=sft_overrides(backend, recipe)),
@@ -450,7 +460,8 @@ def run(ctx: Context, pinned_gpu: str | None = None) -> int:
             data_collator=padding_free_collator(recipe, attn, unsloth, tokenizer),
             callbacks=callbacks,
         )
-        timing(writer, "trainer_init", time.perf_counter() - t_init)  # + peft's LoRA on the HF path
+        timing(writer, "trainer_init", time.perf_counter() - t_init,  # + peft's LoRA on the HF path
+               dataset_s=round(trainer_cls.dataset_s, 3))
         trainable, total = trainer.model.get_nb_trainable_parameters()
         writer.notice(f"LoRA r={recipe.lora.r}: {trainable:,} trainable of {total:,} parameters")
         if ctx.resume:

@@ -177,6 +177,48 @@ def test_damaged_cache_file_is_detected_and_never_loaded(tmp_path, tiny, damage)
     assert (root / entry.name / qcache.MANIFEST).is_file(), "and a fresh one saved"
 
 
+def _hashed(w: Writer) -> list[bool]:
+    return [e.get("hashed") for e in w.events if e.get("phase") == "cache_verify"]
+
+
+def test_unchanged_entry_skips_the_sha256_and_a_changed_one_is_hashed(tmp_path, tiny, monkeypatch):
+    recipe, folder, root, entry, cold = _entry(tmp_path, tiny)
+    model, w, sources = _reload(recipe, folder, root)  # as saved: the save's own hashes stand
+    assert sources == ["cache"] and _hashed(w) == [False] and _same(model.state_dict(), cold)
+    assert any("unchanged since their sha256 passed" in m for m in w.messages())
+
+    monkeypatch.setenv(qcache.ENV_VERIFY, "always")  # the opt-in to hash at every load
+    _, w, sources = _reload(recipe, folder, root)
+    assert sources == ["cache"] and _hashed(w) == [True]
+    monkeypatch.delenv(qcache.ENV_VERIFY)
+
+    # The same bytes written again (a copy back, a restore): another ctime, so hashed once,
+    # passes, and is recorded: the load after that trusts the files again.
+    st = entry / "model.safetensors"
+    st.write_bytes(st.read_bytes())
+    _, w, sources = _reload(recipe, folder, root)
+    assert sources == ["cache"] and _hashed(w) == [True]
+    assert (entry / qcache.VERIFIED).is_file()
+    _, w, sources = _reload(recipe, folder, root)
+    assert sources == ["cache"] and _hashed(w) == [False]
+
+
+def test_damage_hidden_behind_the_old_mtime_is_still_hashed_and_caught(tmp_path, tiny):
+    """A flipped byte, same size, mtime set back to the saved one: ctime still moved."""
+    recipe, folder, root, entry, cold = _entry(tmp_path, tiny)
+    st = entry / "model.safetensors"
+    before = st.stat()
+    data = bytearray(st.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    data[8 + n + 64] ^= 0xFF
+    st.write_bytes(bytes(data))
+    os.utime(st, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert st.stat().st_mtime_ns == before.st_mtime_ns and st.stat().st_size == before.st_size
+    model, w, sources = _reload(recipe, folder, root)
+    assert sources == ["original"] and _same(model.state_dict(), cold)
+    assert any("sha256" in (e.get("cache_fallback") or "") for e in w.events)
+
+
 def test_entry_for_other_inputs_is_not_used(tmp_path, tiny):
     recipe, folder, root, entry, _ = _entry(tmp_path, tiny)
     manifest = json.loads((entry / qcache.MANIFEST).read_text())

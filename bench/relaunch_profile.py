@@ -1,0 +1,89 @@
+"""Where a relaunched attempt spends its seconds (issue 20): the trainer run as a fresh process,
+twice, on the Llama 3.1 8B shape at full depth at rung 1's shape (batch 16 x seq 768, r 64),
+the second under cProfile with the weight cache warm. The trainer's own `timing` events give the
+phases; the profile (OUT/attempt2.prof, read with `python -m pstats`) says what is inside
+trainer_init and the first step.
+
+    python bench/relaunch_profile.py --out $OUT          # on the H200, ~3 minutes
+    python bench/relaunch_profile.py --out /tmp/rp --plan tiny   # CPU rehearsal
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.gpu_models import build, write_text_data  # noqa: E402
+from bench.gpu_suite import bench_env, read_events, recipe_text  # noqa: E402
+
+WORK = Path(os.environ.get("QLW_BENCH_WORK", "/tmp/qlw-relaunch"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--plan", choices=["full", "tiny"], default="full")
+    ap.add_argument("--runs", type=int, default=2, help="trainer processes (the last is profiled)")
+    ap.add_argument("--set", action="append", default=[], help="recipe override for every run")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    tiny = a.plan == "tiny"
+    t = time.monotonic()
+    if tiny:
+        from supervisor.preflight.shapes import ModelShape
+
+        shape = ModelShape(name="tiny", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
+                           vocab=4096, tied_embeddings=False)
+        mdir = build("tiny", 2, WORK / "tiny-llama", shape=shape)
+        data = write_text_data(WORK / "prof.jsonl", 0, [300] * 32)
+        seq, batch = 128, 4
+    else:
+        mdir = build("llama-3.1-8b", None, WORK / "llama-3.1-8b-32L")
+        data = write_text_data(WORK / "ladder.jsonl", 0, [4200] * 64)
+        seq, batch = 768, 16
+    results: dict[str, Any] = {"build_s": round(time.monotonic() - t, 1), "runs": []}
+    rdir = WORK / "prof"
+    rdir.mkdir(parents=True, exist_ok=True)
+    text = recipe_text(mdir, data, rdir / "out", seq=seq, batch=batch, r=64, steps=3)
+    text = text.replace("[model]\n", '[model]\nweight_cache = "run"\n', 1)
+    if tiny:
+        text = text.replace("[train]\n", "[train]\nuse_cpu = true\nbf16 = true\n", 1)
+    recipe = rdir / "recipe.toml"
+    recipe.write_text(text)
+    env = bench_env()
+    env["QLW_QCACHE_DIR"] = str(rdir / "qcache")
+    for n in range(1, a.runs + 1):
+        events = rdir / f"events{n}.jsonl"
+        events.unlink(missing_ok=True)
+        prof = [sys.executable, "-m", "cProfile", "-o", str(out / f"attempt{n}.prof")] if n == a.runs else [sys.executable]
+        cmd = [*prof, "-m", "supervisor.runner.train", "--recipe", str(recipe), "--events", str(events),
+               "--output-dir", str(rdir / f"out{n}")] + [f"--set={s}" for s in a.set]
+        t = time.monotonic()
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        wall = time.monotonic() - t
+        evs = read_events(events)
+        row = {"n": n, "rc": p.returncode, "wall_s": round(wall, 2), "profiled": n == a.runs,
+               "timing": [{k: e.get(k) for k in e if k not in ("event",)} for e in evs if e.get("event") == "timing"],
+               "steps": [{"step": e.get("step"), "t": e.get("t"), "loss": e.get("loss"),
+                          "step_time_s": e.get("step_time_s")} for e in evs if e.get("event") == "step"],
+               "phases": [(e.get("t"), e.get("phase")) for e in evs if e.get("event") == "phase"],
+               "stderr_tail": p.stderr[-3000:] if p.returncode else p.stderr[-600:]}
+        results["runs"].append(row)
+        (out / "profile.json").write_text(json.dumps(results, indent=1, default=str))
+        print(json.dumps({k: row[k] for k in ("n", "rc", "wall_s", "timing", "steps")}, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
