@@ -106,6 +106,8 @@ class DataSection(_Strict):
     format: Literal["auto", "messages", "text", "prompt_completion"] = "auto"
     max_samples: int | None = Field(None, ge=1)
     eval_fraction: float = Field(0.0, ge=0.0, lt=0.5)
+    cache: bool = Field(True, description="built-in trainer: keep the tokenised records in the run's "
+                        "dcache/ so that relaunches and resumes skip tokenising (runner/dcache.py)")
 
 
 class TrainSection(_Strict):

@@ -60,6 +60,16 @@ def weight_cache_dir(recipe: Recipe, run_path: Path) -> Path | None:
     return run_path / "qcache"
 
 
+def dataset_cache_dir(recipe: Recipe, run_path: Path) -> Path | None:
+    """Where the built-in trainer keeps the tokenised records (runner/dcache.py): the run's own
+    dcache/ (removed with the run), or None (data.cache = false, or not our trainer)."""
+    if recipe.data is None or not recipe.data.cache:
+        return None
+    if recipe.trainer.command and not _runs_builtin(recipe.trainer.command):
+        return None
+    return run_path / "dcache"
+
+
 def _runs_builtin(command: list[str]) -> bool:
     return "supervisor.runner.train" in command
 
@@ -230,6 +240,9 @@ class Attempts:
         env.pop("QLW_QCACHE_DIR", None)
         if cache_dir is not None:
             env["QLW_QCACHE_DIR"] = str(cache_dir)
+        env.pop("QLW_DCACHE_DIR", None)
+        if (data_cache := dataset_cache_dir(recipe, self.store.path)) is not None:
+            env["QLW_DCACHE_DIR"] = str(data_cache)
         cwd = Path(self.run_info.cwd or os.getcwd())
         try:  # the ladder's settings, three ways: QLW_* env, {placeholders}, an axolotl copy
             ho = handoff.prepare(recipe, procgroup.trainer_argv(recipe),

@@ -297,6 +297,21 @@ def with_lora(model: Any, recipe: Recipe, writer: Any = None) -> Any:
     return wrapped
 
 
+def dataset_cache(recipe: Recipe, model_path: str, fmt: str, backend: str, writer: Any) -> Any:
+    """The tokenised-dataset cache for this attempt (runner/dcache.py) and the key's parts known
+    before the trainer exists; None without $QLW_DCACHE_DIR or on the Unsloth path (Unsloth
+    patches trl's dataset preparation; it tokenises every attempt)."""
+    from supervisor.runner import dcache, qcache
+
+    root = os.environ.get(dcache.ENV_DIR)
+    if not root or backend == "unsloth":
+        return None
+    parts = {"data": dcache.data_identity(recipe.data.path), "data_format": fmt,
+             "max_samples": recipe.data.max_samples, "model": qcache.model_revision(model_path),
+             "backend": backend}
+    return dcache.DatasetCache(root, writer), parts
+
+
 def timing(writer: Any, phase: str, seconds: float, **fields: Any) -> None:
     """A `timing` event: how long one phase of the attempt took (bench/relaunch.py reads them)."""
     if writer is not None:
@@ -331,13 +346,56 @@ def trainer_class(writer: Any = None) -> type:
 
     class Trainer(SFTTrainer):
         dataset_s = 0.0  # time in trl's dataset preparation (tokenising, truncating), for the timing event
+        dataset_cache: Any = None  # (DatasetCache, the key's parts known before the trainer): run() sets it
 
-        def _prepare_dataset(self, *args: Any, **kwargs: Any) -> Any:
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, packing: bool,
+                             formatting_func: Any, dataset_name: str) -> Any:
             t0 = time.perf_counter()
             try:
-                return super()._prepare_dataset(*args, **kwargs)
+                return self._prepare_cached(dataset, processing_class, args, packing, formatting_func,
+                                            dataset_name)
             finally:
                 type(self).dataset_s += time.perf_counter() - t0
+
+        def _prepare_cached(self, dataset: Any, processing_class: Any, args: Any, packing: bool,
+                            formatting_func: Any, dataset_name: str) -> Any:
+            """trl's preparation through the tokenised-dataset cache (runner/dcache.py): the
+            records tokenised without max_length or packing once per run, then trl truncates or
+            packs that for this attempt's max_length as it would in one pass."""
+            import copy
+
+            from datasets import Dataset
+
+            setup = type(self).dataset_cache
+            if (setup is None or formatting_func is not None or not isinstance(dataset, Dataset)
+                    or "input_ids" in dataset.column_names):
+                return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func,
+                                                dataset_name)
+            from supervisor.runner import dcache
+
+            cache, parts = setup
+            settings = {"dataset_text_field": args.dataset_text_field,
+                        "assistant_only_loss": args.assistant_only_loss,
+                        "completion_only_loss": getattr(self, "completion_only_loss", None),
+                        "chat_template": getattr(self, "chat_template", None),
+                        "eos_token": getattr(getattr(self, "_tokenizer", None), "eos_token", None),
+                        "dataset_name": dataset_name}
+            inputs = dcache.key_inputs(**parts, tokenizer=processing_class, settings=settings)
+            t0 = time.perf_counter()
+            prepared = cache.load(inputs) if inputs is not None else None
+            if prepared is not None:
+                timing(writer, "dataset_cache_load", time.perf_counter() - t0, rows=len(prepared))
+                if writer is not None:
+                    writer.notice(f"dataset cache: {len(prepared)} tokenised records loaded "
+                                  f"({dcache.cache_key(inputs)})")
+            else:
+                unbounded = copy.copy(args)
+                unbounded.max_length = None
+                prepared = super()._prepare_dataset(dataset, processing_class, unbounded, False, None,
+                                                    dataset_name)
+                if inputs is not None and cache.save(inputs, prepared) is not None:
+                    timing(writer, "dataset_cache_save", time.perf_counter() - t0, rows=len(prepared))
+            return super()._prepare_dataset(prepared, processing_class, args, packing, None, dataset_name)
 
         def _load_optimizer_and_scheduler(self, checkpoint: Any) -> None:
             t0 = time.perf_counter()
@@ -473,6 +531,7 @@ def run(ctx: Context, pinned_gpu: str | None = None) -> int:
         if not unsloth:  # Unsloth's model has its LoRA already
             model = with_lora(model, recipe, writer)
         trainer_cls = trainer_class(writer)
+        trainer_cls.dataset_cache = dataset_cache(recipe, path, fmt, backend.name, writer)
         trainer = trainer_cls(
             model=model,
             args=sft_config(ctx, use_liger=False if unsloth else liger_usable(recipe, writer),

@@ -285,9 +285,11 @@ def test_standby_imports_leave_cuda_alone_and_exit_with_their_parent(tmp_path):
 
 
 def test_first_step_loss_identical_cold_cached_and_warm(tmp_path):
-    """One real tiny trainer cold (saves the cache), then the same attempt in a warm standby
-    (imports done before it got the attempt, weights from the cache): the same first-step loss."""
-    env = _env(QLW_QCACHE_DIR=str(tmp_path / "qc"), QLW_TINY_CACHE=str(tmp_path / "tiny"))
+    """One real tiny trainer cold (saves both caches), then the same attempt in a warm standby
+    (imports done before it got the attempt, weights and tokens from the caches): the same
+    first-step loss."""
+    env = _env(QLW_QCACHE_DIR=str(tmp_path / "qc"), QLW_DCACHE_DIR=str(tmp_path / "dc"),
+               QLW_TINY_CACHE=str(tmp_path / "tiny"))
     cold_events = tmp_path / "cold.jsonl"
     subprocess.run(_train_argv(tmp_path / "o1", cold_events), env=env, cwd=ROOT, check=True,
                    capture_output=True, timeout=240)
@@ -313,9 +315,11 @@ def test_first_step_loss_identical_cold_cached_and_warm(tmp_path):
     timing = {e["phase"]: e for e in map(json.loads, warm_events.read_text().splitlines())
               if e.get("event") == "timing"}
     assert timing["imports"]["warm"] is True and timing["model_load"]["source"] == "cache"
+    assert "dataset_cache_load" in timing  # and the tokens from the dataset cache
     cold_timing = {e["phase"]: e for e in map(json.loads, cold_events.read_text().splitlines())
                    if e.get("event") == "timing"}
     assert cold_timing["model_load"]["source"] == "original" and "cache_save" in cold_timing
+    assert "dataset_cache_save" in cold_timing
 
 
 def test_standby_is_only_for_the_builtin_trainer():
