@@ -34,6 +34,9 @@ def main() -> int:
     ap.add_argument("--plan", choices=["full", "tiny"], default="full")
     ap.add_argument("--runs", type=int, default=2, help="trainer processes (the last is profiled)")
     ap.add_argument("--set", action="append", default=[], help="recipe override for every run")
+    ap.add_argument("--model", default="llama-3.1-8b", help="a bench/gpu_models.py shape")
+    ap.add_argument("--depth", type=int, default=None, help="layers (default: the shape's full depth)")
+    ap.add_argument("--no-profile", action="store_true", help="time only, no cProfile")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,11 +52,12 @@ def main() -> int:
         data = write_text_data(WORK / "prof.jsonl", 0, [300] * 32)
         seq, batch = 128, 4
     else:
-        mdir = build("llama-3.1-8b", None, WORK / "llama-3.1-8b-32L")
+        mdir = build(a.model, a.depth, WORK / f"{a.model}-{a.depth or 32}L")
         data = write_text_data(WORK / "ladder.jsonl", 0, [4200] * 64)
         seq, batch = 768, 16
-    results: dict[str, Any] = {"build_s": round(time.monotonic() - t, 1), "runs": []}
-    rdir = WORK / "prof"
+    results: dict[str, Any] = {"build_s": round(time.monotonic() - t, 1), "runs": [], "model": a.model,
+                               "depth": a.depth, "command": " ".join(sys.argv)}
+    rdir = WORK / f"prof-{a.model}-{a.depth or 'full'}"
     rdir.mkdir(parents=True, exist_ok=True)
     text = recipe_text(mdir, data, rdir / "out", seq=seq, batch=batch, r=64, steps=3)
     text = text.replace("[model]\n", '[model]\nweight_cache = "run"\n', 1)
@@ -66,9 +70,10 @@ def main() -> int:
     for n in range(1, a.runs + 1):
         events = rdir / f"events{n}.jsonl"
         events.unlink(missing_ok=True)
-        prof = [sys.executable, "-m", "cProfile", "-o", str(out / f"attempt{n}.prof")] if n == a.runs else [sys.executable]
+        prof = [sys.executable, "-m", "cProfile", "-o", str(out / f"attempt{n}.prof")] if n == a.runs and not a.no_profile else [sys.executable]
         cmd = [*prof, "-m", "supervisor.runner.train", "--recipe", str(recipe), "--events", str(events),
-               "--output-dir", str(rdir / f"out{n}")] + [f"--set={s}" for s in a.set]
+               "--output-dir", str(rdir / f"out{n}")]
+        env["QLW_DCACHE_DIR"] = str(rdir / "dcache") + [f"--set={s}" for s in a.set]
         t = time.monotonic()
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         wall = time.monotonic() - t
@@ -80,7 +85,7 @@ def main() -> int:
                "phases": [(e.get("t"), e.get("phase")) for e in evs if e.get("event") == "phase"],
                "stderr_tail": p.stderr[-3000:] if p.returncode else p.stderr[-600:]}
         results["runs"].append(row)
-        (out / "profile.json").write_text(json.dumps(results, indent=1, default=str))
+        (out / f"profile-{a.model}-{a.depth or 'full'}.json").write_text(json.dumps(results, indent=1, default=str))
         print(json.dumps({k: row[k] for k in ("n", "rc", "wall_s", "timing", "steps")}, default=str), flush=True)
     return 0
 
