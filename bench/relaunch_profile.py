@@ -72,8 +72,8 @@ def main() -> int:
         events.unlink(missing_ok=True)
         prof = [sys.executable, "-m", "cProfile", "-o", str(out / f"attempt{n}.prof")] if n == a.runs and not a.no_profile else [sys.executable]
         cmd = [*prof, "-m", "supervisor.runner.train", "--recipe", str(recipe), "--events", str(events),
-               "--output-dir", str(rdir / f"out{n}")]
-        env["QLW_DCACHE_DIR"] = str(rdir / "dcache") + [f"--set={s}" for s in a.set]
+               "--output-dir", str(rdir / f"out{n}")] + [f"--set={s}" for s in a.set]
+        env["QLW_DCACHE_DIR"] = str(rdir / "dcache")
         t = time.monotonic()
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         wall = time.monotonic() - t
