@@ -532,6 +532,18 @@ def disk_components(recipe: Recipe, vram: list[Component], cal: Calibration) -> 
         rows.append(Component("weight_cache", "quantised-weight cache", weights,
                               f"the NF4 base model saved for fast relaunches ({where}; "
                               "model.weight_cache = \"off\" saves it)", "disk"))
+    data = recipe.data
+    if data is not None and data.cache and (not recipe.trainer.command
+                                            or "supervisor.runner.train" in recipe.trainer.command):
+        try:
+            text = Path(data.path).expanduser().stat().st_size
+        except OSError:
+            text = 0
+        if text:
+            rows.append(Component("dataset_cache", "tokenised-dataset cache", 4 * text,
+                                  "the records tokenised once per run, in the run's records folder: "
+                                  "input_ids and labels as int64, ~4x the text at ~4 bytes of text a "
+                                  "token (data.cache = false saves it)", "disk"))
     if recipe.guards.checkpoints.enabled:
         rows.append(Component("disk_margin", "checkpoint guard margin",
                               recipe.guards.checkpoints.min_free_gib * GIB,
