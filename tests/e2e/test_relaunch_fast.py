@@ -358,6 +358,20 @@ def test_oom_ladder_relaunch_takes_the_warm_standby_and_the_cache(qlw_home, tmp_
     assert {t["phase"]: t for t in timing}["imports"]["warm"] is True
     assert json.loads((a2 / "exit.json").read_text())["returncode"] == 0  # the wrapper's exit file
     assert (run_dir(qlw_home, run_id) / "qcache").is_dir()  # removed with the run (`qlora-watch rm`)
+    phases = {t["phase"] for t in timing}
+    assert "dataset_cache_load" in phases  # the tokens from the run's dcache/, made by attempt 1
+    assert (run_dir(qlw_home, run_id) / "dcache").is_dir()
+
+
+def test_dataset_cache_dir_only_for_the_builtin_trainer_and_data_cache(tmp_path):
+    from supervisor.daemon.attempts import dataset_cache_dir
+
+    recipe = load_recipe(str(ROOT / "recipes" / "tiny.toml"))
+    assert dataset_cache_dir(recipe, tmp_path) == tmp_path / "dcache"
+    off = load_recipe(str(ROOT / "recipes" / "tiny.toml"), ["data.cache=false"])
+    assert dataset_cache_dir(off, tmp_path) is None
+    mine = load_recipe(str(ROOT / "recipes" / "tiny.toml"), ['trainer.command=["python3", "train.py"]'])
+    assert dataset_cache_dir(mine, tmp_path) is None
 
 
 def test_cache_ls_and_rm(qlw_home):
