@@ -236,7 +236,7 @@ def job_sets(job: Job, out: Path) -> list[str]:
 
 def estimate_row(job: Job, sets: list[str]) -> dict[str, Any]:
     """What preflight says for this job, on the card it runs on (or a 24 GB one)."""
-    from supervisor.preflight.memory import estimate
+    from supervisor.preflight.check import estimate
     from supervisor.recipe import load_recipe
 
     r = load_recipe(ROOT / "recipes" / f"{job.recipe}.toml",

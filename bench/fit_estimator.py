@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from supervisor.preflight.memory import CALIBRATION, Calibration, estimate  # noqa: E402
+from supervisor.preflight.check import estimate  # noqa: E402
+from supervisor.preflight.memory import CALIBRATION, Calibration  # noqa: E402
 from supervisor.preflight.shapes import BUILTIN_SHAPES  # noqa: E402
 from supervisor.recipe import load_recipe  # noqa: E402
 

@@ -220,7 +220,7 @@ ESTIMATOR_CONFIGS = [
 
 
 def phase_estimator(budget: float, out: Path) -> None:
-    from supervisor.preflight.memory import estimate
+    from supervisor.preflight.check import estimate
     from supervisor.recipe import load_recipe
 
     rows = RESULTS.setdefault("estimator", [])

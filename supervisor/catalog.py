@@ -97,7 +97,7 @@ class Entry:
 
 def entry(path: Path) -> Entry:
     """Name, model, seq, batch and the smallest card it fits (from the preflight estimate)."""
-    from supervisor.preflight.memory import estimate
+    from supervisor.preflight.check import estimate
     from supervisor.recipe import load_recipe
 
     r = load_recipe(path)

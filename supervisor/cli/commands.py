@@ -54,7 +54,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
         print(f"qlora-watch: {args.recipe}: preflight needs [model] (a [trainer]-only recipe runs a "
               "command whose model qlora-watch does not know)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from supervisor.preflight.memory import run_preflight
+    from supervisor.preflight.check import run_preflight
 
     text, code = run_preflight(recipe, args.gpu_mem, args.host_ram, args.json)
     print(text)
@@ -91,7 +91,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     require_for_run(recipe)
     if recipe.foreign:  # a [trainer]-only recipe: the same as `qlora-watch run`
         return _create_and_launch(args, recipe, resolve(args.recipe), None, None)
-    from supervisor.preflight.memory import estimate, margin_line, render_table
+    from supervisor.preflight.advice import margin_line
+    from supervisor.preflight.check import estimate, render_table
 
     if not Path(recipe.data.path).is_file():
         print(f"qlora-watch: {args.recipe}: data.path {recipe.data.path} does not exist "

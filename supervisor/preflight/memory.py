@@ -1,4 +1,6 @@
-"""Preflight: will a recipe fit? Peak VRAM, host RAM and disk from the model's shape, no torch.
+"""Preflight's memory model: peak VRAM, host RAM and disk from the model's shape, no torch.
+The check against a machine, the verdict and the output are preflight/check.py; what would fit
+is preflight/advice.py; the machine's own sizes are preflight/machine.py.
 
 Every number is arithmetic on the shape and the recipe; every tunable constant is in
 `CALIBRATION`, so a GPU session can fit them to measured peaks (target: within 10 %).
@@ -7,22 +9,15 @@ Every number is arithmetic on the shape and the recipe; every tunable constant i
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from supervisor import ladder
-from supervisor.preflight.emulation import MIB, card_total_bytes
 from supervisor.preflight.shapes import (
     ALL_LINEAR,
-    BUILTIN_SHAPES,
     ModelShape,
-    ShapeError,
     lora_tensors,
-    resolve_shape,
     targeted,
 )
 from supervisor.recipe import Recipe, apply_rung
@@ -551,92 +546,14 @@ def disk_components(recipe: Recipe, vram: list[Component], cal: Calibration) -> 
     return rows
 
 
-# ------------------------------------------------------------------------------ the machine
+# ------------------------------------------------------------------------------ the whole estimate
 
 
-def nearest_existing(path: Path) -> Path:
-    """The path itself or its closest existing parent (output_dir need not exist yet)."""
-    p = path.expanduser().absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
+def gib(b: float) -> str:
+    return f"{b / GIB:.1f} GiB"
 
 
-def host_available() -> tuple[float, str]:
-    """MemAvailable, capped by the cgroup's memory.max - memory.current inside a container."""
-    import psutil
-
-    avail, src = float(psutil.virtual_memory().available), "psutil MemAvailable"
-    try:
-        mx = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if mx != "max":
-            left = int(mx) - int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-            if left < avail:
-                avail, src = float(left), "cgroup memory.max - memory.current"
-    except (OSError, ValueError):
-        pass
-    return avail, src
-
-
-def detect_gpu(lib: Any = None) -> tuple[float | None, str]:
-    """(total bytes of the run's first GPU, description) from NVML; (None, why) without a
-    usable GPU. The run's first GPU is CUDA's device 0: the first of CUDA_VISIBLE_DEVICES
-    (telemetry/visible.py), not NVML's device 0 on a box of several cards."""
-    try:
-        if lib is None:
-            from supervisor.telemetry.nvml import nvml_library
-
-            lib = nvml_library()
-        lib.nvmlInit()
-    except Exception as e:  # NVMLError_LibraryNotFound without a driver; ImportError; OSError
-        return None, f"no GPU detected ({type(e).__name__}: {e})"
-    try:
-        count = lib.nvmlDeviceGetCount()
-        if count < 1:
-            return None, "no GPU detected (NVML sees no device)"
-        index, where = _first_visible(lib, count)
-        if index is None:
-            return None, (f"no GPU visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r} "
-                          f"names none of the {count} NVML sees)")
-        h = lib.nvmlDeviceGetHandleByIndex(index)
-        total = float(lib.nvmlDeviceGetMemoryInfo(h).total)
-        try:
-            name = lib.nvmlDeviceGetName(h)
-            name = name.decode() if isinstance(name, bytes) else str(name)
-        except Exception:  # NotSupported and friends: the size is what matters
-            name = "GPU"
-        return total, f"NVML: {name}, device {index}{where}"
-    except Exception as e:
-        return None, f"no GPU detected ({type(e).__name__}: {e})"
-    finally:
-        try:
-            lib.nvmlShutdown()
-        except Exception:
-            pass
-
-
-def _first_visible(lib: Any, count: int) -> tuple[int | None, str]:
-    """(NVML index of CUDA's device 0, how it was chosen) under CUDA_VISIBLE_DEVICES."""
-    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if cvd is None:
-        return 0, ""
-    from supervisor.telemetry.visible import Device, resolve_ordered
-
-    devices = []
-    for i in range(count):
-        try:
-            u = lib.nvmlDeviceGetUUID(lib.nvmlDeviceGetHandleByIndex(i))
-            devices.append(Device(i, u.decode() if isinstance(u, bytes) else str(u)))
-        except Exception:  # noqa: BLE001 - an index still maps without the UUID
-            devices.append(Device(i, None))
-    order = resolve_ordered(cvd, devices) or []
-    return (order[0] if order else None), f" (CUDA_VISIBLE_DEVICES={cvd})"
-
-
-# ------------------------------------------------------------------------------ estimate
-
-
-def _setup(shape: ModelShape, recipe: Recipe, cal: Calibration) -> str:
+def setup_line(shape: ModelShape, recipe: Recipe, cal: Calibration) -> str:
     t, lo, q = recipe.train, recipe.lora, recipe.quant
     tm = lo.target_modules if isinstance(lo.target_modules, str) else ",".join(lo.target_modules)
     if targeted(recipe) == set(ALL_LINEAR):
@@ -649,72 +566,11 @@ def _setup(shape: ModelShape, recipe: Recipe, cal: Calibration) -> str:
             f"backend {planned_backend(recipe)}")
 
 
-def _vram_need(shape: ModelShape, recipe: Recipe, cal: Calibration) -> float:
+def vram_need(shape: ModelShape, recipe: Recipe, cal: Calibration) -> float:
     return card_need(vram_components(shape, recipe, cal))
 
 
-def _card(recipe: Recipe, gpu_mem_gib: float | None, nvml: Any) -> tuple[float | None, str]:
-    """(card bytes, where that came from): --gpu-mem, the recipe, else NVML; a rehearsed card
-    (hardware.emulate_vram_gib) below that. A size in GB is the card's total as nvidia-smi
-    shows it (24: 24,564 MiB, supervisor/preflight/emulation.py)."""
-    hw = recipe.hardware
-    if recipe.train.use_cpu is True:
-        return None, CPU_SOURCE
-    given = gpu_mem_gib if gpu_mem_gib is not None else hw.gpu_mem_gib
-    if given is not None:
-        card: float | None = float(card_total_bytes(given))
-        flag = "--gpu-mem" if gpu_mem_gib is not None else "hardware.gpu_mem_gib"
-        src = f"{flag} {given:g}: {card / MIB:,.0f} MiB"
-    else:
-        card, src = detect_gpu(nvml)
-    if hw.emulate_vram_gib is None:
-        return card, src
-    cap = float(card_total_bytes(hw.emulate_vram_gib))
-    src += (f"; rehearsing a {hw.emulate_vram_gib:g} GB card ({cap / MIB:,.0f} MiB, "
-            f"hardware.emulate_vram_gib, {hw.emulate_mode} mode)")
-    return (cap if card is None else min(card, cap)), src
-
-
-def estimate(recipe: Recipe, gpu_mem_gib: float | None = None, host_ram_gib: float | None = None,
-             disk_free_gib: float | None = None, cal: Calibration = CALIBRATION,
-             nvml: Any = None) -> FitReport:
-    """Estimate peak VRAM, host RAM and disk for `recipe`, and say whether it fits."""
-    shape = resolve_shape(recipe)
-    on_cpu = recipe.train.use_cpu is True
-    vram = vram_components(shape, recipe, cal)
-    card, src = _card(recipe, gpu_mem_gib, nvml)
-    need = card_need(vram)
-    # within the estimate's error over the card is "tight", not a refusal
-    vb = Budget(need, card, src, None if card is None else need <= card * (1 + cal.estimate_error))
-
-    host = host_components(shape, recipe, vram, cal, on_cpu)
-    if host_ram_gib is not None:
-        have_h, hsrc = host_ram_gib * GIB, f"--host-ram {host_ram_gib:g}"
-    elif recipe.hardware.host_ram_gib is not None:
-        have_h = recipe.hardware.host_ram_gib * GIB
-        hsrc = f"hardware.host_ram_gib {recipe.hardware.host_ram_gib:g}"
-    else:
-        have_h, hsrc = host_available()
-    hb = Budget(sum(c.bytes for c in host), have_h, hsrc)
-
-    disk = disk_components(recipe, vram, cal)
-    if disk_free_gib is not None:
-        have_d, dsrc = disk_free_gib * GIB, f"given: {disk_free_gib:g} GiB free"
-    else:
-        where = nearest_existing(Path(recipe.train.output_dir))
-        have_d, dsrc = float(shutil.disk_usage(where).free), f"free on {where}"
-    db = Budget(sum(c.bytes for c in disk), have_d, dsrc)
-
-    report = FitReport(recipe.name, shape, _setup(shape, recipe, cal), vram + host + disk,
-                       vb, hb, db, notes=_notes(shape, recipe, cal, vb), calibration=cal)
-    if vb.fits is False:
-        report.suggestions = suggest(shape, recipe, report, cal)
-    elif report.tight:
-        report.suggestions = safer(shape, recipe, report, cal)
-    return report
-
-
-def _notes(shape: ModelShape, recipe: Recipe, cal: Calibration, vb: Budget) -> list[str]:
+def estimate_notes(shape: ModelShape, recipe: Recipe, cal: Calibration, vb: Budget) -> list[str]:
     notes = []
     if vb.have is None and recipe.train.use_cpu is not True:
         notes.append("no GPU detected; pass --gpu-mem to check a card")
@@ -722,9 +578,9 @@ def _notes(shape: ModelShape, recipe: Recipe, cal: Calibration, vb: Budget) -> l
     if unknown:
         notes.append(f"target modules preflight does not know (not counted): {', '.join(unknown)}")
     if recipe.train.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
-        more = _vram_need(shape, apply_rung(recipe, {"train.use_liger_kernel": False}), cal) - vb.need
+        more = vram_need(shape, apply_rung(recipe, {"train.use_liger_kernel": False}), cal) - vb.need
         notes.append(f"estimated with liger-kernel, which is not installed here: without it the "
-                     f"trainer needs {_gib(more)} more (pip install 'qlora-watch[gpu]')")
+                     f"trainer needs {gib(more)} more (pip install 'qlora-watch[gpu]')")
     if shape.experts > 1:
         notes.append(f"MoE, {shape.experts} experts: every expert's weights counted, "
                      "activations as for a dense model")
@@ -744,175 +600,3 @@ def _notes(shape: ModelShape, recipe: Recipe, cal: Calibration, vb: Budget) -> l
         notes.append(f"hardware.gpus = {recipe.hardware.gpus}: estimated for one GPU; "
                      "multi-GPU sharding is not modelled")
     return notes
-
-
-# ------------------------------------------------------------------------------ what would fit
-
-
-def _gib(b: float) -> str:
-    return f"{b / GIB:.1f} GiB"
-
-
-def largest_batch(shape: ModelShape, recipe: Recipe, cal: Calibration,
-                  limit: float) -> tuple[int, float] | None:
-    """(per_device_batch, need): the largest batch below the recipe's that divides its effective
-    batch (grad_accum takes the rest) and needs at most `limit` bytes; None if none does."""
-    eff = recipe.train.effective_batch
-    for b in range(recipe.train.per_device_batch - 1, 0, -1):
-        if eff % b == 0:
-            r = apply_rung(recipe, {"train.per_device_batch": b, "train.grad_accum": eff // b})
-            n = _vram_need(shape, r, cal)
-            if n <= limit:
-                return b, n
-    return None
-
-
-def margin_line(report: FitReport) -> str:
-    """'0.6 GiB (2.6 % of the card) against a measured error of 3 %' for a tight verdict."""
-    b, e = report.vram, report.calibration.estimate_error
-    head = (b.have or 0) - b.need
-    pct = 100 * head / (b.have or 1)
-    return (f"{'headroom' if head >= 0 else 'over the card by'} {_gib(abs(head))} "
-            f"({abs(pct):.1f} % of the card) against the estimate's measured error of "
-            f"{100 * e:.0f} %")
-
-
-def safer(shape: ModelShape, recipe: Recipe, report: FitReport, cal: Calibration) -> list[str]:
-    """For a tight verdict: the margin, and what leaves real headroom at the same effective batch."""
-    card, e = report.vram.have or 0.0, cal.estimate_error
-    out = [f"- tight: {margin_line(report)}; it may run, or OOM (the OOM ladder then takes over)"]
-    found = largest_batch(shape, recipe, cal, card * (1 - e))
-    if found:
-        b, n = found
-        eff = recipe.train.effective_batch
-        out.append(f"- safer: per_device_batch {b} x grad_accum {eff // b} (same effective batch "
-                   f"{eff}): {_gib(n)} of {_gib(card)}, {_gib(card - n)} headroom")
-    if not expandable_segments(recipe):
-        out.append(f"- safer: PYTORCH_CUDA_ALLOC_CONF = \"expandable_segments:True\" in [env] "
-                   f"(allocator slack {cal.allocator_slack:.0%} -> {cal.allocator_slack_expandable:.0%})")
-    return out
-
-
-def suggest(shape: ModelShape, recipe: Recipe, report: FitReport, cal: Calibration) -> list[str]:
-    """What fits the card: smaller batch, the OOM ladder, or (weights too big) the real options.
-
-    Sets report.first_fitting_rung when a prefix of the ladder fits.
-    """
-    card = report.vram.have or 0.0
-    out: list[str] = []
-    floor = report.weights_bytes + cal.cuda_context_gib * GIB
-    fixed = False
-    if floor > card:
-        out.append(f"The weights alone ({report.weights_bytes / GB:.1f} GB: NF4 linear layers + "
-                   f"bf16 embeddings/lm_head; {_gib(floor)} with the CUDA context) exceed the "
-                   f"{_gib(card)} card. No OOM-ladder rung can help: the ladder shrinks "
-                   "activations and the adapter, never the base weights. What does work:")
-        rows = report.rows("vram")
-        per = fsdp_two_card_need(rows, shape, False, cal)
-        off = fsdp_two_card_need(rows, shape, True, cal)
-        out.append(f"- two {card / GIB:g} GiB cards with FSDP-QLoRA: about {_gib(per)} per card "
-                   "while training (weights, adapter, optimizer halved; activations and the "
-                   f"gathered embeddings/lm_head whole): {'fits' if per <= card else 'does not fit'}; "
-                   f"with the shards offloaded to CPU RAM about {_gib(off)} per card: "
-                   f"{'fits' if off <= card else 'does not fit'}. But loading comes first: "
-                   "transformers 5 quantises the whole model onto every rank's card before FSDP "
-                   "shards it (measured on 2 x H200: +469 MiB per 70B layer on each card before the "
-                   f"first step, a whole NF4 layer), so each card needs the single-card {_gib(floor)} to load: "
-                   f"{'fits' if floor <= card else 'does not fit'}")
-    else:
-        eff, e = recipe.train.effective_batch, cal.estimate_error
-        found = largest_batch(shape, recipe, cal, card * (1 + e))
-        if found:
-            b, n = found
-            word = ("fits" if n <= card * (1 - e) else
-                    f"tight ({_gib(abs(card - n))} {'headroom' if n <= card else 'over'})")
-            out.append(f"- per_device_batch {b} x grad_accum {eff // b} (same effective batch "
-                       f"{eff}): {_gib(n)} of {_gib(card)}, {word}")
-            if n > card * (1 - e):
-                roomy = largest_batch(shape, apply_rung(recipe, {"train.per_device_batch": b,
-                                                                 "train.grad_accum": eff // b}),
-                                      cal, card * (1 - e))
-                if roomy:
-                    out.append(f"- per_device_batch {roomy[0]} x grad_accum {eff // roomy[0]}: "
-                               f"{_gib(roomy[1])} of {_gib(card)}, fits with headroom")
-            fixed = True
-        done, n = [], 0.0
-        for i in range(1, len(recipe.oom_ladder) + 1):
-            done.append(f"{ladder.label(i)} ({ladder.describe(recipe, i)})")
-            n = _vram_need(shape, ladder.effective(recipe, i), cal)
-            if n <= card:
-                out.append(f"- OOM ladder {' + '.join(done)}: {_gib(n)} of {_gib(card)}, fits")
-                report.first_fitting_rung, report.first_fitting_rung_desc = i, " + ".join(done)
-                fixed = True
-                break
-        else:
-            if recipe.oom_ladder:
-                out.append(f"- OOM ladder: all {len(recipe.oom_ladder)} rungs still need "
-                           f"{_gib(n)}: no rung fits")
-    cards = [gb for gb, usable in COMMON_CARDS if report.vram.need <= usable * GIB]
-    need = _gib(report.vram.need)
-    out.append(f"- one card of {cards[0]} GB or more (the estimate is {need})" if cards
-               else f"- no single common card holds {need}")
-    if not fixed:
-        smaller = []
-        for key, s in sorted(BUILTIN_SHAPES.items(), key=lambda kv: -kv[1].total_params):
-            if s.total_params < shape.total_params:
-                n = _vram_need(s, recipe, cal)
-                if n <= card:
-                    smaller.append(f"{key} ({_gib(n)})")
-        out.append("- a smaller model at these settings: "
-                   + (", ".join(smaller[:2]) if smaller else "none of the built-in shapes fits"))
-    return out
-
-
-# ------------------------------------------------------------------------------ output
-
-
-def render_table(report: FitReport) -> str:
-    """A plain text table per resource, then the verdict and what would fit."""
-    lines = [f"preflight: {report.recipe_name}", f"  {report.setup}", ""]
-    titles = {"vram": "GPU memory (peak)", "host": "Host RAM", "disk": "Disk (output_dir)"}
-    budgets = {"vram": report.vram, "host": report.host, "disk": report.disk}
-    for sec, title in titles.items():
-        lines.append(f"{title:<34}{'GiB':>8}  why")
-        for c in report.rows(sec):
-            val = f"{c.bytes / GIB:8.2f}" if c.counted else f"({c.bytes / GIB:.2f})"
-            lines.append(f"  {c.label:<32}{val:>8}  {c.why}")
-        lines.append(f"  {'total':<32}{budgets[sec].need / GIB:8.2f}  {_budget_line(budgets[sec])}")
-        lines.append("")
-    lines.append(f"weights (NF4 + bf16 embeddings/lm_head): {report.weights_bytes / GB:.1f} GB; "
-                 f"peak allocated (torch's view): {report.peak_allocated / GB:.1f} GB = "
-                 f"{_gib(report.peak_allocated)}")
-    word = {"fits": "FITS", "does not fit": "DOES NOT FIT", "tight": f"TIGHT ({margin_line(report)})",
-            "unknown": "UNKNOWN for the GPU (no card to compare with); host RAM and disk fit"}
-    lines.append(f"Verdict: {word[report.verdict]}")
-    if report.suggestions:
-        title = "To make it safer:" if report.tight and report.fits else "What would fit:"
-        lines += [title] + [f"  {x}" for x in report.suggestions]
-    lines += [f"note: {n}" for n in report.notes]
-    return "\n".join(lines) + "\n"
-
-
-def _budget_line(b: Budget) -> str:
-    if b.have is None:
-        return f"[{b.source}]"
-    head = b.have - b.need
-    state = f"fits, {_gib(head)} headroom" if head >= 0 else f"DOES NOT FIT, short by {_gib(-head)}"
-    if b.fits and head < 0:
-        state = f"TIGHT, over by {_gib(-head)}, within the estimate's error"
-    return f"of {_gib(b.have)} [{b.source}]: {state}"
-
-
-def run_preflight(recipe: Recipe, gpu_mem_gib: float | None = None,
-                  host_ram_gib: float | None = None, as_json: bool = False,
-                  disk_free_gib: float | None = None) -> tuple[str, int]:
-    """(output, exit code) for `qlora-watch preflight`: 0 fits or unknown, 3 does not, 2 error."""
-    try:
-        report = estimate(recipe, gpu_mem_gib, host_ram_gib, disk_free_gib)
-    except ShapeError as e:
-        if as_json:
-            return json.dumps({"error": str(e), "exit_code": EXIT_ERROR}) + "\n", EXIT_ERROR
-        return f"{e}\n", EXIT_ERROR
-    if as_json:
-        return json.dumps(report.to_dict(), indent=2) + "\n", report.exit_code
-    return render_table(report), report.exit_code

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from supervisor import ladder
-from supervisor.preflight.memory import CALIBRATION, estimate
+from supervisor.preflight.check import estimate
+from supervisor.preflight.memory import CALIBRATION
 from supervisor.recipe import load_recipe
 from tests.support import ROOT, qlw, read_state
 

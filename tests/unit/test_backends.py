@@ -161,7 +161,7 @@ def test_sft_config_under_unsloth_leaves_padding_free_and_checkpointing_to_it(tm
 
 
 def test_preflight_estimates_the_backend_the_run_will_take(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from supervisor.preflight.memory import estimate
+    from supervisor.preflight.check import estimate
 
     def need(*sets: str) -> float:
         rep = estimate(load_recipe(ROOT / "recipes" / "8b.toml", list(sets)), gpu_mem_gib=141)

@@ -36,7 +36,7 @@ CASES = [
         "supervisor.daemon.core", "supervisor.daemon.attempts", "supervisor.daemon.server",
         "supervisor.guards", "supervisor.checkpoints.folders", "supervisor.telemetry",
         "supervisor.telemetry.sampler", "supervisor.store", "supervisor.cli", "supervisor.control.runs",
-        "supervisor.preflight.memory", "supervisor.wrapper", "supervisor.sinks.tbwriter",
+        "supervisor.preflight.check", "supervisor.wrapper", "supervisor.sinks.tbwriter",
         "supervisor.report.data",
     )),
     pytest.param("import tests.fakes.nvml", HEAVY, id="the fake NVML"),

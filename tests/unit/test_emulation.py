@@ -94,7 +94,7 @@ def test_the_supervisor_tells_its_sampler_the_rehearsed_card(qlw_home: Path, tmp
     """A run whose recipe rehearses 24 GB: the supervisor's sampler reports that card."""
     from supervisor.control import runs
     from supervisor.daemon.core import Supervisor
-    from supervisor.preflight.memory import estimate
+    from supervisor.preflight.check import estimate
     from supervisor.telemetry.sampler import make_sampler
     from tests.fakes.nvml import FakeNVML
     from tests.support import fake_recipe

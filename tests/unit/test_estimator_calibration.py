@@ -50,7 +50,7 @@ def test_every_reduced_depth_configuration_within_10_percent(tmp_path: Path) -> 
 def test_the_article_batch_on_24_gb_is_tight_not_refused() -> None:
     """`qlora-watch preflight recipes/8b.toml` as a user runs it (no config.json: the built-in
     shape; padded batches assumed) against the process measured on the rehearsed 24 GB card."""
-    from supervisor.preflight.memory import estimate
+    from supervisor.preflight.check import estimate
     from supervisor.recipe import load_recipe
 
     measured = {r["name"]: r["proc_peak_mib"] for r in full_depth_rows()}
@@ -64,7 +64,7 @@ def test_the_article_batch_on_24_gb_is_tight_not_refused() -> None:
 
 
 def test_the_shipped_batch_4_x_4_within_5_percent() -> None:
-    from supervisor.preflight.memory import estimate
+    from supervisor.preflight.check import estimate
     from supervisor.recipe import load_recipe
 
     rep = estimate(load_recipe(ROOT / "recipes/8b.toml", MEASURED_WITH), gpu_mem_gib=24,
@@ -80,7 +80,7 @@ def test_the_shipped_batch_4_x_4_within_5_percent() -> None:
 def test_built_in_shape_and_config_json_agree(tmp_path: Path) -> None:
     """The same full-depth shape from the built-in table and from a config.json: one answer."""
     from bench.fit_estimator import config_dir
-    from supervisor.preflight.memory import estimate
+    from supervisor.preflight.check import estimate
     from supervisor.recipe import load_recipe
 
     for recipe, shape, layers in (("8b", "llama-3.1-8b", 32), ("14b", "qwen-2.5-14b", 48)):
@@ -97,7 +97,7 @@ def test_built_in_shape_and_config_json_agree(tmp_path: Path) -> None:
 @pytest.mark.parametrize("recipe, gib, verdict", [("8b", 14.53, "fits"), ("14b", 22.89, "fits"),
                                                   ("70b", None, "does not fit")])
 def test_recipe_estimates_are_stable(recipe: str, gib: float | None, verdict: str) -> None:
-    from supervisor.preflight.memory import estimate
+    from supervisor.preflight.check import estimate
     from supervisor.recipe import load_recipe
 
     rep = estimate(load_recipe(ROOT / f"recipes/{recipe}.toml"), gpu_mem_gib=24, host_ram_gib=256,
@@ -123,7 +123,7 @@ def test_recipes_catalog_names_the_card_with_the_same_tight_band() -> None:
 def test_unsloth_backend_estimate_within_10_percent_of_the_h200_peak() -> None:
     """docs/gpu/session3/peer_results.json: the 8B shape at full depth, recipes/8b.toml on the
     same data; Unsloth's peak is NVML 11,856 MiB (allocated 10,003), HF's 16,366 (13,755)."""
-    from supervisor.preflight.memory import estimate
+    from supervisor.preflight.check import estimate
     from supervisor.recipe import load_recipe
 
     rows = json.loads((ROOT / "docs/gpu/session3/peer_results.json").read_text())["rows"]

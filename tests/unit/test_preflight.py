@@ -8,15 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.preflight.memory import (
-    CALIBRATION,
-    GB,
-    GIB,
-    detect_gpu,
-    estimate,
-    render_table,
-    run_preflight,
-)
+from supervisor.preflight.check import estimate, render_table, run_preflight
+from supervisor.preflight.machine import detect_gpu
+from supervisor.preflight.memory import CALIBRATION, GB, GIB
 from supervisor.preflight.shapes import BUILTIN_SHAPES, ShapeError, resolve_shape
 from supervisor.recipe import apply_rung, load_recipe
 from tests.support import ROOT

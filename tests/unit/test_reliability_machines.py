@@ -186,7 +186,7 @@ def test_r3_hub_cache_paths() -> None:
 
 def test_r2_preflight_sizes_the_runs_first_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """preflight's card is CUDA's device 0 (the first of CUDA_VISIBLE_DEVICES), not NVML's."""
-    from supervisor.preflight.memory import detect_gpu
+    from supervisor.preflight.machine import detect_gpu
     from tests.fakes.nvml import FakeDevice, FakeNVML
 
     def lib() -> FakeNVML:
