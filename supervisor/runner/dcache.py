@@ -39,7 +39,7 @@ from supervisor.runner.qcache import file_stat, sha256_file, stats_of
 FORMAT = "1"
 MANIFEST = "dcache.json"
 ENV_DIR = "QLW_DCACHE_DIR"
-LIBS = ("trl", "transformers", "tokenizers", "datasets")
+LIBS = ("trl", "transformers", "tokenizers", "datasets", "qlora-watch")  # ours: how records are read
 MAX_BYTES = 8 << 30  # a prepared dataset bigger than this is not copied to disk
 
 
