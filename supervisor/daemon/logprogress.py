@@ -16,6 +16,10 @@ from typing import Any
 
 _DICT = re.compile(r"^\s*(\{.*'(?:loss|train_loss)'\s*:.*\})\s*$")
 _BAR = re.compile(r"(?<![\d/])(\d+)/(\d+) \[[\d:?]+<[\d:?]+")
+# tqdm without a total (`25it [00:00, 224.89it/s]`): what the HF Trainer draws once it runs past
+# max_steps, e.g. the one step it takes when resumed from a checkpoint already at max_steps
+# (a bar with a description, "Loading weights: 291it [...]", is not the Trainer's)
+_COUNT = re.compile(r"^\s*(\d+)it \[[\d:?]+[,\]]")
 FIELDS = {"loss": "loss", "grad_norm": "grad_norm", "learning_rate": "lr", "epoch": "epoch",
           "num_input_tokens_seen": "tokens"}
 PENDING_S = 2.0  # a dict with no bar line after it is taken at the last bar step after this
@@ -36,11 +40,12 @@ def parse_dict(line: str) -> dict[str, Any] | None:
     return {ours: d.get(theirs) for theirs, ours in FIELDS.items()}
 
 
-def parse_bar(line: str) -> tuple[int, int] | None:
-    """(step, total) of a tqdm bar line, or None."""
+def parse_bar(line: str) -> tuple[int, int | None] | None:
+    """(step, total) of a tqdm bar line, (step, None) of a bar without a total, or None."""
     hits = _BAR.findall(line)
     if not hits:
-        return None
+        count = _COUNT.match(line)
+        return (int(count.group(1)), None) if count else None
     n, total = (int(x) for x in hits[-1])
     return (n, total) if 0 <= n <= total and total > 0 else None
 
@@ -57,9 +62,12 @@ class LogProgress:
         now = time.time() if now is None else now
         out: list[dict[str, Any]] = []
         for line in lines:
-            bar = parse_bar(line)
-            if bar is not None:
-                self.bar = bar
+            found = parse_bar(line)
+            if found is not None:
+                n, total = found
+                if total is None:  # counting past the known total: the step is still the step
+                    total = max(n, self.bar[1] if self.bar else n)
+                self.bar = (n, total)
                 if self.pending is not None:
                     out += self._flush(now)
                 continue

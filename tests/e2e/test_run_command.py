@@ -35,15 +35,17 @@ def test_plain_hf_trainer_script_oom_ladder_retention_stop_resume(qlw_home: Path
     text = HF_SCRIPT.read_text()
     assert "import supervisor" not in text and "from supervisor" not in text
     out = tmp_path / "hf-out"
-    cmd = [sys.executable, str(HF_SCRIPT), "--output-dir", str(out), "--max-steps", "24",
-           "--save-steps", "4", "--step-sleep", "0.1", "--seq-len", "{max_seq_len}",
+    # 32 steps of >= 0.3 s after checkpoint-8: the stop lands mid-run even on a loaded machine (at
+    # 24 x 0.1 s it once arrived after the last step, and the resume then had nothing to train)
+    cmd = [sys.executable, str(HF_SCRIPT), "--output-dir", str(out), "--max-steps", "40",
+           "--save-steps", "4", "--step-sleep", "0.3", "--seq-len", "{max_seq_len}",
            "--oom-above", "768", "--resume", "{resume_from}"]
     run_id = run("--name", "plain-hf", "--output-dir", str(out), "--save-total-limit", "2",
                  "--set", "train.max_seq_len=1024", command=cmd)
     wait_for(lambda: read_state(qlw_home, run_id).get("attempt") == 2, timeout=120, what="the relaunch")
     seen = wait_for(lambda: (lambda d: d if (d.get("step") or 0) >= 6 and d.get("last_loss") else None)(status(run_id)),
                     timeout=90, what="steps and loss in status --json")
-    assert seen["state"] == "training" and seen["max_steps"] == 24 and seen["rung"] == 1
+    assert seen["state"] == "training" and seen["max_steps"] == 40 and seen["rung"] == 1
     assert 3.0 < seen["last_loss"] < 6.0  # the Trainer's printed loss (log(128) ~ 4.85)
     assert seen["resume_from"].endswith("checkpoint-4")
     evs = events(qlw_home, run_id)
@@ -56,6 +58,7 @@ def test_plain_hf_trainer_script_oom_ladder_retention_stop_resume(qlw_home: Path
     st = read_state(qlw_home, run_id)
     assert st["state"] == "stopped" and f"qlora-watch resume {run_id}" in st["message"]
     stopped_at = st["last_checkpoint_step"]
+    assert 8 <= stopped_at < 40, "the stop must land before the last step for this test to mean anything"
     complete = [c for c in out.glob("checkpoint-*") if checkpoint_status(c).complete]
     assert len(complete) <= 2 and checkpoint_status(out / f"checkpoint-{stopped_at}").complete
     assert any(e["kind"] == "checkpoint_pruned" for e in events(qlw_home, run_id))
@@ -63,7 +66,7 @@ def test_plain_hf_trainer_script_oom_ladder_retention_stop_resume(qlw_home: Path
     assert res.returncode == 0, res.stderr
     assert wait_end(run_id, timeout=120) == 0, qlw("logs", run_id).stdout
     st = read_state(qlw_home, run_id)
-    assert st["state"] == "completed" and st["attempt"] == 3 and st["step"] == 24 and st["rung"] == 1
+    assert st["state"] == "completed" and st["attempt"] == 3 and st["step"] == 40 and st["rung"] == 1
     import sqlite3
 
     db = sqlite3.connect(qlw_home / "runs" / run_id / "db.sqlite")

@@ -42,6 +42,15 @@ def test_log_lines_give_steps_loss_and_total() -> None:
     got = lp.feed([" 0%|  | 0/8 [00:00<?, ?it/s]", "{'loss': '4.8', 'epoch': '0.1'}",
                    " 12%|█ | 1/8 [00:00<00:01, 5.0it/s]"], now=100.0)
     assert [(r["step"], r["loss"], r["max_steps"]) for r in got] == [(1, "4.8", 8)]
+    # resumed from a checkpoint already at max_steps, the HF Trainer takes one more step and
+    # draws it without a total ("25it"): the loss is step 25's, never the "0/24" bar's
+    assert parse_bar("25it [00:00, 224.89it/s]") == (25, None)
+    assert parse_bar("Loading weights: 291it [00:00, 900.1it/s]") is None
+    lp = LogProgress()
+    got = lp.feed(["  0%|          | 0/24 [00:00<?, ?it/s]", "25it [00:00, 224.89it/s]              ",
+                   "{'loss': '4.834', 'learning_rate': '0', 'epoch': '1.562'}", "25it [00:00, 224.89it/s]"],
+                  now=100.0)
+    assert [(r["step"], r["max_steps"]) for r in got] == [(25, 25)]
 
 
 def test_effective_settings_helper_reads_the_env() -> None:
