@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor.runner.qcache import file_stat, sha256_file, stats_of
+from supervisor.runner.qcache import commit_entry, file_stat, sha256_file, stats_of
 
 FORMAT = "1"
 MANIFEST = "dcache.json"
@@ -168,23 +168,7 @@ class DatasetCache:
             manifest = {"inputs": inputs, "rows": len(dataset), "files": files,
                         "bytes": sum(f["size"] for f in files.values()), "created_at": time.time(),
                         "stat": stats_of(tmp, names)}
-            with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-                json.dump(manifest, f, indent=1, default=str)
-                f.flush()
-                os.fsync(f.fileno())
-            for n in names:
-                fd = os.open(tmp / n, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if (final / MANIFEST).is_file():
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    return final
-                raise
+            commit_entry(tmp, final, MANIFEST, manifest, names)
         except Exception as e:  # noqa: BLE001 - a failed save costs speed, never the run
             shutil.rmtree(tmp, ignore_errors=True)
             self._notice(f"dataset cache: not saved ({type(e).__name__}: {str(e)[:200]}); later "

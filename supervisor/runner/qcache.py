@@ -364,23 +364,7 @@ class QCache:
                         "source": source,
                         # the files as hashed: a later load with the same stat skips the sha256
                         "stat": stats_of(tmp, names)}
-            with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-                json.dump(manifest, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            for n in names:  # the data on disk before the rename makes the entry visible
-                fd = os.open(tmp / n, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if (final / MANIFEST).is_file():  # another writer won: theirs is as good
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    return final
-                raise
+            commit_entry(tmp, final, MANIFEST, manifest, names)
         except Exception as e:  # noqa: BLE001 - a failed save costs speed, never the run
             shutil.rmtree(tmp, ignore_errors=True)
             self._notice(f"weight cache: not saved ({type(e).__name__}: {str(e)[:200]}); "
@@ -392,6 +376,30 @@ class QCache:
                      f"in {dt:.1f}s as {key}", cache_key=key, cache_bytes=manifest["bytes"],
                      cache_dir=str(final))
         return final
+
+
+def commit_entry(tmp: Path, final: Path, manifest_name: str, manifest: dict[str, Any],
+                 names: list[str]) -> None:
+    """Make a cache entry visible: the manifest and every file fsynced, then tmp renamed to
+    final. Another writer that got there first wins (its entry is as good): tmp is removed.
+    Raises OSError otherwise. Both caches (weights here, runner/dcache.py) commit this way."""
+    with open(tmp / manifest_name, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    for n in names:  # the data on disk before the rename makes the entry visible
+        fd = os.open(tmp / n, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if (final / manifest_name).is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        raise
 
 
 def _keep_original_config(folder: Path, source: str) -> None:

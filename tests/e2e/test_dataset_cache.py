@@ -20,18 +20,7 @@ from supervisor.runner import dcache
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class Writer:
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-
-    def emit(self, event: str, **f) -> None:
-        self.events.append({"event": event, **f})
-
-    def notice(self, message: str, **f) -> None:
-        self.emit("notice", message=message, **f)
-
-    def phases(self) -> list[str]:
-        return [e["phase"] for e in self.events if e["event"] == "timing"]
+from tests.support import RecordingWriter as Writer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -27,18 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 
-class Writer:
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-
-    def emit(self, event: str, **f) -> None:
-        self.events.append({"event": event, **f})
-
-    def notice(self, message: str, **f) -> None:
-        self.emit("notice", message=message, **f)
-
-    def messages(self) -> list[str]:
-        return [e["message"] for e in self.events if e["event"] == "notice"]
+from tests.support import RecordingWriter as Writer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

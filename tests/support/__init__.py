@@ -165,6 +165,25 @@ def fake_unsloth(tmp_path: Path, body: str) -> Path:
 # ------------------------------------------------------------------------------ clock
 
 
+class RecordingWriter:
+    """The trainer's EventWriter as far as the caches use it: events kept in a list."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, event: str, **f: Any) -> None:
+        self.events.append({"event": event, **f})
+
+    def notice(self, message: str, **f: Any) -> None:
+        self.emit("notice", message=message, **f)
+
+    def messages(self) -> list[str]:
+        return [e["message"] for e in self.events if e["event"] == "notice"]
+
+    def phases(self) -> list[str]:
+        return [e["phase"] for e in self.events if e["event"] == "timing"]
+
+
 class FakeClock:
     """An injectable clock: monotonic and wall time move separately (RELIABILITY_PLAN harness).
 
